@@ -1,0 +1,151 @@
+"""Typed settings: the fixed part of a sweep, the search space, and one trial's full config.
+
+A sweep file (TOML, see `sweeps/default.toml`) has three tables:
+  [fixed]   settings shared by every trial (fields of `Fixed`);
+  [demo]    overrides of [fixed] applied only on the built-in demo data;
+  [search]  one entry per sampled parameter: {low, high[, log]} for a range,
+            {choices = [...]} for levels, or a plain value to pin it.
+CLI flags override [fixed] (and [demo]); nothing else reads the file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SEARCHED = ("head_lr", "backbone_lr_ratio", "patience", "aug_strength")
+
+
+class UserError(Exception):
+    """A mistake the user can fix; the CLIs print it without a traceback."""
+
+
+@dataclass(frozen=True)
+class Fixed:
+    backbone: str = "resnet18"          # torchvision model name
+    weights: str = "imagenet"           # "imagenet", "none", or a path to a state dict
+    image_size: int = 224               # crop side in pixels
+    batch_size: int = 32                # images per optimizer step
+    max_epochs_phase1: int = 10         # head-only epochs (frozen backbone)
+    max_epochs_phase2: int = 10         # fine-tuning epochs
+    phase2_head_lr_factor: float = 1.0  # phase-2 head lr = head_lr * this
+    seed: int = 0                       # study seed
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    name: str
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: tuple | None = None        # levels, or a single pinned value
+
+
+@dataclass(frozen=True)
+class SweepFile:
+    path: Path
+    fixed: Fixed
+    demo: dict[str, Any]
+    search: dict[str, ParamSpec]
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """Everything needed to rebuild and retrain one trial; stored in its checkpoints."""
+    backbone: str
+    weights: str
+    image_size: int
+    batch_size: int
+    max_epochs_phase1: int
+    max_epochs_phase2: int
+    phase2_head_lr_factor: float
+    head_lr: float
+    backbone_lr_ratio: float
+    patience: int
+    aug_strength: str
+    seed: int                           # this trial's seed (derived from study seed + trial number)
+    classes: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["classes"] = list(self.classes)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrialConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: (tuple(v) if k == "classes" else v) for k, v in d.items() if k in known})
+
+
+def _check_keys(table: dict, allowed: set[str], where: str, path: Path) -> None:
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise UserError(f"{path}: unknown key(s) {unknown} in [{where}]; allowed: {sorted(allowed)}")
+
+
+def _fixed_value(name: str, value: Any, path: Path, where: str) -> Any:
+    expected = {f.name: f.type for f in dataclasses.fields(Fixed)}[name]
+    ok = {"str": isinstance(value, str), "int": isinstance(value, int) and not isinstance(value, bool),
+          "float": isinstance(value, (int, float)) and not isinstance(value, bool)}[expected]
+    if not ok:
+        raise UserError(f"{path}: [{where}] {name} = {value!r} should be a {expected}")
+    if expected in ("int", "float") and name != "seed" and value <= 0 and name != "phase2_head_lr_factor":
+        raise UserError(f"{path}: [{where}] {name} = {value!r} must be > 0")
+    return float(value) if expected == "float" else value
+
+
+def _param_spec(name: str, raw: Any, path: Path) -> ParamSpec:
+    if not isinstance(raw, dict):          # a plain value pins the parameter
+        return ParamSpec(name, choices=(raw,))
+    _check_keys(raw, {"low", "high", "log", "choices"}, f"search.{name}", path)
+    if "choices" in raw:
+        choices = raw["choices"]
+        if not isinstance(choices, list) or not choices:
+            raise UserError(f"{path}: [search] {name}.choices must be a non-empty list, got {choices!r}")
+        return ParamSpec(name, choices=tuple(choices))
+    if "low" not in raw or "high" not in raw:
+        raise UserError(f"{path}: [search] {name} needs low and high (or choices, or a plain value)")
+    low, high, log = raw["low"], raw["high"], bool(raw.get("log", False))
+    if not low < high or (log and low <= 0):
+        raise UserError(f"{path}: [search] {name} has an impossible range low={low!r} high={high!r}"
+                        f"{' (log needs low > 0)' if log else ''}; fix it so that 0 < low < high")
+    return ParamSpec(name, low=low, high=high, log=log)
+
+
+def load_sweep(path: str | Path) -> SweepFile:
+    """Read and validate a sweep file; every problem names the key and the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"sweep file {path} does not exist; pass --sweep with a file like sweeps/default.toml")
+    try:
+        doc = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{path} is not valid TOML: {exc}") from exc
+    _check_keys(doc, {"fixed", "demo", "search"}, "top level", path)
+    fixed_names = {f.name for f in dataclasses.fields(Fixed)}
+    raw_fixed, raw_demo = doc.get("fixed", {}), doc.get("demo", {})
+    _check_keys(raw_fixed, fixed_names, "fixed", path)
+    _check_keys(raw_demo, fixed_names, "demo", path)
+    fixed = Fixed(**{k: _fixed_value(k, v, path, "fixed") for k, v in raw_fixed.items()})
+    demo = {k: _fixed_value(k, v, path, "demo") for k, v in raw_demo.items()}
+    raw_search = doc.get("search", {})
+    _check_keys(raw_search, set(SEARCHED), "search", path)
+    missing = [n for n in SEARCHED if n not in raw_search]
+    if missing:
+        raise UserError(f"{path}: [search] lacks {missing}; give a range, choices or a plain value for each")
+    search = {n: _param_spec(n, raw_search[n], path) for n in SEARCHED}
+    return SweepFile(path=path, fixed=fixed, demo=demo, search=search)
+
+
+def resolve_fixed(sweep: SweepFile, on_demo: bool, overrides: dict[str, Any]) -> Fixed:
+    """[fixed], then [demo] when on the demo data, then CLI flags that were given (not None)."""
+    values = dataclasses.asdict(sweep.fixed)
+    if on_demo:
+        values.update(sweep.demo)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    for name in ("image_size", "batch_size", "max_epochs_phase1", "max_epochs_phase2"):
+        if int(values[name]) < 1:
+            raise UserError(f"{name} = {values[name]!r} must be at least 1")
+    return Fixed(**values)

@@ -1,0 +1,141 @@
+"""CLI: score the sweep's winner on the test split, exactly once.
+
+    python -m src.final_test --run-id <parent run id of the sweep, or one trial's run id>
+
+This is the only code that opens test images. It reads the parent run (split record, best
+trial) and the trial's checkpoint, logs test/acc, test/loss, test/macro_f1, a test confusion
+matrix and a per-class report to the trial run and summarizes them on the parent. A second
+scoring of the same sweep is refused unless --force, which is recorded.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from sklearn.metrics import f1_score
+
+from . import data as D
+from . import figures, model as M
+from .config import UserError
+from .tracking import MLFLOW_PARENT_RUN_ID, ROLE, Tracker
+from .train import evaluate
+
+
+@dataclass
+class TestResult:
+    trial_run_id: str
+    parent_run_id: str
+    acc: float
+    loss: float
+    macro_f1: float
+    n_images: int
+    per_class: list
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m src.final_test", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run-id", required=True, help="the sweep's parent run id (uses its best trial) or a trial run id")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI the sweep used (default: MLflow's own)")
+    p.add_argument("--force", action="store_true", help="score again although this sweep was scored (recorded)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | ... (default cpu)")
+    p.add_argument("--batch-size", type=int, default=64, help="test batch size (default 64)")
+    return p.parse_args(argv)
+
+
+def resolve_runs(tracker: Tracker, run_id: str) -> tuple[str, str]:
+    """(trial run id, parent run id) from either kind of run id."""
+    run = tracker.get_run(run_id)
+    role = run.data.tags.get(ROLE)
+    if role == "parent":
+        best = run.data.tags.get("best.run_id")
+        if not best:
+            raise UserError(f"sweep run {run_id} has no completed trial yet; run the sweep until one completes")
+        return best, run_id
+    if role == "trial":
+        return run_id, run.data.tags[MLFLOW_PARENT_RUN_ID]
+    raise UserError(f"run {run_id} in {tracker.uri} was not made by src.sweep (no {ROLE} tag); "
+                    f"pass the sweep's parent run id it printed")
+
+
+def check_not_scored(tracker: Tracker, parent_id: str, trial_id: str, force: bool) -> int:
+    """Refuse a second scoring of a sweep unless forced; returns the number of earlier scorings."""
+    tags = tracker.get_run(parent_id).data.tags
+    earlier = int(tags.get("final_test.count", "0"))
+    if earlier and not force:
+        raise UserError(f"this sweep (parent run {parent_id}) was already scored on test "
+                        f"(trial run {tags.get('final_test.trial_run_id')}, test/acc {tags.get('final_test.acc')}). "
+                        f"Scoring again turns the test set into a validation set; if you must, pass --force "
+                        f"(it is recorded on the runs).")
+    return earlier
+
+
+def score(model, config: dict, split: dict, device: torch.device, batch_size: int):
+    classes = split["classes"]
+    if list(config["classes"]) != list(classes):
+        raise UserError(f"checkpoint classes {config['classes']} differ from the split's {classes}")
+    transform = D.build_transform("none", config["image_size"], config["mean"], config["std"], train=False)
+    entries = [(rel, label) for rel, label in split["test"]]
+    missing = [rel for rel, _ in entries if not (Path(split["root"]) / rel).is_file()]
+    if missing:
+        raise UserError(f"{len(missing)} test file(s) recorded by the sweep are gone from {split['root']}, "
+                        f"e.g. {missing[:3]}; restore them")
+    loader = D.make_loader(Path(split["root"]), entries, transform, batch_size, train=False)
+    return evaluate(model.to(device), loader, device)
+
+
+def run_final_test(run_id: str, tracking_uri: str | None = None, force: bool = False,
+                   device: str = "cpu", batch_size: int = 64) -> TestResult:
+    tracker = Tracker(tracking_uri)
+    trial_id, parent_id = resolve_runs(tracker, run_id)
+    earlier = check_not_scored(tracker, parent_id, trial_id, force)
+    split = tracker.load_json(parent_id, "dataset/split.json")
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = tracker.download(trial_id, "checkpoints/phase2_best.pt", Path(tmp))
+        model, config = M.model_from_checkpoint(ckpt)
+    ev = score(model, config, split, torch.device(device), batch_size)
+    classes = split["classes"]
+    macro_f1 = float(f1_score(ev.targets, ev.preds, average="macro", labels=list(range(len(classes))),
+                              zero_division=0))
+    per_class = figures.per_class_report(ev.targets, ev.preds, classes)
+    result = TestResult(trial_id, parent_id, ev.acc, ev.loss, macro_f1, len(ev.targets), per_class)
+    log_result(tracker, result, ev, classes, earlier, force)
+    return result
+
+
+def log_result(tracker: Tracker, r: TestResult, ev, classes, earlier: int, force: bool) -> None:
+    metrics = {"test/acc": r.acc, "test/loss": r.loss, "test/macro_f1": r.macro_f1}
+    tags = {"final_test.count": earlier + 1, "final_test.trial_run_id": r.trial_run_id,
+            "final_test.acc": f"{r.acc:.6f}", "final_test.forced": str(force and earlier > 0).lower()}
+    with tempfile.TemporaryDirectory() as tmp:
+        cm = figures.confusion(ev.targets, ev.preds, len(classes))
+        cm_files = figures.write_confusion(cm, classes, Path(tmp) / "test", "test split (final)")
+        report = figures.write_report(r.per_class, Path(tmp) / "test_per_class.csv")
+        for run_id in (r.trial_run_id, r.parent_run_id):
+            tracker.log_metrics(run_id, metrics, step=earlier)
+            tracker.set_tags(run_id, tags)
+            tracker.log_files(run_id, cm_files, "confusion")
+            tracker.log_files(run_id, [report], "report")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        r = run_final_test(args.run_id, args.tracking_uri, args.force, args.device, args.batch_size)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"test split ({r.n_images} images), trial run {r.trial_run_id}:")
+    print(f"  test/acc      {r.acc:.4f}\n  test/loss     {r.loss:.4f}\n  test/macro_f1 {r.macro_f1:.4f}")
+    print(f"  {'class':<20} {'precision':>9} {'recall':>7} {'f1':>7} {'support':>7}")
+    for row in r.per_class:
+        print(f"  {row['class']:<20} {row['precision']:>9.3f} {row['recall']:>7.3f} {row['f1']:>7.3f} {row['support']:>7}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

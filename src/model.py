@@ -1,0 +1,173 @@
+"""Build backbone + head, resolve pretrained weights, freeze/unfreeze, parameter groups.
+
+The head is the backbone's last `nn.Linear` (resnet `fc`, mobilenet/efficientnet
+`classifier[-1]`), replaced by a fresh `Linear(features, n_classes)`; everything else is
+"backbone". Weights: "imagenet" loads the torchvision enum's file through torch.hub's cache
+($TORCH_HOME/hub/checkpoints/<file>), a path loads a local state dict, "none" is random init.
+"""
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision.models import get_model, get_model_weights, list_models
+
+from .config import UserError
+
+SUPPORTED = ("resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0")
+DOWNLOAD_TIMEOUT_S = 30
+
+
+class WeightsUnavailable(UserError):
+    """ImageNet weights are neither cached nor downloadable."""
+
+
+def _check_backbone(name: str) -> None:
+    if name not in list_models(module=__import__("torchvision").models):
+        raise UserError(f"unknown backbone {name!r}; use a torchvision classification model, "
+                        f"e.g. one of {list(SUPPORTED)}")
+
+
+def norm_stats(backbone: str) -> tuple[list[float], list[float]]:
+    """The mean/std the backbone's pretrained weights expect (its own transforms say)."""
+    preset = get_model_weights(backbone).DEFAULT.transforms()
+    return list(preset.mean), list(preset.std)
+
+
+def expected_cache_file(backbone: str) -> Path:
+    url = get_model_weights(backbone).DEFAULT.url
+    return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+
+
+def _imagenet_state(backbone: str) -> dict:
+    weights = get_model_weights(backbone).DEFAULT
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # never hang on a network that drops packets
+    try:
+        return weights.get_state_dict(progress=False, check_hash=True)
+    except (OSError, RuntimeError) as exc:
+        cache = expected_cache_file(backbone)
+        raise WeightsUnavailable(
+            f"ImageNet weights for {backbone} are not cached and could not be downloaded ({exc}).\n"
+            f"  Fix 1: copy {weights.url} to {cache} (TORCH_HOME={cache.parents[2]}).\n"
+            f"  Fix 2: pass --weights PATH with a local state dict of {backbone}.\n"
+            f"  (--weights none trains from random init, which is much worse.)") from exc
+    finally:
+        socket.setdefaulttimeout(old)
+
+
+def _file_state(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"--weights {path}: no such file; pass a state dict saved with "
+                        f"torch.save(model.state_dict(), PATH), 'imagenet' or 'none'")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for a bad file
+        raise UserError(f"--weights {path} is not a loadable state dict: {exc}") from exc
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    return state
+
+
+def head_name(model: nn.Module) -> str:
+    """Dotted name of the classifier: the last nn.Linear in the module tree."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not names:
+        raise UserError(f"{type(model).__name__} has no Linear classifier to replace")
+    return names[-1]
+
+
+def _load_backbone_state(model: nn.Module, state: dict, source: str) -> None:
+    """Load all but the classifier (its size is the source's class count, not ours)."""
+    head = head_name(model) + "."
+    own = model.state_dict()
+    body = {k: v for k, v in state.items() if not k.startswith(head)}
+    missing = [k for k in own if not k.startswith(head) and k not in body]
+    unexpected = [k for k in body if k not in own]
+    wrong = [k for k in body if k in own and body[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        raise UserError(f"weights from {source} do not fit this backbone: missing {missing[:5]}, "
+                        f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]}; pick the matching --backbone")
+    model.load_state_dict(body, strict=False)
+
+
+def build_model(backbone: str, n_classes: int, weights: str = "imagenet") -> nn.Module:
+    """Backbone with the requested weights and a fresh `Linear(features, n_classes)` head."""
+    _check_backbone(backbone)
+    model = get_model(backbone, weights=None)
+    if weights == "imagenet":
+        _load_backbone_state(model, _imagenet_state(backbone), f"the {backbone} ImageNet file")
+    elif weights != "none":
+        _load_backbone_state(model, _file_state(Path(weights).expanduser()), weights)
+    name = head_name(model)
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old: nn.Linear = getattr(parent, attr)
+    setattr(parent, attr, nn.Linear(old.in_features, n_classes))
+    return model
+
+
+def head_params(model: nn.Module) -> list[nn.Parameter]:
+    return list(model.get_submodule(head_name(model)).parameters())
+
+
+def backbone_params(model: nn.Module) -> list[nn.Parameter]:
+    head = {id(p) for p in head_params(model)}
+    return [p for p in model.parameters() if id(p) not in head]
+
+
+def set_trainable(model: nn.Module, phase: int) -> None:
+    """Phase 1: only the head requires grad. Phase 2: everything does."""
+    for p in backbone_params(model):
+        p.requires_grad_(phase == 2)
+    for p in head_params(model):
+        p.requires_grad_(True)
+
+
+def train_mode(model: nn.Module, phase: int) -> None:
+    """Phase 1 keeps the whole backbone in eval mode: BatchNorm running stats are not
+    parameters, so requires_grad=False alone would let them drift; dropout is off too."""
+    if phase == 1:
+        model.eval()
+        model.get_submodule(head_name(model)).train()
+    else:
+        model.train()
+
+
+def param_groups(model: nn.Module, phase: int, head_lr: float, backbone_lr: float) -> list[dict]:
+    """Optimizer groups: phase 1 the head alone; phase 2 head and backbone at their own lrs."""
+    groups = [{"params": head_params(model), "lr": head_lr, "name": "head"}]
+    if phase == 2:
+        groups.append({"params": backbone_params(model), "lr": backbone_lr, "name": "backbone"})
+    return groups
+
+
+def make_checkpoint(model: nn.Module, config: dict, phase: int, epoch: int, valid_acc: float) -> dict:
+    """A checkpoint carries its own config, so `model_from_checkpoint` needs nothing else."""
+    return {"format": 1, "config": config, "phase": phase, "epoch": epoch, "valid_acc": valid_acc,
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+
+
+def save_checkpoint(checkpoint: dict, path: Path) -> Path:
+    """Write to a temp name, then rename: a crash never leaves a file that loads as valid."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(checkpoint, tmp)
+    tmp.replace(path)
+    return path
+
+
+def model_from_checkpoint(path: Path) -> tuple[nn.Module, dict]:
+    """Rebuild the model (random init, then the saved state) and return it with its config."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        config = ckpt["config"]
+    except Exception as exc:
+        raise UserError(f"checkpoint {path} cannot be loaded ({exc}); it is damaged or not ours") from exc
+    model = build_model(config["backbone"], len(config["classes"]), weights="none")
+    model.load_state_dict(ckpt["state_dict"])
+    return model, config

@@ -1,0 +1,23 @@
+"""The only place that calls `trial.suggest_*`: turn a sweep file's [search] into sampled values."""
+from __future__ import annotations
+
+from typing import Any
+
+from .config import ParamSpec
+
+
+def sample(trial: Any, search: dict[str, ParamSpec]) -> dict[str, Any]:
+    """Sample every parameter; works with a live trial and with `optuna.trial.FixedTrial`."""
+    values: dict[str, Any] = {}
+    for name, spec in search.items():
+        if spec.choices is not None:
+            # A pinned value is a one-choice categorical, so Optuna still records it.
+            values[name] = trial.suggest_categorical(name, list(spec.choices))
+        elif isinstance(spec.low, int) and isinstance(spec.high, int):
+            values[name] = trial.suggest_int(name, spec.low, spec.high, log=spec.log)
+        else:
+            values[name] = trial.suggest_float(name, float(spec.low), float(spec.high), log=spec.log)
+    values["patience"] = int(values["patience"])
+    values["head_lr"] = float(values["head_lr"])
+    values["backbone_lr_ratio"] = float(values["backbone_lr_ratio"])
+    return values

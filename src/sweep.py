@@ -1,0 +1,359 @@
+"""CLI: run an Optuna study of two-phase transfer-learning trials, every trial an MLflow run.
+
+    python -m src.sweep --trials 30                      # built-in demo data
+    python -m src.sweep --trials 30 --data ~/sports      # your images
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import optuna
+import torch
+from tqdm import tqdm
+
+from . import data as D
+from . import figures, model as M, search_space
+from .config import Fixed, SweepFile, TrialConfig, UserError, load_sweep, resolve_fixed
+from .tracking import Tracker
+from .train import fit_two_phase
+
+log = logging.getLogger("tlsweep")
+DEFAULT_SWEEP = Path(__file__).resolve().parents[1] / "sweeps" / "default.toml"
+PRUNER_STARTUP_TRIALS = 5   # never prune before this many trials finished: the median needs a base
+PRUNER_WARMUP_STEPS = 2     # never prune in a trial's first global epochs: too noisy to judge
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m src.sweep", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--trials", type=int, default=30,
+                   help="finished trials the study should have in total; a resumed study only runs the rest (default 30)")
+    p.add_argument("--timeout", type=float, default=None, help="stop starting trials after this many seconds (default: none)")
+    p.add_argument("--data", type=Path, default=None, help="image folder (default: built-in digits demo)")
+    p.add_argument("--sweep", type=Path, default=DEFAULT_SWEEP, help="sweep file (default sweeps/default.toml)")
+    p.add_argument("--backbone", help="torchvision model name (default from the sweep file)")
+    p.add_argument("--weights", help="imagenet | none | PATH to a state dict (default from the sweep file)")
+    p.add_argument("--image-size", type=int, help="crop side in pixels (default from the sweep file)")
+    p.add_argument("--batch-size", type=int, help="batch size (default from the sweep file)")
+    p.add_argument("--max-epochs", type=int, help="max epochs of EACH phase (default from the sweep file)")
+    p.add_argument("--seed", type=int, help="study seed (default from the sweep file)")
+    p.add_argument("--study-name", help="Optuna study; reusing a name resumes it (default <sweep>-<data>)")
+    p.add_argument("--storage", default="sqlite:///optuna.db", help="Optuna storage URL (default sqlite:///optuna.db)")
+    p.add_argument("--experiment", help="MLflow experiment (default: the sweep file's name)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLflow's own, sqlite:///mlflow.db)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
+    args = p.parse_args(argv)
+    if args.trials < 1:
+        p.error(f"--trials {args.trials}: give at least 1")
+    return args
+
+
+@dataclass
+class Context:
+    """What every trial shares: data, fixed settings, where to log."""
+    splits: D.Splits
+    fixed: Fixed
+    weights: str                 # effective weights after resolution ("none" if the demo fell back)
+    search: dict
+    tracker: Tracker
+    parent_id: str
+    device: torch.device
+    mean: list
+    std: list
+    workers: int = 0
+
+
+def derive_seed(study_seed: int, trial_number: int) -> int:
+    return (study_seed * 1_000_003 + trial_number) % (2**31)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError) as exc:
+        raise UserError(f"--device {name} is not usable here ({exc}); use cpu or auto") from exc
+    return device
+
+
+def resolve_weights(fixed: Fixed, on_demo: bool, weights_flag: str | None) -> tuple[str, bool]:
+    """Check the weights load before any training; (effective weights, fell back to random)."""
+    if fixed.weights == "none":
+        log.warning("*** --weights none: RANDOM INIT, no pretrained features (much worse results) ***")
+        return "none", False
+    try:
+        M.build_model(fixed.backbone, 2, fixed.weights)
+        return fixed.weights, False
+    except M.WeightsUnavailable as exc:
+        if not (on_demo and weights_flag is None):
+            raise
+        log.warning("*** ImageNet weights unavailable; the DEMO continues from RANDOM INIT. ***\n%s", exc)
+        return "none", True
+
+
+class Objective:
+    """One trial: sample, train both phases, log to the trial's MLflow run, return valid acc."""
+
+    def __init__(self, ctx: Context, trial_bar: tqdm | None = None):
+        self.ctx, self.trial_bar = ctx, trial_bar
+
+    def config(self, trial) -> TrialConfig:
+        f = self.ctx.fixed
+        sampled = search_space.sample(trial, self.ctx.search)
+        return TrialConfig(
+            backbone=f.backbone, weights=self.ctx.weights, image_size=f.image_size, batch_size=f.batch_size,
+            max_epochs_phase1=f.max_epochs_phase1, max_epochs_phase2=f.max_epochs_phase2,
+            phase2_head_lr_factor=f.phase2_head_lr_factor, seed=derive_seed(f.seed, trial.number),
+            classes=self.ctx.splits.classes, **sampled)
+
+    def __call__(self, trial) -> float:
+        cfg = self.config(trial)
+        params = {k: v for k, v in cfg.to_dict().items() if k != "classes"}
+        run_id = self.ctx.tracker.start_trial(self.ctx.parent_id, trial.number, params)
+        trial.set_user_attr("mlflow_run_id", run_id)
+        if cfg.weights == "none":
+            self.ctx.tracker.set_tags(run_id, {"weights.random_init": "true"})
+        try:
+            value = self.train(trial, cfg, run_id)
+        except optuna.TrialPruned as exc:
+            self.ctx.tracker.end_run(run_id, "PRUNED", str(exc))
+            raise
+        except KeyboardInterrupt:
+            self.ctx.tracker.end_run(run_id, "INTERRUPTED", "interrupted by the user (Ctrl-C)")
+            raise
+        except Exception as exc:
+            self.ctx.tracker.end_run(run_id, "FAIL", f"{type(exc).__name__}: {exc}")
+            raise
+        self.ctx.tracker.end_run(run_id, "COMPLETE")
+        return value
+
+    def train(self, trial, cfg: TrialConfig, run_id: str) -> float:
+        ctx = self.ctx
+        torch.manual_seed(cfg.seed)
+        model = M.build_model(cfg.backbone, len(cfg.classes), cfg.weights)
+        pin = ctx.device.type == "cuda"
+        train_tf = D.build_transform(cfg.aug_strength, cfg.image_size, ctx.mean, ctx.std, train=True)
+        eval_tf = D.build_transform("none", cfg.image_size, ctx.mean, ctx.std, train=False)
+        root = ctx.splits.root
+        train_loader = D.make_loader(root, ctx.splits.train, train_tf, cfg.batch_size, True, cfg.seed,
+                                     ctx.workers, pin)
+        valid_loader = D.make_loader(root, ctx.splits.valid, eval_tf, cfg.batch_size * 2, False, 0,
+                                     ctx.workers, pin)
+        total = cfg.max_epochs_phase1 + cfg.max_epochs_phase2
+        with tqdm(total=total, desc=f"trial {trial.number}", leave=False, unit="ep", disable=None) as bar:
+            def on_epoch(rec):
+                ctx.tracker.log_epoch(run_id, rec)
+                bar.update(1)
+                bar.set_postfix(phase=rec.phase, valid_acc=f"{rec.valid_acc:.3f}")
+                trial.report(rec.valid_acc, rec.step)
+                if trial.should_prune():
+                    raise optuna.TrialPruned(f"pruned at global epoch {rec.step} (valid/acc {rec.valid_acc:.4f})")
+
+            def on_phase_end(result, trained_model):
+                self.log_phase(run_id, cfg, result, trained_model)
+                trial.set_user_attr(f"phase{result.phase}_epochs", result.epochs)
+
+            _, phase2 = fit_two_phase(
+                model, train_loader, valid_loader, head_lr=cfg.head_lr, backbone_lr_ratio=cfg.backbone_lr_ratio,
+                patience=cfg.patience, max_epochs_phase1=cfg.max_epochs_phase1,
+                max_epochs_phase2=cfg.max_epochs_phase2, device=ctx.device,
+                phase2_head_lr_factor=cfg.phase2_head_lr_factor, on_epoch=on_epoch, on_phase_end=on_phase_end)
+        return phase2.best_valid_acc
+
+    def log_phase(self, run_id: str, cfg: TrialConfig, result, model) -> None:
+        """Best checkpoint and validation confusion matrix of a finished phase."""
+        tracker, p = self.ctx.tracker, result.phase
+        tracker.log_metrics(run_id, {f"phase{p}/epochs": result.epochs, f"phase{p}/best_epoch": result.best_epoch,
+                                     f"phase{p}/best_valid_acc": result.best_valid_acc,
+                                     f"phase{p}/best_valid_loss": result.best_valid_loss}, step=result.last_step)
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = M.make_checkpoint(model, {**cfg.to_dict(), "mean": self.ctx.mean, "std": self.ctx.std},
+                                     p, result.best_epoch, result.best_valid_acc)
+            path = M.save_checkpoint(ckpt, Path(tmp) / f"phase{p}_best.pt")
+            tracker.log_files(run_id, [path], "checkpoints")
+            cm = figures.confusion(result.valid_targets, result.valid_preds, len(cfg.classes))
+            files = figures.write_confusion(cm, cfg.classes, Path(tmp) / f"valid_phase{p}",
+                                            f"validation, phase {p} best (epoch {result.best_epoch})")
+            tracker.log_files(run_id, files, "confusion")
+
+
+def open_parent(tracker: Tracker, study: optuna.Study, experiment: str, splits: D.Splits,
+                sweep: SweepFile, tags: dict) -> str:
+    """The study's parent run: reused when the study already has one in this store."""
+    parent_id = study.user_attrs.get("mlflow_parent_run_id")
+    fp = splits.record()
+    data_fp = "-".join(fp[f"{n}_fingerprint"] for n in D.SPLITS)
+    if tracker.run_exists(parent_id):
+        recorded = tracker.get_run(parent_id).data.tags.get("dataset.fingerprint")
+        if recorded and recorded != data_fp:
+            raise UserError(f"the data in {splits.root} changed since study {study.study_name!r} started "
+                            f"(fingerprint {recorded} -> {data_fp}); start a new --study-name")
+        tracker.reopen(parent_id)
+        log.info("resuming study %r, parent run %s", study.study_name, parent_id)
+        return parent_id
+    parent_id = tracker.create_parent(tracker.experiment_id(experiment), study.study_name,
+                                      {"dataset.fingerprint": data_fp, **tags})
+    study.set_user_attr("mlflow_parent_run_id", parent_id)
+    tracker.log_files(parent_id, [sweep.path], "sweep")
+    tracker.log_json(parent_id, splits.summary(), "dataset/summary.json")
+    tracker.log_json(parent_id, fp, "dataset/split.json")
+    return parent_id
+
+
+def finished(study: optuna.Study) -> list:
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    return study.get_trials(deepcopy=False, states=states)
+
+
+def update_best(tracker: Tracker, parent_id: str, study: optuna.Study) -> None:
+    """Tag the parent with the best completed trial so far (survives a crash mid-sweep)."""
+    try:
+        best = study.best_trial
+    except ValueError:
+        return  # nothing completed yet
+    tags = {"best.trial_number": best.number, "best.run_id": best.user_attrs.get("mlflow_run_id", ""),
+            "best.valid_acc": f"{best.value:.6f}"}
+    tags.update({f"best.{k}": v for k, v in best.params.items()})
+    tracker.set_tags(parent_id, tags)
+    tracker.log_metrics(parent_id, {"best/valid_acc": best.value}, step=len(study.trials))
+
+
+def log_study_plots(tracker: Tracker, parent_id: str, study: optuna.Study) -> None:
+    """Optuna's own plots (matplotlib flavour) as PNGs on the parent run."""
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as vis
+
+    plots = {"optimization_history": vis.plot_optimization_history,
+             "param_importances": vis.plot_param_importances,
+             "parallel_coordinate": vis.plot_parallel_coordinate}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the matplotlib backend is flagged experimental
+        for name, plot in plots.items():
+            try:
+                ax = plot(study)
+            except (ValueError, RuntimeError) as exc:  # e.g. importances need 2+ completed trials
+                log.info("skipped study plot %s: %s", name, exc)
+                continue
+            fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
+            fig.set_size_inches(10, 6)
+            fig.tight_layout()
+            tracker.log_figure(parent_id, fig, f"study/{name}.png")
+            plt.close(fig)
+
+
+def summary_table(study: optuna.Study, top: int = 5) -> str:
+    done = sorted((t for t in study.trials if t.value is not None), key=lambda t: -t.value)[:top]
+    keys = list(study.trials[0].params) if study.trials else []
+    lines = [f"{'trial':>5}  {'valid_acc':>9}  {'epochs':>6}  " + "  ".join(f"{k:>17}" for k in keys)]
+    for t in done:
+        epochs = t.user_attrs.get("phase1_epochs", 0) + t.user_attrs.get("phase2_epochs", 0)
+        vals = "  ".join(f"{t.params.get(k, ''):>17.4g}" if isinstance(t.params.get(k), float)
+                         else f"{str(t.params.get(k, '')):>17}" for k in keys)
+        lines.append(f"{t.number:>5}  {t.value:>9.4f}  {epochs:>6}  {vals}")
+    return "\n".join(lines)
+
+
+@dataclass
+class SweepResult:
+    study_name: str
+    parent_run_id: str
+    best_value: float | None
+    best_run_id: str | None
+    n_finished: int
+
+
+def prepare(args) -> tuple[Context, optuna.Study, str]:
+    """Validate everything and open study + parent run, before any training."""
+    sweep = load_sweep(args.sweep)
+    on_demo = args.data is None
+    fixed = resolve_fixed(sweep, on_demo, {
+        "backbone": args.backbone, "weights": args.weights, "image_size": args.image_size,
+        "batch_size": args.batch_size, "max_epochs_phase1": args.max_epochs,
+        "max_epochs_phase2": args.max_epochs, "seed": args.seed})
+    data_dir = D.demo_data_dir() if on_demo else args.data
+    splits = D.find_splits(data_dir, seed=fixed.seed)
+    device = pick_device(args.device)
+    weights, fell_back = resolve_weights(fixed, on_demo, args.weights)
+    mean, std = M.norm_stats(fixed.backbone)
+    study_name = args.study_name or f"{sweep.path.stem}-{'demo-digits' if on_demo else Path(data_dir).name}"
+    study = optuna.create_study(
+        study_name=study_name, storage=args.storage, load_if_exists=True, direction="maximize",
+        sampler=optuna.samplers.TPESampler(seed=fixed.seed),
+        pruner=optuna.pruners.MedianPruner(PRUNER_STARTUP_TRIALS, PRUNER_WARMUP_STEPS))
+    tracker = Tracker(args.tracking_uri)
+    tags = {"optuna.storage": args.storage, "data.dir": str(splits.root), "data.demo": str(on_demo).lower(),
+            "weights.requested": fixed.weights, "weights.effective": weights,
+            "weights.unavailable": str(fell_back).lower(), **{f"fixed.{k}": v for k, v in asdict(fixed).items()}}
+    parent_id = open_parent(tracker, study, args.experiment or sweep.path.stem, splits, sweep, tags)
+    ctx = Context(splits, fixed, weights, sweep.search, tracker, parent_id, device, mean, std, args.workers)
+    return ctx, study, study_name
+
+
+def run_sweep(args) -> SweepResult:
+    ctx, study, study_name = prepare(args)
+    done = len(finished(study))
+    remaining = max(args.trials - done, 0)
+    log.info("study %r: %d finished, running up to %d more; tracking %s, parent run %s",
+             study_name, done, remaining, ctx.tracker.uri, ctx.parent_id)
+    status = "FINISHED"
+    try:
+        if remaining:
+            with tqdm(total=args.trials, initial=done, desc="trials", unit="trial", disable=None) as bar:
+                def after_trial(study, trial):
+                    bar.update(1 if trial.state != optuna.trial.TrialState.FAIL else 0)
+                    value = "-" if trial.value is None else f"{trial.value:.4f}"
+                    tqdm.write(f"trial {trial.number}: {trial.state.name} valid_acc={value} {trial.params}")
+                    update_best(ctx.tracker, ctx.parent_id, study)
+
+                stop_at_total = optuna.study.MaxTrialsCallback(
+                    args.trials, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
+                study.optimize(Objective(ctx, bar), n_trials=remaining, timeout=args.timeout,
+                               callbacks=[after_trial, stop_at_total], catch=(RuntimeError, ValueError))
+    except KeyboardInterrupt:
+        status = "KILLED"
+        log.warning("interrupted: finished trials are kept; re-run the same command to continue")
+    finally:
+        update_best(ctx.tracker, ctx.parent_id, study)
+        log_study_plots(ctx.tracker, ctx.parent_id, study)
+        ctx.tracker.finish(ctx.parent_id, status)
+    return report(study, ctx, args)
+
+
+def report(study: optuna.Study, ctx: Context, args) -> SweepResult:
+    completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    best = max(completed, key=lambda t: t.value) if completed else None
+    print(f"\nstudy {study.study_name!r}: {len(finished(study))} finished trials "
+          f"({len(completed)} complete), parent run {ctx.parent_id}")
+    print(summary_table(study))
+    uri = f" --tracking-uri {args.tracking_uri}" if args.tracking_uri else ""
+    if best is not None:
+        print(f"\nbest: trial {best.number}, valid_acc {best.value:.4f}. Next:\n"
+              f"  mlflow ui{' --backend-store-uri ' + args.tracking_uri if args.tracking_uri else ''}\n"
+              f"  python -m src.final_test --run-id {ctx.parent_id}{uri}")
+    return SweepResult(study.study_name, ctx.parent_id, best.value if best else None,
+                       best.user_attrs.get("mlflow_run_id") if best else None, len(finished(study)))
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    args = parse_args(argv)
+    try:
+        run_sweep(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

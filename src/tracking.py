@@ -1,0 +1,136 @@
+"""The only importer of `mlflow`: parent/child runs, metrics, artifacts, figures.
+
+Conventions (kept stable; the README lists them too):
+  experiment   one per sweep file (or --experiment)
+  parent run   one per Optuna study; tags tlsweep.role=parent, optuna.study_name, best.*
+  child run    one per trial, run name trial-<n>, nested under the parent; tags
+               tlsweep.role=trial, optuna.trial_number, optuna.state (COMPLETE|PRUNED|FAIL),
+               optuna.fail_reason
+  metrics      train/loss train/acc valid/loss valid/acc lr/head lr/backbone at step = global
+               epoch; phase1/epochs phase1/best_valid_acc phase2/... at the end of each phase;
+               test/acc test/loss test/macro_f1 from final_test
+  artifacts    checkpoints/phase{1,2}_best.pt, confusion/valid_phase{1,2}.{png,csv},
+               confusion/test.{png,csv}, report/test_per_class.csv; parent: sweep/<file>,
+               dataset/summary.json, dataset/split.json, study/*.png
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import mlflow
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+from .config import UserError
+
+ROLE = "tlsweep.role"
+
+
+class Tracker:
+    """A tracking store (None = MLflow's default, sqlite:///mlflow.db with ./mlruns)."""
+
+    def __init__(self, tracking_uri: str | None = None):
+        self.uri = tracking_uri or mlflow.get_tracking_uri()
+        self.client = MlflowClient(tracking_uri=self.uri)
+
+    # -- runs -------------------------------------------------------------------------------
+    def experiment_id(self, name: str) -> str:
+        exp = self.client.get_experiment_by_name(name)
+        return exp.experiment_id if exp else self.client.create_experiment(name)
+
+    def run_exists(self, run_id: str | None) -> bool:
+        if not run_id:
+            return False
+        try:
+            return self.client.get_run(run_id).info.lifecycle_stage == "active"
+        except MlflowException:
+            return False
+
+    def create_parent(self, experiment_id: str, study_name: str, tags: dict) -> str:
+        run = self.client.create_run(experiment_id, run_name=study_name,
+                                     tags={ROLE: "parent", "optuna.study_name": study_name, **tags})
+        return run.info.run_id
+
+    def reopen(self, run_id: str) -> None:
+        self.client.update_run(run_id, status="RUNNING")
+
+    def start_trial(self, parent_id: str, trial_number: int, params: dict) -> str:
+        exp_id = self.client.get_run(parent_id).info.experiment_id
+        run = self.client.create_run(exp_id, run_name=f"trial-{trial_number}", tags={
+            MLFLOW_PARENT_RUN_ID: parent_id, ROLE: "trial", "optuna.trial_number": str(trial_number),
+            "optuna.state": "RUNNING"})
+        self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+        return run.info.run_id
+
+    def end_run(self, run_id: str, state: str, reason: str | None = None) -> None:
+        """state is the Optuna state name; the MLflow status follows from it."""
+        tags = {"optuna.state": state}
+        if reason:
+            tags["optuna.fail_reason"] = reason[:5000]
+        self.set_tags(run_id, tags)
+        status = {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED"}.get(state, "KILLED")
+        self.client.set_terminated(run_id, status=status)
+
+    def finish(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    # -- values -----------------------------------------------------------------------------
+    def set_tags(self, run_id: str, tags: dict) -> None:
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_metrics(self, run_id: str, metrics: dict, step: int = 0) -> None:
+        now = int(time.time() * 1000)
+        self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def log_epoch(self, run_id: str, record) -> None:
+        metrics = {"train/loss": record.train_loss, "train/acc": record.train_acc,
+                   "valid/loss": record.valid_loss, "valid/acc": record.valid_acc, "phase": record.phase}
+        metrics.update({f"lr/{name}": lr for name, lr in record.lrs.items()})
+        self.log_metrics(run_id, metrics, step=record.step)
+
+    # -- artifacts --------------------------------------------------------------------------
+    def log_files(self, run_id: str, paths, artifact_dir: str) -> None:
+        for p in paths:
+            self.client.log_artifact(run_id, str(p), artifact_dir)
+
+    def log_json(self, run_id: str, obj, artifact_file: str) -> None:
+        self.client.log_dict(run_id, obj, artifact_file)
+
+    def log_figure(self, run_id: str, figure, artifact_file: str) -> None:
+        self.client.log_figure(run_id, figure, artifact_file)
+
+    def artifact_names(self, run_id: str, path: str) -> list[str]:
+        return [Path(a.path).name for a in self.client.list_artifacts(run_id, path)]
+
+    def download(self, run_id: str, artifact_path: str, dst: Path) -> Path:
+        if Path(artifact_path).name not in self.artifact_names(run_id, str(Path(artifact_path).parent)):
+            raise UserError(f"run {run_id} has no artifact {artifact_path} in {self.uri}; "
+                            f"it was pruned or failed before saving it: pick a completed trial")
+        return Path(self.client.download_artifacts(run_id, artifact_path, str(dst)))
+
+    def load_json(self, run_id: str, artifact_path: str) -> dict:
+        with tempfile.TemporaryDirectory() as tmp:
+            return json.loads(self.download(run_id, artifact_path, Path(tmp)).read_text())
+
+    # -- lookups ----------------------------------------------------------------------------
+    def get_run(self, run_id: str):
+        """The run, or a clear error for an id this store does not know."""
+        try:
+            return self.client.get_run(run_id)
+        except MlflowException as exc:
+            raise UserError(f"run {run_id!r} was not found in tracking store {self.uri}. If the sweep "
+                            f"logged elsewhere, pass the same --tracking-uri it printed.") from exc
+
+    def children(self, parent_id: str) -> list:
+        exp_id = self.client.get_run(parent_id).info.experiment_id
+        return self.client.search_runs([exp_id], filter_string=f"tags.{MLFLOW_PARENT_RUN_ID} = '{parent_id}'",
+                                       max_results=10000)
+
+
+def run_name(run) -> str:
+    return run.data.tags.get(MLFLOW_RUN_NAME, run.info.run_name or "")

@@ -1,0 +1,145 @@
+"""The one training engine for both phases and any fixed config; knows nothing of Optuna or MLflow.
+
+`fit_phase` trains one phase with early stopping on validation accuracy and restores the best
+state; `fit_two_phase` is the recipe: phase 1 (frozen backbone, BatchNorm in eval mode, head
+only), then phase 2 from phase 1's best state (all trainable, a new optimizer with a head group
+at head_lr and a backbone group at head_lr * backbone_lr_ratio). Logging and pruning come in
+through `on_epoch(EpochResult)` and `on_phase_end(PhaseResult)`; an exception raised there
+(e.g. optuna.TrialPruned) stops training and propagates.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from . import model as M
+
+
+@dataclass(frozen=True)
+class EpochResult:
+    phase: int
+    epoch: int          # epoch within the phase, from 1
+    step: int           # global epoch counter across both phases, from 1; only increases
+    train_loss: float
+    train_acc: float
+    valid_loss: float
+    valid_acc: float
+    lrs: dict           # optimizer group name -> lr
+
+
+@dataclass
+class PhaseResult:
+    phase: int
+    history: list[EpochResult] = field(default_factory=list)
+    best_epoch: int = 0
+    best_valid_acc: float = -1.0
+    best_valid_loss: float = float("inf")
+    valid_preds: list[int] = field(default_factory=list)    # best epoch's validation predictions
+    valid_targets: list[int] = field(default_factory=list)
+    last_step: int = 0
+
+    @property
+    def epochs(self) -> int:
+        return len(self.history)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    loss: float
+    acc: float
+    preds: list[int]
+    targets: list[int]
+
+
+def evaluate(model: nn.Module, loader, device: torch.device) -> Evaluation:
+    """Mean loss, accuracy and predictions over a loader, in eval mode, without gradients."""
+    model.eval()
+    loss_sum = torch.zeros((), device=device)
+    preds, targets = [], []
+    with torch.inference_mode():
+        for images, labels in loader:
+            images, labels = images.to(device), labels.to(device)
+            logits = model(images)
+            loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum")
+            preds.append(logits.argmax(1))
+            targets.append(labels)
+    preds_t, targets_t = torch.cat(preds).cpu(), torch.cat(targets).cpu()
+    n = max(len(targets_t), 1)
+    return Evaluation(loss_sum.item() / n, (preds_t == targets_t).float().mean().item(),
+                      preds_t.tolist(), targets_t.tolist())
+
+
+def train_epoch(model: nn.Module, phase: int, loader, optimizer, device) -> tuple[float, float]:
+    """One pass over the training loader; returns (mean loss, accuracy)."""
+    M.train_mode(model, phase)
+    # Accumulate on the device: no .item() (a host sync) inside the loop.
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    for images, labels in loader:
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        logits = model(images)
+        loss = nn.functional.cross_entropy(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach() * len(labels)
+        correct += (logits.detach().argmax(1) == labels).sum()
+        seen += len(labels)
+    seen = max(seen, 1)
+    return loss_sum.item() / seen, correct.item() / seen
+
+
+def fit_phase(model: nn.Module, phase: int, train_loader, valid_loader, *, head_lr: float,
+              backbone_lr: float, max_epochs: int, patience: int, device: torch.device,
+              first_step: int = 1, on_epoch: Callable[[EpochResult], None] | None = None) -> PhaseResult:
+    """Train one phase with early stopping on validation accuracy; the best state is restored."""
+    M.set_trainable(model, phase)
+    optimizer = torch.optim.Adam(M.param_groups(model, phase, head_lr, backbone_lr))
+    result = PhaseResult(phase)
+    best_state, since_best = None, 0
+    for epoch in range(1, max_epochs + 1):
+        train_loss, train_acc = train_epoch(model, phase, train_loader, optimizer, device)
+        ev = evaluate(model, valid_loader, device)
+        step = first_step + epoch - 1
+        record = EpochResult(phase, epoch, step, train_loss, train_acc, ev.loss, ev.acc,
+                             {g["name"]: g["lr"] for g in optimizer.param_groups})
+        result.history.append(record)
+        result.last_step = step
+        if ev.acc > result.best_valid_acc:
+            result.best_epoch, result.best_valid_acc, result.best_valid_loss = epoch, ev.acc, ev.loss
+            result.valid_preds, result.valid_targets = ev.preds, ev.targets
+            best_state, since_best = copy.deepcopy(model.state_dict()), 0
+        else:
+            since_best += 1
+        if on_epoch is not None:
+            on_epoch(record)
+        if since_best >= patience:
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return result
+
+
+def fit_two_phase(model: nn.Module, train_loader, valid_loader, *, head_lr: float,
+                  backbone_lr_ratio: float, patience: int, max_epochs_phase1: int,
+                  max_epochs_phase2: int, device: torch.device, phase2_head_lr_factor: float = 1.0,
+                  on_epoch=None, on_phase_end=None) -> tuple[PhaseResult, PhaseResult]:
+    """The recipe: fit the head on a frozen backbone, then fine-tune everything."""
+    model.to(device)
+    results = []
+    step = 1
+    for phase, max_epochs in ((1, max_epochs_phase1), (2, max_epochs_phase2)):
+        lr = head_lr * (phase2_head_lr_factor if phase == 2 else 1.0)
+        result = fit_phase(model, phase, train_loader, valid_loader, head_lr=lr,
+                           backbone_lr=head_lr * backbone_lr_ratio, max_epochs=max_epochs,
+                           patience=patience, device=device, first_step=step, on_epoch=on_epoch)
+        if on_phase_end is not None:
+            on_phase_end(result, model)
+        results.append(result)
+        step = result.last_step + 1
+    return results[0], results[1]
