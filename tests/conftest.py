@@ -1,0 +1,40 @@
+"""Shared test fixtures: tiny real image folders made on the fly, isolated caches."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def write_images(root, classes=("cat", "dog", "owl"), per_class=9, size=20, seed=0):
+    """Write `per_class` PNGs per class under root/<class>/; each class has its own colour so
+    the task is learnable. Returns root."""
+    rng = np.random.default_rng(seed)
+    for ci, name in enumerate(classes):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            base = np.zeros((size, size, 3), np.uint8)
+            base[..., ci % 3] = 200
+            noise = rng.integers(0, 50, size=(size, size, 3), dtype=np.uint8)
+            Image.fromarray(base + noise, "RGB").save(root / name / f"{name}_{i:03d}.png")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch):
+    """Demo data, split fallbacks and torch hub live under the test's tmp dir."""
+    monkeypatch.setenv("TLSWEEP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+
+
+@pytest.fixture
+def flat_folder(tmp_path):
+    return write_images(tmp_path / "flat")
+
+
+@pytest.fixture
+def split_folder(tmp_path):
+    root = tmp_path / "given"
+    for split, n in (("train", 8), ("valid", 3), ("test", 3)):
+        write_images(root / split, per_class=n, seed=hash(split) % 100)
+    return root
