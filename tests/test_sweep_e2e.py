@@ -1,0 +1,160 @@
+"""End to end: real Optuna SQLite storage, real MLflow SQLite store + artifact dir, tiny images."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from src import final_test, sweep
+
+pytestmark = pytest.mark.slow
+
+# Audit hook: records every file opened while `_watch` is on. Hooks cannot be removed, so one is
+# installed for the session and switched by the flag.
+_watch = {"on": False, "paths": []}
+
+
+def _audit(event, args):
+    if _watch["on"] and event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+        _watch["paths"].append(os.path.realpath(os.fsdecode(args[0])))
+
+
+sys.addaudithook(_audit)
+
+
+def _args(tmp_path, data, trials=2, *extra):
+    return ["--data", str(data), "--trials", str(trials), "--weights", "none", "--image-size", "16",
+            "--batch-size", "8", "--max-epochs", "2", "--storage", f"sqlite:///{tmp_path}/optuna.db",
+            "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--study-name", "s", *extra]
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # MLflow's default artifact root ./mlruns lands in tmp
+    return tmp_path
+
+
+def _children(client, parent_id):
+    exp = client.get_run(parent_id).info.experiment_id
+    return client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent_id}'")
+
+
+def _artifacts(client, run_id, path):
+    return sorted(Path(a.path).name for a in client.list_artifacts(run_id, path))
+
+
+def test_sweep_logs_every_trial_and_never_opens_test(in_tmp, flat_folder):
+    _watch.update(on=True, paths=[])
+    try:
+        result = sweep.run_sweep(sweep.parse_args(_args(in_tmp, flat_folder)))
+    finally:
+        _watch["on"] = False
+    client = MlflowClient(f"sqlite:///{in_tmp}/mlflow.db")
+    parent = client.get_run(result.parent_run_id)
+    assert parent.data.tags["tlsweep.role"] == "parent"
+    assert parent.data.tags["best.run_id"] == result.best_run_id
+    assert parent.info.status == "FINISHED"
+    assert _artifacts(client, parent.info.run_id, "sweep") == ["default.toml"]
+    assert _artifacts(client, parent.info.run_id, "dataset") == ["split.json", "summary.json"]
+    assert "optimization_history.png" in _artifacts(client, parent.info.run_id, "study")
+    runs = _children(client, result.parent_run_id)
+    assert sorted(r.info.run_name for r in runs) == ["trial-0", "trial-1"]
+    for run in runs:
+        assert run.data.tags["optuna.state"] == "COMPLETE"
+        assert run.data.params["backbone"] == "resnet18" and "head_lr" in run.data.params
+        assert _artifacts(client, run.info.run_id, "checkpoints") == ["phase1_best.pt", "phase2_best.pt"]
+        assert _artifacts(client, run.info.run_id, "confusion") == [
+            "valid_phase1.csv", "valid_phase1.png", "valid_phase2.csv", "valid_phase2.png"]
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "valid/acc")]
+        assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 2  # global, increasing
+        lr_head = client.get_metric_history(run.info.run_id, "lr/head")
+        assert {m.step for m in client.get_metric_history(run.info.run_id, "lr/backbone")} < {m.step for m in lr_head}
+    # The sweep listed the test files (names only) but opened none of them.
+    split = json.loads((flat_folder / ".tlsweep-split.json").read_text())
+    test_files = {os.path.realpath(flat_folder / rel) for rel, _ in split["test"]}
+    train_files = {os.path.realpath(flat_folder / rel) for rel, _ in split["train"]}
+    opened = set(_watch["paths"])
+    assert train_files <= opened, "the audit hook saw no train reads: the check would prove nothing"
+    assert not (test_files & opened)
+
+
+def test_resume_by_name_and_final_test_once(in_tmp, split_folder, capsys):
+    first = sweep.run_sweep(sweep.parse_args(_args(in_tmp, split_folder, 2, "--backbone", "mobilenet_v2",
+                                                   "--image-size", "32")))
+    again = sweep.run_sweep(sweep.parse_args(_args(in_tmp, split_folder, 3, "--backbone", "mobilenet_v2",
+                                                   "--image-size", "32")))
+    assert again.parent_run_id == first.parent_run_id  # parent reused, not duplicated
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{in_tmp}/optuna.db")
+    assert [t.number for t in study.trials] == [0, 1, 2]  # 3 in total, not 2 + 3
+    client = MlflowClient(f"sqlite:///{in_tmp}/mlflow.db")
+    assert len(_children(client, first.parent_run_id)) == 3
+    uri = f"sqlite:///{in_tmp}/mlflow.db"
+
+    assert final_test.main(["--run-id", first.parent_run_id, "--tracking-uri", uri]) == 0
+    best = client.get_run(again.best_run_id)
+    assert 0.0 <= best.data.metrics["test/acc"] <= 1.0 and "test/macro_f1" in best.data.metrics
+    assert {"test.csv", "test.png"} <= set(_artifacts(client, again.best_run_id, "confusion"))
+    assert _artifacts(client, again.best_run_id, "report") == ["test_per_class.csv"]
+    assert client.get_run(first.parent_run_id).data.metrics["test/acc"] == best.data.metrics["test/acc"]
+
+    capsys.readouterr()
+    assert final_test.main(["--run-id", first.parent_run_id, "--tracking-uri", uri]) == 2
+    assert "already scored" in capsys.readouterr().err
+    assert final_test.main(["--run-id", again.best_run_id, "--tracking-uri", uri]) == 2  # trial id too
+    assert final_test.main(["--run-id", first.parent_run_id, "--tracking-uri", uri, "--force"]) == 0
+    tags = client.get_run(first.parent_run_id).data.tags
+    assert tags["final_test.count"] == "2" and tags["final_test.forced"] == "true"
+
+
+def test_final_test_errors(in_tmp, flat_folder, capsys):
+    uri = f"sqlite:///{in_tmp}/mlflow.db"
+    result = sweep.run_sweep(sweep.parse_args(_args(in_tmp, flat_folder, 1)))
+    assert final_test.main(["--run-id", "0123456789abcdef", "--tracking-uri", uri]) == 2
+    assert "not found in tracking store" in capsys.readouterr().err
+    other = f"sqlite:///{in_tmp}/other.db"
+    assert final_test.main(["--run-id", result.parent_run_id, "--tracking-uri", other]) == 2
+    assert other in capsys.readouterr().err
+    client = MlflowClient(uri)
+    foreign = client.create_run(client.get_run(result.parent_run_id).info.experiment_id).info.run_id
+    assert final_test.main(["--run-id", foreign, "--tracking-uri", uri]) == 2
+    assert "not made by src.sweep" in capsys.readouterr().err
+
+
+def test_offline_imagenet_weights_fail_before_training(in_tmp, flat_folder, capsys):
+    args = _args(in_tmp, flat_folder, 1)
+    args[args.index("--weights") + 1] = "imagenet"
+    assert sweep.main(args) == 2
+    err = capsys.readouterr().err
+    assert "resnet18-f37072fd.pth" in err and "--weights PATH" in err
+    names = [s.study_name for s in optuna.get_all_study_summaries(f"sqlite:///{in_tmp}/optuna.db")] \
+        if (in_tmp / "optuna.db").exists() else []
+    assert names == []  # nothing started
+
+
+def test_demo_falls_back_to_random_init_with_a_tag(in_tmp):
+    args = ["--trials", "1", "--image-size", "16", "--max-epochs", "1", "--batch-size", "128",
+            "--storage", f"sqlite:///{in_tmp}/optuna.db", "--tracking-uri", f"sqlite:///{in_tmp}/mlflow.db"]
+    result = sweep.run_sweep(sweep.parse_args(args))
+    client = MlflowClient(f"sqlite:///{in_tmp}/mlflow.db")
+    tags = client.get_run(result.parent_run_id).data.tags
+    assert tags["weights.unavailable"] == "true" and tags["weights.effective"] == "none"
+    summary = json.loads(Path(client.download_artifacts(result.parent_run_id, "dataset/summary.json",
+                                                        str(in_tmp))).read_text())
+    assert summary["n_classes"] == 10 and sum(summary["counts"].values()) == 1797
+
+
+def test_bad_inputs_exit_cleanly(in_tmp, capsys, tmp_path):
+    assert sweep.main(_args(in_tmp, tmp_path / "nope")) == 2
+    assert "nope" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        sweep.main(_args(in_tmp, tmp_path, 0))
+    assert exc.value.code == 2
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[fixed]\nbackbon = 'resnet18'\n")
+    assert sweep.main(_args(in_tmp, tmp_path, 1, "--sweep", str(bad))) == 2
+    assert "backbon" in capsys.readouterr().err
