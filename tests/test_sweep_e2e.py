@@ -123,6 +123,11 @@ def test_final_test_errors(in_tmp, flat_folder, capsys):
     foreign = client.create_run(client.get_run(result.parent_run_id).info.experiment_id).info.run_id
     assert final_test.main(["--run-id", foreign, "--tracking-uri", uri]) == 2
     assert "not made by src.sweep" in capsys.readouterr().err
+    # A trial run that never saved a phase-2 checkpoint (e.g. pruned in phase 1).
+    pruned = client.create_run(client.get_run(result.parent_run_id).info.experiment_id, tags={
+        "tlsweep.role": "trial", "mlflow.parentRunId": result.parent_run_id}).info.run_id
+    assert final_test.main(["--run-id", pruned, "--tracking-uri", uri]) == 2
+    assert "no artifact checkpoints/phase2_best.pt" in capsys.readouterr().err
 
 
 def test_offline_imagenet_weights_fail_before_training(in_tmp, flat_folder, capsys):
