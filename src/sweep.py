@@ -321,6 +321,9 @@ def run_sweep(args) -> SweepResult:
     except KeyboardInterrupt:
         status = "KILLED"
         log.warning("interrupted: finished trials are kept; re-run the same command to continue")
+    except BaseException:
+        status = "FAILED"
+        raise
     finally:
         update_best(ctx.tracker, ctx.parent_id, study)
         log_study_plots(ctx.tracker, ctx.parent_id, study)

@@ -163,3 +163,18 @@ def test_bad_inputs_exit_cleanly(in_tmp, capsys, tmp_path):
     bad.write_text("[fixed]\nbackbon = 'resnet18'\n")
     assert sweep.main(_args(in_tmp, tmp_path, 1, "--sweep", str(bad))) == 2
     assert "backbon" in capsys.readouterr().err
+
+
+def test_unreadable_image_stops_the_sweep_naming_the_file(in_tmp, flat_folder, capsys):
+    from src.data import find_splits
+
+    splits = find_splits(flat_folder)  # writes the split file the sweep will reuse
+    victim = flat_folder / splits.train[0][0]
+    victim.write_bytes(victim.read_bytes()[:60])  # truncated PNG
+    assert sweep.main(_args(in_tmp, flat_folder, 1)) == 2
+    assert str(victim) in capsys.readouterr().err
+    client = MlflowClient(f"sqlite:///{in_tmp}/mlflow.db")
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{in_tmp}/optuna.db")
+    run = client.get_run(study.trials[0].user_attrs["mlflow_run_id"])
+    assert run.info.status == "FAILED" and victim.name in run.data.tags["optuna.fail_reason"]
+    assert client.get_run(study.user_attrs["mlflow_parent_run_id"]).info.status == "FAILED"

@@ -1,0 +1,231 @@
+"""Sweep files: the shipped ones load, mistakes name the key and the file, [demo] and CLI
+precedence, and sampling through `search_space.sample`."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+from src import search_space
+from src.config import SEARCHED, Fixed, TrialConfig, UserError, load_sweep, resolve_fixed
+from src.data import AUG_LEVELS
+
+SWEEPS = Path(__file__).resolve().parents[1] / "sweeps"
+
+GOOD = """\
+[fixed]
+backbone = "mobilenet_v2"
+image_size = 64
+batch_size = 8
+seed = 3
+
+[demo]
+image_size = 32
+max_epochs_phase1 = 2
+
+[search]
+head_lr = { low = 1e-4, high = 1e-2, log = true }
+backbone_lr_ratio = { low = 0.01, high = 1.0, log = true }
+patience = { low = 2, high = 6 }
+aug_strength = { choices = ["none", "light"] }
+"""
+
+
+def _write(tmp_path, text, name="sweep.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def _raises_naming(path, *words):
+    """Load `path`, expect a UserError whose message names the file and every word."""
+    with pytest.raises(UserError) as info:
+        load_sweep(path)
+    msg = str(info.value)
+    assert str(path) in msg, msg
+    for w in words:
+        assert w in msg, (w, msg)
+    return msg
+
+
+# --- the shipped sweep files -------------------------------------------------------------
+
+def test_default_sweep_loads_with_documented_values():
+    sweep = load_sweep(SWEEPS / "default.toml")
+    assert sweep.fixed == Fixed()  # the file states the dataclass defaults
+    assert sweep.demo == {"image_size": 32, "batch_size": 64, "max_epochs_phase1": 3, "max_epochs_phase2": 6}
+    assert set(sweep.search) == set(SEARCHED)
+    lr = sweep.search["head_lr"]
+    assert (lr.low, lr.high, lr.log, lr.choices) == (1e-4, 1e-2, True, None)
+    ratio = sweep.search["backbone_lr_ratio"]
+    assert (ratio.low, ratio.high, ratio.log) == (0.01, 1.0, True)
+    pat = sweep.search["patience"]
+    assert (pat.low, pat.high, pat.log) == (2, 6, False)
+    assert isinstance(pat.low, int) and isinstance(pat.high, int)
+    # every augmentation level offered by the sweep exists in src/data.py
+    assert sweep.search["aug_strength"].choices == tuple(AUG_LEVELS)
+
+
+def test_seed_recipe_loads_with_everything_pinned():
+    sweep = load_sweep(SWEEPS / "seed-recipe.toml")
+    assert sweep.fixed.phase2_head_lr_factor == 0.1
+    assert sweep.fixed.max_epochs_phase1 == sweep.fixed.max_epochs_phase2 == 50
+    assert {n: s.choices for n, s in sweep.search.items()} == {
+        "head_lr": (1e-3,), "backbone_lr_ratio": (0.1,), "patience": (5,), "aug_strength": ("seed",)}
+
+
+def test_a_minimal_file_gets_defaults(tmp_path):
+    path = _write(tmp_path, GOOD)
+    sweep = load_sweep(path)
+    assert sweep.path == path
+    assert sweep.fixed == dataclasses.replace(Fixed(), backbone="mobilenet_v2", image_size=64,
+                                              batch_size=8, seed=3)
+    assert sweep.demo == {"image_size": 32, "max_epochs_phase1": 2}
+
+
+# --- mistakes name the key and the file --------------------------------------------------
+
+@pytest.mark.parametrize("good, typo", [
+    ("image_size = 64", "imagesize = 64"),                     # [fixed]
+    ("max_epochs_phase1 = 2", "max_epoch_phase1 = 2"),         # [demo]
+    ("head_lr = {", "head_lrr = {"),                           # [search]
+    ("high = 1.0, log = true", "high = 1.0, lgo = true"),       # inside a [search] range table
+    ("[search]", "[serach]"),                                  # a table name
+])
+def test_typo_names_the_key_and_the_file(tmp_path, good, typo):
+    assert good in GOOD
+    path = _write(tmp_path, GOOD.replace(good, typo, 1))
+    _raises_naming(path, typo.split(" ")[0].strip("[]"))
+
+
+def test_missing_search_parameter_is_named(tmp_path):
+    text = "\n".join(l for l in GOOD.splitlines() if not l.startswith("patience"))
+    _raises_naming(_write(tmp_path, text), "patience")
+
+
+@pytest.mark.parametrize("name, table", [
+    ("head_lr", "{ low = 1e-2, high = 1e-4, log = true }"),    # low > high
+    ("head_lr", "{ low = 1e-3, high = 1e-3 }"),                # low == high
+    ("head_lr", "{ low = 0.0, high = 1e-2, log = true }"),     # log with low == 0
+    ("backbone_lr_ratio", "{ low = -0.1, high = 1.0, log = true }"),  # log with low < 0
+    ("patience", "{ low = 6, high = 2 }"),
+])
+def test_impossible_range_names_the_parameter(tmp_path, name, table):
+    lines = [f"{name} = {table}" if l.startswith(f"{name} =") else l for l in GOOD.splitlines()]
+    _raises_naming(_write(tmp_path, "\n".join(lines)), name, "impossible range")
+
+
+def test_log_range_with_low_at_or_below_zero_is_the_only_log_restriction(tmp_path):
+    # a linear range may start at 0 or below; only log needs low > 0
+    lines = ["backbone_lr_ratio = { low = 0.0, high = 1.0 }" if l.startswith("backbone_lr_ratio")
+             else l for l in GOOD.splitlines()]
+    spec = load_sweep(_write(tmp_path, "\n".join(lines))).search["backbone_lr_ratio"]
+    assert (spec.low, spec.high, spec.log) == (0.0, 1.0, False)
+
+
+@pytest.mark.parametrize("good, bad, word", [
+    ("image_size = 64", 'image_size = "big"', "image_size"),
+    ("batch_size = 8", "batch_size = 0", "batch_size"),
+    ("batch_size = 8", "batch_size = true", "batch_size"),
+    ('aug_strength = { choices = ["none", "light"] }', "aug_strength = { choices = [] }", "aug_strength"),
+    ("patience = { low = 2, high = 6 }", "patience = { low = 2 }", "patience"),
+])
+def test_bad_values_name_the_key(tmp_path, good, bad, word):
+    _raises_naming(_write(tmp_path, GOOD.replace(good, bad, 1)), word)
+
+
+def test_missing_and_unparsable_files_are_user_errors(tmp_path):
+    missing = tmp_path / "nope.toml"
+    with pytest.raises(UserError, match="nope.toml"):
+        load_sweep(missing)
+    _raises_naming(_write(tmp_path, "[fixed\nimage_size = 3"), "not valid TOML")
+
+
+# --- [demo] and CLI precedence ---------------------------------------------------------------
+
+def test_resolve_fixed_applies_demo_only_on_demo_data(tmp_path):
+    sweep = load_sweep(_write(tmp_path, GOOD))
+    off = resolve_fixed(sweep, on_demo=False, overrides={})
+    assert off == sweep.fixed
+    assert off.image_size == 64 and off.max_epochs_phase1 == Fixed().max_epochs_phase1
+    on = resolve_fixed(sweep, on_demo=True, overrides={})
+    assert on.image_size == 32 and on.max_epochs_phase1 == 2
+    assert on.backbone == "mobilenet_v2" and on.batch_size == 8 and on.seed == 3  # untouched by [demo]
+
+
+def test_cli_overrides_win_over_fixed_and_demo_and_none_means_not_given(tmp_path):
+    sweep = load_sweep(_write(tmp_path, GOOD))
+    got = resolve_fixed(sweep, on_demo=True,
+                        overrides={"image_size": 48, "batch_size": 4, "weights": "none", "seed": None,
+                                   "max_epochs_phase1": None})
+    assert got.image_size == 48          # beats [demo] 32 and [fixed] 64
+    assert got.batch_size == 4           # beats [fixed] 8
+    assert got.weights == "none"
+    assert got.seed == 3                 # None: not given on the CLI
+    assert got.max_epochs_phase1 == 2    # None: [demo] still applies
+    assert isinstance(got, Fixed)
+
+
+def test_cli_override_below_one_is_a_user_error(tmp_path):
+    sweep = load_sweep(_write(tmp_path, GOOD))
+    with pytest.raises(UserError, match="batch_size"):
+        resolve_fixed(sweep, on_demo=False, overrides={"batch_size": 0})
+
+
+# --- sampling --------------------------------------------------------------------------------
+
+def test_sample_with_fixed_trial_returns_the_values_with_types(tmp_path):
+    search = load_sweep(_write(tmp_path, GOOD)).search
+    trial = optuna.trial.FixedTrial({"head_lr": 3e-3, "backbone_lr_ratio": 0.2, "patience": 4,
+                                     "aug_strength": "light"})
+    got = search_space.sample(trial, search)
+    assert got == {"head_lr": 3e-3, "backbone_lr_ratio": 0.2, "patience": 4, "aug_strength": "light"}
+    assert type(got["patience"]) is int and type(got["head_lr"]) is float
+    assert trial.distributions == {
+        "head_lr": FloatDistribution(1e-4, 1e-2, log=True),
+        "backbone_lr_ratio": FloatDistribution(0.01, 1.0, log=True),
+        "patience": IntDistribution(2, 6),
+        "aug_strength": CategoricalDistribution(["none", "light"]),
+    }
+
+
+def test_seed_recipe_pins_are_recorded_as_one_choice_categoricals():
+    search = load_sweep(SWEEPS / "seed-recipe.toml").search
+    trial = optuna.trial.FixedTrial({"head_lr": 1e-3, "backbone_lr_ratio": 0.1, "patience": 5,
+                                     "aug_strength": "seed"})
+    assert search_space.sample(trial, search) == {
+        "head_lr": 1e-3, "backbone_lr_ratio": 0.1, "patience": 5, "aug_strength": "seed"}
+    assert trial.distributions == {
+        "head_lr": CategoricalDistribution([1e-3]), "backbone_lr_ratio": CategoricalDistribution([0.1]),
+        "patience": CategoricalDistribution([5]), "aug_strength": CategoricalDistribution(["seed"])}
+
+
+def test_live_study_records_every_parameter_including_pins():
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    default = load_sweep(SWEEPS / "default.toml").search
+    recipe = load_sweep(SWEEPS / "seed-recipe.toml").search
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = []
+    study.optimize(lambda t: seen.append(search_space.sample(t, default)) or 0.0, n_trials=5)
+    for values in seen:
+        assert 1e-4 <= values["head_lr"] <= 1e-2
+        assert 0.01 <= values["backbone_lr_ratio"] <= 1.0
+        assert values["patience"] in range(2, 7) and type(values["patience"]) is int
+        assert values["aug_strength"] in AUG_LEVELS
+    pinned = optuna.create_study()
+    pinned.optimize(lambda t: search_space.sample(t, recipe) and 0.0, n_trials=1)
+    assert pinned.trials[0].params == {"head_lr": 1e-3, "backbone_lr_ratio": 0.1, "patience": 5,
+                                       "aug_strength": "seed"}
+
+
+def test_trial_config_round_trips_through_a_dict():
+    cfg = TrialConfig(backbone="resnet18", weights="none", image_size=32, batch_size=4,
+                      max_epochs_phase1=1, max_epochs_phase2=2, phase2_head_lr_factor=0.5,
+                      head_lr=1e-3, backbone_lr_ratio=0.1, patience=2, aug_strength="seed", seed=7,
+                      classes=("a", "b"))
+    d = cfg.to_dict()
+    assert d["classes"] == ["a", "b"]
+    assert TrialConfig.from_dict({**d, "unknown_future_field": 1}) == cfg
