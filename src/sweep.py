@@ -338,9 +338,12 @@ def report(study: optuna.Study, ctx: Context, args) -> SweepResult:
           f"({len(completed)} complete), parent run {ctx.parent_id}")
     print(summary_table(study))
     uri = f" --tracking-uri {args.tracking_uri}" if args.tracking_uri else ""
+    if args.tracking_uri and args.tracking_uri.startswith("http"):
+        browse = f"open {args.tracking_uri} in a browser"
+    else:
+        browse = "mlflow ui" + (f" --backend-store-uri {args.tracking_uri}" if args.tracking_uri else "")
     if best is not None:
-        print(f"\nbest: trial {best.number}, valid_acc {best.value:.4f}. Next:\n"
-              f"  mlflow ui{' --backend-store-uri ' + args.tracking_uri if args.tracking_uri else ''}\n"
+        print(f"\nbest: trial {best.number}, valid_acc {best.value:.4f}. Next:\n  {browse}\n"
               f"  python -m src.final_test --run-id {ctx.parent_id}{uri}")
     return SweepResult(study.study_name, ctx.parent_id, best.value if best else None,
                        best.user_attrs.get("mlflow_run_id") if best else None, len(finished(study)))
