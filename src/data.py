@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 from dataclasses import dataclass
@@ -176,13 +177,17 @@ def _flat_layout(root: Path, seed: int, fractions) -> Splits:
     if existing is None:
         lists = _stratified(found, root, seed, fractions)
         doc = {"seed": seed, "fractions": list(fractions), **lists}
+        errors = []
         for target in _split_file_candidates(root):
             try:
                 write_json_atomic(target, doc)
                 existing = target
                 break
-            except OSError:
-                continue  # read-only data folder: fall back to the cache dir
+            except OSError as exc:  # read-only data folder: fall back to the cache dir
+                errors.append(f"{target}: {exc}")
+        if existing is None:
+            raise DataError(f"cannot record the split of {root}: {'; '.join(errors)}. Make the data folder "
+                            f"writable or set TLSWEEP_CACHE to a writable folder")
     doc = json.loads(existing.read_text())
     classes = tuple(sorted({c for n in SPLITS for _, c in doc[n]}))
     gone = [r for n in SPLITS for r, _ in doc[n] if not (root / r).is_file()]
@@ -215,7 +220,14 @@ def load_rgb(path: Path) -> Image.Image:
             im.load()
             if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
                 arr = np.asarray(im, dtype=np.float64)
-                top = 65535.0 if im.mode.startswith("I") and arr.max() > 255 else max(arr.max(), 1.0)
+                peak = float(arr.max()) if arr.size else 0.0
+                # Scale by the bit depth that holds the data (8, 12, 16 bit), never per-image contrast.
+                if im.mode == "F" and peak <= 1.0:
+                    top = 1.0
+                elif peak <= 255:
+                    top = 255.0
+                else:
+                    top = 2.0 ** math.ceil(math.log2(peak + 1)) - 1
                 im = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8), "L")
             if im.mode == "P":
                 im = im.convert("RGBA")

@@ -47,8 +47,12 @@ def _imagenet_state(backbone: str) -> dict:
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # never hang on a network that drops packets
     try:
         return weights.get_state_dict(progress=False, check_hash=True)
-    except (OSError, RuntimeError) as exc:
+    except Exception as exc:  # network errors, and torch.load's many ways to reject a bad file
         cache = expected_cache_file(backbone)
+        if cache.is_file():
+            raise WeightsUnavailable(
+                f"cached ImageNet file {cache} for {backbone} cannot be loaded ({exc}); it is damaged: "
+                f"delete it and copy {weights.url} there again, or pass --weights PATH") from exc
         raise WeightsUnavailable(
             f"ImageNet weights for {backbone} are not cached and could not be downloaded ({exc}).\n"
             f"  Fix 1: copy {weights.url} to {cache} (TORCH_HOME={cache.parents[2]}).\n"

@@ -4,7 +4,7 @@
 state; `fit_two_phase` is the recipe: phase 1 (frozen backbone, BatchNorm in eval mode, head
 only), then phase 2 from phase 1's best state (all trainable, a new optimizer with a head group
 at head_lr and a backbone group at head_lr * backbone_lr_ratio). Logging and pruning come in
-through `on_epoch(EpochResult)` and `on_phase_end(PhaseResult)`; an exception raised there
+through `on_epoch(EpochResult)` and `on_phase_end(PhaseResult, model)`; an exception raised there
 (e.g. optuna.TrialPruned) stops training and propagates.
 """
 from __future__ import annotations

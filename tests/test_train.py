@@ -1,0 +1,254 @@
+"""The shared train engine: phase 1 really freezes (parameters AND BatchNorm statistics), phase 2
+really fine-tunes with two learning rates, early stopping restores the best state, and the global
+step only increases. Real loaders from src/data.py over tiny images; weights="none"."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from src import model as M
+from src import train as T
+from src.data import build_transform, find_splits, make_loader
+from src.model import build_model, head_name
+from src.train import Evaluation, evaluate, fit_phase, fit_two_phase
+
+CPU = torch.device("cpu")
+SIZE = 16
+
+
+@pytest.fixture
+def loaders(split_folder):
+    """24 training images (2 batches of 12), 9 validation images, 3 classes, 16 px."""
+    splits = find_splits(split_folder)
+    mean, std = M.norm_stats("resnet18")
+    train_tf = build_transform("seed", SIZE, mean, std, train=True)
+    eval_tf = build_transform("none", SIZE, mean, std, train=False)
+    train = make_loader(split_folder, splits.train, train_tf, batch_size=12, train=True, seed=0)
+    valid = make_loader(split_folder, splits.valid, eval_tf, batch_size=8, train=False)
+    return train, valid
+
+
+def _snapshot(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _bn_layers(model):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def _same_state(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --- freezing ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backbone", ["resnet18", "mobilenet_v2"])
+def test_phase1_leaves_backbone_params_and_batchnorm_stats_untouched(loaders, backbone):
+    train, valid = loaders
+    torch.manual_seed(0)
+    model = build_model(backbone, 3, weights="none")
+    # Non-trivial running stats, so that any update (even towards the init values) would show.
+    with torch.no_grad():
+        for _, bn in _bn_layers(model):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 1.5)
+            bn.num_batches_tracked.fill_(100)
+    before = _snapshot(model)
+    head = head_name(model) + "."
+
+    result = fit_phase(model, 1, train, valid, head_lr=1e-2, backbone_lr=1e-2, max_epochs=2,
+                       patience=5, device=CPU)
+    assert result.epochs == 2
+
+    bns = _bn_layers(model)
+    assert len(bns) >= 17
+    for name, bn in bns:  # layer by layer, buffer by buffer
+        assert torch.equal(bn.running_mean, before[f"{name}.running_mean"]), name
+        assert torch.equal(bn.running_var, before[f"{name}.running_var"]), name
+        assert torch.equal(bn.num_batches_tracked, before[f"{name}.num_batches_tracked"]), name
+    backbone_names = [n for n, _ in model.named_parameters() if not n.startswith(head)]
+    assert len(backbone_names) > 50
+    for name, p in model.named_parameters():
+        if not name.startswith(head):
+            assert torch.equal(p, before[name]), name
+            assert not p.requires_grad and p.grad is None, name
+    assert not torch.equal(model.state_dict()[head + "weight"], before[head + "weight"])
+    assert not torch.equal(model.state_dict()[head + "bias"], before[head + "bias"])
+
+
+def test_phase2_changes_backbone_params_and_batchnorm_stats(loaders):
+    train, valid = loaders
+    torch.manual_seed(0)
+    model = build_model("resnet18", 3, weights="none")
+    before = _snapshot(model)
+    result = fit_phase(model, 2, train, valid, head_lr=1e-3, backbone_lr=1e-3, max_epochs=1,
+                       patience=5, device=CPU)
+    assert result.epochs == 1
+    after = model.state_dict()
+    for name, bn in _bn_layers(model):
+        assert not torch.equal(bn.running_mean, before[f"{name}.running_mean"]), name
+        assert not torch.equal(bn.running_var, before[f"{name}.running_var"]), name
+        assert bn.num_batches_tracked.item() == before[f"{name}.num_batches_tracked"].item() + 2, name
+    for name in ("conv1.weight", "layer1.0.conv1.weight", "layer4.1.conv2.weight", "bn1.weight", "fc.weight"):
+        assert not torch.equal(after[name], before[name]), name
+    assert all(p.requires_grad for p in model.parameters())
+
+
+# --- the two-phase recipe ----------------------------------------------------------------------
+
+def _run_two_phase(model, train, valid, **kw):
+    epochs, phase_ends = [], []
+
+    def on_epoch(r):
+        epochs.append((r, _snapshot(model)))
+
+    def on_phase_end(result, m):
+        assert m is model
+        phase_ends.append((result, _snapshot(model)))
+
+    p1, p2 = fit_two_phase(model, train, valid, device=CPU, on_epoch=on_epoch,
+                           on_phase_end=on_phase_end, **kw)
+    return p1, p2, epochs, phase_ends
+
+
+def test_two_phase_learning_rates_steps_and_handover(loaders):
+    train, valid = loaders
+    torch.manual_seed(0)
+    model = build_model("resnet18", 3, weights="none")
+    initial = _snapshot(model)
+    p1, p2, epochs, ends = _run_two_phase(
+        model, train, valid, head_lr=1e-2, backbone_lr_ratio=0.1, phase2_head_lr_factor=0.5,
+        patience=10, max_epochs_phase1=2, max_epochs_phase2=1)
+
+    records = [r for r, _ in epochs]
+    assert [(r.phase, r.epoch) for r in records] == [(1, 1), (1, 2), (2, 1)]
+    for r in records:
+        if r.phase == 1:  # the phase-1 optimizer holds the head alone
+            assert r.lrs == {"head": pytest.approx(1e-2)}
+        else:
+            assert r.lrs == {"head": pytest.approx(1e-2 * 0.5), "backbone": pytest.approx(1e-2 * 0.1)}
+        assert 0.0 <= r.train_acc <= 1.0 and 0.0 <= r.valid_acc <= 1.0
+    steps = [r.step for r in records]
+    assert steps == [1, 2, 3] and all(a < b for a, b in zip(steps, steps[1:]))
+    assert p1.last_step == 2 and p2.last_step == 3
+    assert p1.history == records[:2] and p2.history == records[2:]
+    assert (p1.phase, p2.phase) == (1, 2)
+
+    # phase 1 left the backbone as it was; phase 2 starts from phase 1's best epoch
+    (r1, end1), (r2, end2) = ends
+    assert r1 is p1 and r2 is p2
+    head = head_name(model) + "."
+    for k, v in initial.items():
+        if not k.startswith(head):
+            assert torch.equal(end1[k], v), k
+    best1 = epochs[p1.best_epoch - 1][1]
+    assert _same_state(end1, best1)
+    # phase 2 moved the backbone, and the model handed back is phase 2's best
+    assert not torch.equal(end2["conv1.weight"], initial["conv1.weight"])
+    assert _same_state(model.state_dict(), epochs[2 + p2.best_epoch - 1][1])
+    assert evaluate(model, valid, CPU).acc == pytest.approx(p2.best_valid_acc)
+
+
+def test_early_stopping_after_patience_epochs_without_improvement(loaders):
+    """head lr 0 in phase 1: the model cannot change, so valid acc cannot improve after epoch 1;
+    phase 1 stops after 1 + patience epochs and phase 2 goes on counting steps."""
+    train, valid = loaders
+    torch.manual_seed(0)
+    model = build_model("resnet18", 3, weights="none")
+    p1, p2, epochs, _ = _run_two_phase(
+        model, train, valid, head_lr=0.0, backbone_lr_ratio=1.0, patience=2,
+        max_epochs_phase1=9, max_epochs_phase2=1)
+    assert p1.epochs == 3 and p1.best_epoch == 1 and p1.last_step == 3   # 1 best + 2 without gain
+    assert len({r.valid_acc for r in p1.history}) == 1
+    assert p1.best_valid_acc == p1.history[0].valid_acc
+    assert [r.step for r, _ in epochs] == [1, 2, 3, 4]
+    assert p2.history[0].phase == 2 and p2.history[0].step == 4
+
+
+class _FrozenLabels:
+    """A validation 'loader' whose labels are the model's own eval-mode predictions the first time
+    it is read: epoch 1 scores 1.0, so no later epoch can improve on it (ties do not count)."""
+
+    def __init__(self, model, base):
+        self.model, self.base, self.batches = model, base, None
+
+    def __iter__(self):
+        if self.batches is None:
+            with torch.no_grad():
+                self.batches = [(x, self.model(x).argmax(1)) for x, _ in self.base]
+        return iter(self.batches)
+
+
+def test_early_stopping_restores_the_best_state_with_real_evaluation(loaders):
+    train, valid = loaders
+    torch.manual_seed(0)
+    model = build_model("resnet18", 3, weights="none")
+    frozen = _FrozenLabels(model, valid)
+    snapshots = []
+    result = fit_phase(model, 1, train, frozen, head_lr=1e-1, backbone_lr=1e-1, max_epochs=10,
+                       patience=2, device=CPU, first_step=5,
+                       on_epoch=lambda r: snapshots.append(_snapshot(model)))
+    assert result.best_epoch == 1 and result.best_valid_acc == 1.0
+    assert result.epochs == 3 and result.last_step == 7
+    assert not _same_state(snapshots[-1], snapshots[0])   # training did move the weights...
+    assert _same_state(model.state_dict(), snapshots[0])  # ...and the best epoch's were restored
+    assert evaluate(model, frozen, CPU).acc == result.best_valid_acc
+
+
+def test_best_epoch_in_the_middle_is_restored(loaders, monkeypatch):
+    """Scripted validation accuracies: best at epoch 3, then `patience` epochs without improvement."""
+    train, valid = loaders
+    accs = iter([0.5, 0.4, 0.8, 0.8, 0.6, 0.9, 0.95])
+
+    def scripted(model, loader, device):
+        acc = next(accs)
+        return Evaluation(loss=1 - acc, acc=acc, preds=[int(acc * 100)], targets=[0])
+
+    monkeypatch.setattr(T, "evaluate", scripted)
+    torch.manual_seed(0)
+    model = build_model("resnet18", 3, weights="none")
+    snapshots, seen = [], []
+
+    def on_epoch(r):
+        seen.append(r)
+        snapshots.append(_snapshot(model))
+
+    result = fit_phase(model, 1, train, valid, head_lr=1e-2, backbone_lr=1e-2, max_epochs=7,
+                       patience=2, device=CPU, on_epoch=on_epoch)
+    assert [r.valid_acc for r in seen] == [0.5, 0.4, 0.8, 0.8, 0.6]   # stopped: 2 epochs after the best
+    assert (result.best_epoch, result.best_valid_acc) == (3, 0.8)
+    assert result.best_valid_loss == pytest.approx(0.2)
+    assert result.valid_preds == [80] and result.valid_targets == [0]
+    assert not _same_state(snapshots[-1], snapshots[2])
+    assert _same_state(model.state_dict(), snapshots[2])
+
+
+def test_on_epoch_exception_stops_training_and_propagates(loaders):
+    train, valid = loaders
+    model = build_model("resnet18", 3, weights="none")
+
+    class Pruned(Exception):
+        pass
+
+    calls = []
+
+    def prune(r):
+        calls.append(r.step)
+        raise Pruned
+
+    with pytest.raises(Pruned):
+        fit_two_phase(model, train, valid, head_lr=1e-3, backbone_lr_ratio=0.1, patience=3,
+                      max_epochs_phase1=3, max_epochs_phase2=3, device=CPU, on_epoch=prune)
+    assert calls == [1]
+
+
+def test_evaluate_counts_every_validation_image(loaders):
+    _, valid = loaders
+    model = build_model("resnet18", 3, weights="none")
+    model.train()
+    ev = evaluate(model, valid, CPU)
+    assert len(ev.preds) == len(ev.targets) == 9
+    assert ev.acc == pytest.approx(sum(p == t for p, t in zip(ev.preds, ev.targets)) / 9)
+    assert ev.loss > 0
+    assert not model.training  # evaluation runs in eval mode
