@@ -16,6 +16,7 @@ Conventions (kept stable; the README lists them too):
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +30,8 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from .config import UserError
 
 ROLE = "tlsweep.role"
+# Artifacts here are few and local; MLflow's per-download progress bars only clutter the output.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 class Tracker:
