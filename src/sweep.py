@@ -341,7 +341,9 @@ def report(study: optuna.Study, ctx: Context, args) -> SweepResult:
     if args.tracking_uri and args.tracking_uri.startswith("http"):
         browse = f"open {args.tracking_uri} in a browser"
     else:
-        browse = "mlflow ui" + (f" --backend-store-uri {args.tracking_uri}" if args.tracking_uri else "")
+        exp_id = ctx.tracker.get_run(ctx.parent_id).info.experiment_id
+        browse = ("mlflow ui" + (f" --backend-store-uri {args.tracking_uri}" if args.tracking_uri else "")
+                  + f"   # then open http://127.0.0.1:5000/#/experiments/{exp_id}/runs")
     if best is not None:
         print(f"\nbest: trial {best.number}, valid_acc {best.value:.4f}. Next:\n  {browse}\n"
               f"  python -m src.final_test --run-id {ctx.parent_id}{uri}")

@@ -30,6 +30,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from .config import UserError
 
 ROLE = "tlsweep.role"
+EXPERIMENT_KIND = "mlflow.experimentKind"
 # Artifacts here are few and local; MLflow's per-download progress bars only clutter the output.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
@@ -44,7 +45,11 @@ class Tracker:
     # -- runs -------------------------------------------------------------------------------
     def experiment_id(self, name: str) -> str:
         exp = self.client.get_experiment_by_name(name)
-        return exp.experiment_id if exp else self.client.create_experiment(name)
+        exp_id = exp.experiment_id if exp else self.client.create_experiment(name)
+        if not exp or EXPERIMENT_KIND not in exp.tags:
+            # Without this MLflow 3's UI may open the experiment on its GenAI/traces page.
+            self.client.set_experiment_tag(exp_id, EXPERIMENT_KIND, "custom_model_development")
+        return exp_id
 
     def run_exists(self, run_id: str | None) -> bool:
         if not run_id:
