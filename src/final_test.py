@@ -91,6 +91,7 @@ def score(model, config: dict, split: dict, device: torch.device, batch_size: in
 def run_final_test(run_id: str, tracking_uri: str | None = None, force: bool = False,
                    device: str = "cpu", batch_size: int = 64) -> TestResult:
     tracker = Tracker(tracking_uri)
+    tracker.check_reachable()
     trial_id, parent_id = resolve_runs(tracker, run_id)
     earlier = check_not_scored(tracker, parent_id, trial_id, force)
     split = tracker.load_json(parent_id, "dataset/split.json")

@@ -24,7 +24,7 @@ class WeightsUnavailable(UserError):
     """ImageNet weights are neither cached nor downloadable."""
 
 
-def _check_backbone(name: str) -> None:
+def check_backbone(name: str) -> None:
     if name not in list_models(module=__import__("torchvision").models):
         raise UserError(f"unknown backbone {name!r}; use a torchvision classification model, "
                         f"e.g. one of {list(SUPPORTED)}")
@@ -100,7 +100,7 @@ def _load_backbone_state(model: nn.Module, state: dict, source: str) -> None:
 
 def build_model(backbone: str, n_classes: int, weights: str = "imagenet") -> nn.Module:
     """Backbone with the requested weights and a fresh `Linear(features, n_classes)` head."""
-    _check_backbone(backbone)
+    check_backbone(backbone)
     model = get_model(backbone, weights=None)
     if weights == "imagenet":
         _load_backbone_state(model, _imagenet_state(backbone), f"the {backbone} ImageNet file")

@@ -271,6 +271,19 @@ class SweepResult:
     n_finished: int
 
 
+def open_study(name: str, storage: str, seed: int) -> optuna.Study:
+    """Create or load (resume) the study; an unusable storage URL is a clear error."""
+    try:
+        return optuna.create_study(
+            study_name=name, storage=storage, load_if_exists=True, direction="maximize",
+            sampler=optuna.samplers.TPESampler(seed=seed),
+            pruner=optuna.pruners.MedianPruner(PRUNER_STARTUP_TRIALS, PRUNER_WARMUP_STEPS))
+    except Exception as exc:  # SQLAlchemy/driver errors come in many types
+        raise UserError(f"cannot open Optuna storage --storage {storage} ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:300]}); check the URL, that the server is up, "
+                        f"and that its driver is installed") from exc
+
+
 def prepare(args) -> tuple[Context, optuna.Study, str]:
     """Validate everything and open study + parent run, before any training."""
     sweep = load_sweep(args.sweep)
@@ -279,17 +292,16 @@ def prepare(args) -> tuple[Context, optuna.Study, str]:
         "backbone": args.backbone, "weights": args.weights, "image_size": args.image_size,
         "batch_size": args.batch_size, "max_epochs_phase1": args.max_epochs,
         "max_epochs_phase2": args.max_epochs, "seed": args.seed})
+    M.check_backbone(fixed.backbone)
     data_dir = D.demo_data_dir() if on_demo else args.data
     splits = D.find_splits(data_dir, seed=fixed.seed)
     device = pick_device(args.device)
     weights, fell_back = resolve_weights(fixed, on_demo, args.weights)
     mean, std = M.norm_stats(fixed.backbone)
     study_name = args.study_name or f"{sweep.path.stem}-{'demo-digits' if on_demo else Path(data_dir).name}"
-    study = optuna.create_study(
-        study_name=study_name, storage=args.storage, load_if_exists=True, direction="maximize",
-        sampler=optuna.samplers.TPESampler(seed=fixed.seed),
-        pruner=optuna.pruners.MedianPruner(PRUNER_STARTUP_TRIALS, PRUNER_WARMUP_STEPS))
     tracker = Tracker(args.tracking_uri)
+    tracker.check_reachable()
+    study = open_study(study_name, args.storage, fixed.seed)
     tags = {"optuna.storage": args.storage, "data.dir": str(splits.root), "data.demo": str(on_demo).lower(),
             "weights.requested": fixed.weights, "weights.effective": weights,
             "weights.unavailable": str(fell_back).lower(), **{f"fixed.{k}": v for k, v in asdict(fixed).items()}}

@@ -19,6 +19,7 @@ import json
 import os
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -31,6 +32,7 @@ from .config import UserError
 
 ROLE = "tlsweep.role"
 EXPERIMENT_KIND = "mlflow.experimentKind"
+HEALTH_TIMEOUT_S = 10
 # Artifacts here are few and local; MLflow's per-download progress bars only clutter the output.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
@@ -40,7 +42,25 @@ class Tracker:
 
     def __init__(self, tracking_uri: str | None = None):
         self.uri = tracking_uri or mlflow.get_tracking_uri()
-        self.client = MlflowClient(tracking_uri=self.uri)
+        try:
+            self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+        except Exception as exc:  # unsupported scheme and the like
+            raise self._unusable(exc) from exc
+
+    def _unusable(self, exc: Exception) -> UserError:
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        return UserError(f"cannot use MLflow tracking store --tracking-uri {self.uri} "
+                         f"({type(exc).__name__}: {first}); check the URI and that the server is up")
+
+    def check_reachable(self) -> None:
+        """Fail fast, with the URI in the message, if the tracking store cannot be used."""
+        try:
+            if self.uri.startswith(("http://", "https://")):
+                # MLflow's client retries for minutes; a plain probe with a short timeout does not.
+                urllib.request.urlopen(self.uri.rstrip("/") + "/health", timeout=HEALTH_TIMEOUT_S).close()
+            self.client.search_experiments(max_results=1)
+        except Exception as exc:  # MlflowException, connection errors
+            raise self._unusable(exc) from exc
 
     # -- runs -------------------------------------------------------------------------------
     def experiment_id(self, name: str) -> str:

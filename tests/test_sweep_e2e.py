@@ -163,6 +163,23 @@ def test_bad_inputs_exit_cleanly(in_tmp, capsys, tmp_path):
     bad.write_text("[fixed]\nbackbon = 'resnet18'\n")
     assert sweep.main(_args(in_tmp, tmp_path, 1, "--sweep", str(bad))) == 2
     assert "backbon" in capsys.readouterr().err
+    assert sweep.main(_args(in_tmp, tmp_path, 1, "--backbone", "resnet17")) == 2
+    assert "unknown backbone 'resnet17'" in capsys.readouterr().err
+
+
+def test_unusable_stores_are_named(in_tmp, flat_folder, capsys):
+    args = _args(in_tmp, flat_folder, 1)
+    bad_storage = list(args)
+    bad_storage[bad_storage.index("--storage") + 1] = "notaurl"
+    assert sweep.main(bad_storage) == 2
+    assert "--storage notaurl" in capsys.readouterr().err
+    for uri in ("http://127.0.0.1:9", "foo://bar"):  # port 9 (discard): nothing listens here
+        bad_tracking = list(args)
+        bad_tracking[bad_tracking.index("--tracking-uri") + 1] = uri
+        assert sweep.main(bad_tracking) == 2
+        assert f"--tracking-uri {uri}" in capsys.readouterr().err
+        assert final_test.main(["--run-id", "abc", "--tracking-uri", uri]) == 2
+        assert f"--tracking-uri {uri}" in capsys.readouterr().err
 
 
 def test_unreadable_image_stops_the_sweep_naming_the_file(in_tmp, flat_folder, capsys):
