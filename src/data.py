@@ -256,29 +256,46 @@ def build_transform(level: str, image_size: int, mean, std, train: bool) -> T.Co
     return T.Compose([T.ToImage(), *steps, T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)])
 
 
-class ImageList(torch.utils.data.Dataset):
-    """(image tensor, label) for a list of (relative path, label) under `root`."""
+def apply_transform(transform, image, view_seed, epoch: int, i: int):
+    """`transform(image)`, with its randomness seeded by `view_seed(epoch, i)` when one is given,
+    so view `epoch` of image i is the same in every trial (and in the feature cache)."""
+    if view_seed is None:
+        return transform(image)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(view_seed(epoch, i))
+        return transform(image)
 
-    def __init__(self, root: Path, entries, transform):
+
+class ImageList(torch.utils.data.Dataset):
+    """(image tensor, label) for a list of (relative path, label) under `root`, decoded each time."""
+
+    def __init__(self, root: Path, entries, transform, view_seed=None):
         self.root, self.entries, self.transform = Path(root), list(entries), transform
+        self.view_seed, self.epoch = view_seed, 0
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def __getitem__(self, i: int):
         rel, label = self.entries[i]
-        return self.transform(load_rgb(self.root / rel)), label
+        image = load_rgb(self.root / rel)
+        return apply_transform(self.transform, image, self.view_seed, self.epoch, i), label
 
 
 def make_loader(root, entries, transform, batch_size: int, train: bool, seed: int = 0,
                 num_workers: int = 0, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """A loader that decodes image files each time (see `loader` for any dataset)."""
+    return loader(ImageList(root, entries, transform), batch_size, train, seed, num_workers, pin_memory)
+
+
+def loader(dataset, batch_size: int, train: bool, seed: int = 0, num_workers: int = 0,
+           pin_memory: bool = False) -> torch.utils.data.DataLoader:
     """Shuffled, seeded, last partial batch dropped when training (BatchNorm needs > 1 sample)."""
-    dataset = ImageList(root, entries, transform)
     generator = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=train, generator=generator,
         drop_last=train and len(dataset) > batch_size, num_workers=num_workers,
-        pin_memory=pin_memory, persistent_workers=num_workers > 0)
+        pin_memory=pin_memory)
 
 
 def demo_data_dir() -> Path:

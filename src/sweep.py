@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import sys
 import tempfile
@@ -20,6 +21,7 @@ from tqdm import tqdm
 from . import data as D
 from . import figures, model as M, search_space
 from .config import Fixed, SweepFile, TrialConfig, UserError, load_sweep, resolve_fixed
+from .pipeline import Pipeline
 from .tracking import Tracker
 from .train import fit_two_phase
 
@@ -48,7 +50,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--experiment", help="MLflow experiment (default: the sweep file's name)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLflow's own, sqlite:///mlflow.db)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="DataLoader worker processes (default: 0 on CPU, cores-1 up to 8 on CUDA)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="decode images and run the frozen backbone every epoch (slow; for comparison)")
     args = p.parse_args(argv)
     if args.trials < 1:
         p.error(f"--trials {args.trials}: give at least 1")
@@ -67,7 +72,7 @@ class Context:
     device: torch.device
     mean: list
     std: list
-    workers: int = 0
+    pipeline: Pipeline
 
 
 def derive_seed(study_seed: int, trial_number: int) -> int:
@@ -138,16 +143,19 @@ class Objective:
 
     def train(self, trial, cfg: TrialConfig, run_id: str) -> float:
         ctx = self.ctx
-        torch.manual_seed(cfg.seed)
-        model = M.build_model(cfg.backbone, len(cfg.classes), cfg.weights)
-        pin = ctx.device.type == "cuda"
-        train_tf = D.build_transform(cfg.aug_strength, cfg.image_size, ctx.mean, ctx.std, train=True)
-        eval_tf = D.build_transform("none", cfg.image_size, ctx.mean, ctx.std, train=False)
-        root = ctx.splits.root
-        train_loader = D.make_loader(root, ctx.splits.train, train_tf, cfg.batch_size, True, cfg.seed,
-                                     ctx.workers, pin)
-        valid_loader = D.make_loader(root, ctx.splits.valid, eval_tf, cfg.batch_size * 2, False, 0,
-                                     ctx.workers, pin)
+        model = ctx.pipeline.model(cfg.seed)
+        train_loader, valid_loader, phase1_inputs = ctx.pipeline.loaders(cfg, model)
+        try:
+            return self.fit(trial, cfg, run_id, model, train_loader, valid_loader, phase1_inputs)
+        finally:
+            # A pruned or failed trial must not keep its model and optimizer state alive.
+            del model, train_loader, valid_loader, phase1_inputs
+            gc.collect()
+            if ctx.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def fit(self, trial, cfg: TrialConfig, run_id: str, model, train_loader, valid_loader, phase1_inputs):
+        ctx = self.ctx
         total = cfg.max_epochs_phase1 + cfg.max_epochs_phase2
         with tqdm(total=total, desc=f"trial {trial.number}", leave=False, unit="ep", disable=None) as bar:
             def on_epoch(rec):
@@ -166,7 +174,8 @@ class Objective:
                 model, train_loader, valid_loader, head_lr=cfg.head_lr, backbone_lr_ratio=cfg.backbone_lr_ratio,
                 patience=cfg.patience, max_epochs_phase1=cfg.max_epochs_phase1,
                 max_epochs_phase2=cfg.max_epochs_phase2, device=ctx.device,
-                phase2_head_lr_factor=cfg.phase2_head_lr_factor, on_epoch=on_epoch, on_phase_end=on_phase_end)
+                phase2_head_lr_factor=cfg.phase2_head_lr_factor, phase1_inputs=phase1_inputs,
+                on_epoch=on_epoch, on_phase_end=on_phase_end)
         return phase2.best_valid_acc
 
     def log_phase(self, run_id: str, cfg: TrialConfig, result, model) -> None:
@@ -299,6 +308,9 @@ def prepare(args) -> tuple[Context, optuna.Study, str]:
     weights, fell_back = resolve_weights(fixed, on_demo, args.weights)
     mean, std = M.norm_stats(fixed.backbone)
     study_name = args.study_name or f"{sweep.path.stem}-{'demo-digits' if on_demo else Path(data_dir).name}"
+    # Decoding every image once happens here, so an unreadable file stops the sweep before
+    # anything is recorded.
+    pipeline = Pipeline(splits, fixed, weights, mean, std, device, args.workers, use_cache=not args.no_cache)
     tracker = Tracker(args.tracking_uri)
     tracker.check_reachable()
     study = open_study(study_name, args.storage, fixed.seed)
@@ -306,7 +318,7 @@ def prepare(args) -> tuple[Context, optuna.Study, str]:
             "weights.requested": fixed.weights, "weights.effective": weights,
             "weights.unavailable": str(fell_back).lower(), **{f"fixed.{k}": v for k, v in asdict(fixed).items()}}
     parent_id = open_parent(tracker, study, args.experiment or sweep.path.stem, splits, sweep, tags)
-    ctx = Context(splits, fixed, weights, sweep.search, tracker, parent_id, device, mean, std, args.workers)
+    ctx = Context(splits, fixed, weights, sweep.search, tracker, parent_id, device, mean, std, pipeline)
     return ctx, study, study_name
 
 

@@ -55,15 +55,28 @@ class Evaluation:
     targets: list[int]
 
 
+def _autocast(device: torch.device):
+    """bf16 autocast on CUDA (no loss scaling needed); a no-op on CPU, where fp32 is faster."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def _to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device):
+    """Non-blocking copies (from pinned memory); channels_last image batches on CUDA."""
+    images = images.to(device, non_blocking=True)
+    if device.type == "cuda" and images.dim() == 4:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, labels.to(device, non_blocking=True)
+
+
 def evaluate(model: nn.Module, loader, device: torch.device) -> Evaluation:
     """Mean loss, accuracy and predictions over a loader, in eval mode, without gradients."""
     model.eval()
     loss_sum = torch.zeros((), device=device)
     preds, targets = [], []
-    with torch.inference_mode():
+    with torch.inference_mode(), _autocast(device):
         for images, labels in loader:
-            images, labels = images.to(device), labels.to(device)
-            logits = model(images)
+            images, labels = _to_device(images, labels, device)
+            logits = model(images).float()
             loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum")
             preds.append(logits.argmax(1))
             targets.append(labels)
@@ -81,8 +94,9 @@ def train_epoch(model: nn.Module, phase: int, loader, optimizer, device) -> tupl
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
     for images, labels in loader:
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        logits = model(images)
+        images, labels = _to_device(images, labels, device)
+        with _autocast(device):
+            logits = model(images).float()
         loss = nn.functional.cross_entropy(logits, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -128,14 +142,24 @@ def fit_phase(model: nn.Module, phase: int, train_loader, valid_loader, *, head_
 def fit_two_phase(model: nn.Module, train_loader, valid_loader, *, head_lr: float,
                   backbone_lr_ratio: float, patience: int, max_epochs_phase1: int,
                   max_epochs_phase2: int, device: torch.device, phase2_head_lr_factor: float = 1.0,
-                  on_epoch=None, on_phase_end=None) -> tuple[PhaseResult, PhaseResult]:
-    """The recipe: fit the head on a frozen backbone, then fine-tune everything."""
+                  phase1_inputs: tuple | None = None, on_epoch=None,
+                  on_phase_end=None) -> tuple[PhaseResult, PhaseResult]:
+    """The recipe: fit the head on a frozen backbone, then fine-tune everything.
+
+    `phase1_inputs=(head, feature_train_loader, feature_valid_loader)` trains phase 1 on cached
+    backbone features instead of images: same result, since the frozen eval-mode backbone is a
+    pure function of its input, and `head` is the model's own classifier module."""
     model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
     results = []
     step = 1
     for phase, max_epochs in ((1, max_epochs_phase1), (2, max_epochs_phase2)):
         lr = head_lr * (phase2_head_lr_factor if phase == 2 else 1.0)
-        result = fit_phase(model, phase, train_loader, valid_loader, head_lr=lr,
+        module, train_data, valid_data = model, train_loader, valid_loader
+        if phase == 1 and phase1_inputs is not None:
+            module, train_data, valid_data = phase1_inputs
+        result = fit_phase(module, phase, train_data, valid_data, head_lr=lr,
                            backbone_lr=head_lr * backbone_lr_ratio, max_epochs=max_epochs,
                            patience=patience, device=device, first_step=step, on_epoch=on_epoch)
         if on_phase_end is not None:

@@ -182,14 +182,20 @@ def test_unusable_stores_are_named(in_tmp, flat_folder, capsys):
         assert f"--tracking-uri {uri}" in capsys.readouterr().err
 
 
-def test_unreadable_image_stops_the_sweep_naming_the_file(in_tmp, flat_folder, capsys):
+@pytest.mark.parametrize("no_cache", [False, True])
+def test_unreadable_image_stops_the_sweep_naming_the_file(in_tmp, flat_folder, capsys, no_cache):
     from src.data import find_splits
 
     splits = find_splits(flat_folder)  # writes the split file the sweep will reuse
-    victim = flat_folder / splits.train[0][0]
-    victim.write_bytes(victim.read_bytes()[:60])  # truncated PNG
-    assert sweep.main(_args(in_tmp, flat_folder, 1)) == 2
-    assert str(victim) in capsys.readouterr().err
+    victims = [flat_folder / rel for rel, _ in splits.train]
+    for victim in victims:  # every train image truncated: the first batch must hit one
+        victim.write_bytes(victim.read_bytes()[:60])
+    assert sweep.main(_args(in_tmp, flat_folder, 1, *(["--no-cache"] if no_cache else []))) == 2
+    err = capsys.readouterr().err
+    victim = next(v for v in victims if str(v) in err)
+    if not no_cache:  # decoding once, up front: stopped before anything was recorded
+        assert not (in_tmp / "optuna.db").exists() and not (in_tmp / "mlflow.db").exists()
+        return
     client = MlflowClient(f"sqlite:///{in_tmp}/mlflow.db")
     study = optuna.load_study(study_name="s", storage=f"sqlite:///{in_tmp}/optuna.db")
     run = client.get_run(study.trials[0].user_attrs["mlflow_run_id"])

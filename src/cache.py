@@ -1,0 +1,228 @@
+"""Decode-once image store and phase-1 feature cache, on disk under `cache_dir()`.
+
+Images: train/valid images are decoded once per (file list, side), resized (shorter side =
+side) and center-cropped to side x side, and kept as one uint8 N x side x side x 3 `.npy`
+that is memory-mapped, so a 13,500-image set at 224 px never needs to sit in RAM. Training
+transforms (`data.build_transform`) run on these arrays; the eval transform's resize is then
+a no-op and its center crop matches the decode-every-time path.
+
+Features: in phase 1 the backbone is frozen and in eval mode, so its output is a pure function
+of the input. Each augmentation level has views: view e of image i is the level's transform
+seeded by (study seed, level, e, i), so every trial that reaches epoch e sees the same view,
+and the features of a view are computed once and shared by all trials and later sweeps.
+Level "none" has a single view. Validation features are computed once.
+
+Every entry is written to a temp name and renamed, then a small `.json` with its shape and a
+CRC-32 is written last. An entry without its json, of the wrong shape, or whose CRC does not
+match is rebuilt, never used.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import data as D
+
+log = logging.getLogger("tlsweep")
+VERSION = 1
+_verified: set[str] = set()   # entries whose CRC this process already checked
+
+
+def cache_key(*parts) -> str:
+    return hashlib.sha256(json.dumps([VERSION, *parts], sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _crc(array: np.ndarray) -> int:
+    flat = array.reshape(-1).view(np.uint8)
+    crc, step = 0, 1 << 26
+    for start in range(0, flat.size, step):
+        crc = zlib.crc32(flat[start:start + step], crc)
+    return crc
+
+
+def _load(path: Path, shape: tuple, dtype) -> np.ndarray | None:
+    """The entry, memory-mapped, if complete and intact; None (and a warning) otherwise."""
+    meta_path = path.with_suffix(".json")
+    if not meta_path.is_file():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        array = np.load(path, mmap_mode="r")
+        ok = array.shape == tuple(shape) and array.dtype == np.dtype(dtype) and meta["shape"] == list(shape)
+        if ok and str(path) not in _verified:
+            ok = _crc(array) == meta["crc32"]
+    except (OSError, ValueError, KeyError, EOFError):
+        ok = False
+    if not ok:
+        log.warning("cache entry %s is corrupt or partial; rebuilding it", path)
+        meta_path.unlink(missing_ok=True)
+        return None
+    _verified.add(str(path))
+    return array
+
+
+def _commit(tmp: Path, path: Path, array: np.ndarray) -> None:
+    """Rename the finished data into place, then write its json: the json marks it complete."""
+    meta = {"shape": list(array.shape), "dtype": str(array.dtype), "crc32": _crc(array)}
+    os.replace(tmp, path)
+    D.write_json_atomic(path.with_suffix(".json"), meta)
+    _verified.add(str(path))
+
+
+def _tmp_for(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")
+
+
+def decoded_images(root: Path, entries, side: int, workers: int = 0) -> np.ndarray:
+    """uint8 N x side x side x 3 for the entries, decoded once and memory-mapped."""
+    key = cache_key("images", D.fingerprint(root, entries), side)
+    path = D.cache_dir() / "images" / f"{key}.npy"
+    shape = (len(entries), side, side, 3)
+    found = _load(path, shape, np.uint8)
+    if found is not None:
+        return found
+    tmp = _tmp_for(path)
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+    decode = D.T.Compose([D.T.ToImage(), D.T.Resize(side, antialias=True), D.T.CenterCrop(side)])
+    loader = torch.utils.data.DataLoader(D.ImageList(root, entries, decode), batch_size=64,
+                                         num_workers=workers)
+    start = 0
+    for images, _ in loader:
+        out[start:start + len(images)] = images.permute(0, 2, 3, 1).numpy()
+        start += len(images)
+    out.flush()
+    del out
+    written = np.load(tmp, mmap_mode="r")
+    _commit(tmp, path, written)
+    return written
+
+
+class StoredImages(torch.utils.data.Dataset):
+    """(transformed image, label) from a decoded uint8 array. With `view_seed(epoch, i)` set,
+    the random transform of image i in epoch `self.epoch` is seeded, so it is reproducible."""
+
+    def __init__(self, array: np.ndarray, labels, transform, view_seed=None):
+        self.array, self.labels, self.transform, self.view_seed = array, list(labels), transform, view_seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        image = torch.from_numpy(np.array(self.array[i])).permute(2, 0, 1)  # copy: the memmap is read-only
+        return D.apply_transform(self.transform, image, self.view_seed, self.epoch, i), self.labels[i]
+
+
+def view_seed_fn(study_seed: int, level: str):
+    """Seed of view `epoch` of image i: shared by every trial of the same level and study seed."""
+    base = int(cache_key("view", study_seed, level), 16) % (2**31)
+    return lambda epoch, i: (base + 1_000_003 * (0 if level == "none" else epoch) + i) % (2**63)
+
+
+class ViewEpochs:
+    """A train loader whose k-th pass (k = 0, 1, ...) serves view k of every image: the
+    uncached phase-1 path, same views as `FeatureEpochs`."""
+
+    def __init__(self, loader: torch.utils.data.DataLoader):
+        self.loader, self.epoch = loader, 0
+
+    def __iter__(self):
+        self.loader.dataset.epoch = self.epoch
+        self.epoch += 1
+        yield from self.loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
+def feature_extractor(model: nn.Module, head: str) -> nn.Module:
+    """The frozen model minus its classifier: what the head sees in phase 1."""
+    import copy
+
+    body = copy.deepcopy(model)
+    parent_name, _, attr = head.rpartition(".")
+    setattr(body.get_submodule(parent_name) if parent_name else body, attr, nn.Identity())
+    return body.eval().requires_grad_(False)
+
+
+class FeatureCache:
+    """Phase-1 features of one frozen model on one decoded dataset, per (level, view)."""
+
+    def __init__(self, extractor: nn.Module, model_key: dict, train_array: np.ndarray, train_labels,
+                 valid: StoredImages, transform_for, study_seed: int, device: torch.device,
+                 batch_size: int = 128, workers: int = 0):
+        self.extractor, self.model_key, self.device = extractor.to(device), model_key, device
+        self.train_array, self.train_labels = train_array, list(train_labels)
+        self.valid_images, self.transform_for, self.study_seed = valid, transform_for, study_seed
+        self.batch_size, self.workers = batch_size, workers
+
+    def _extract(self, dataset) -> np.ndarray:
+        loader = torch.utils.data.DataLoader(dataset, batch_size=self.batch_size, num_workers=self.workers,
+                                             pin_memory=self.device.type == "cuda")
+        chunks = []
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                                    enabled=self.device.type == "cuda"):
+            for images, _ in loader:
+                chunks.append(self.extractor(images.to(self.device, non_blocking=True)).float().cpu())
+        return torch.cat(chunks).numpy()
+
+    def _entry(self, name: str, dataset) -> np.ndarray:
+        key = cache_key("features", self.model_key, name)
+        path = D.cache_dir() / "features" / f"{key}.npy"
+        found = self._find(path, len(dataset))
+        if found is not None:
+            return found
+        features = self._extract(dataset)
+        tmp = _tmp_for(path)
+        np.save(tmp, features)
+        _commit(tmp, path, features)
+        return features
+
+    def _find(self, path: Path, n: int) -> np.ndarray | None:
+        meta = path.with_suffix(".json")
+        if not meta.is_file():
+            return None
+        try:
+            shape = tuple(json.loads(meta.read_text())["shape"])
+        except (OSError, ValueError, KeyError):
+            shape = ()
+        return _load(path, shape, np.float32) if len(shape) == 2 and shape[0] == n else None
+
+    def valid(self) -> np.ndarray:
+        return self._entry("valid", self.valid_images)
+
+    def train_view(self, level: str, epoch: int) -> np.ndarray:
+        view = 0 if level == "none" else epoch
+        dataset = StoredImages(self.train_array, self.train_labels, self.transform_for(level),
+                               view_seed_fn(self.study_seed, level))
+        dataset.epoch = view
+        return self._entry(f"train/{level}/view{view}/seed{self.study_seed}", dataset)
+
+
+class FeatureEpochs:
+    """A train loader over cached features whose k-th pass serves view k (see `ViewEpochs`)."""
+
+    def __init__(self, cache: FeatureCache, level: str, batch_size: int, generator: torch.Generator):
+        self.cache, self.level, self.batch_size, self.generator = cache, level, batch_size, generator
+        self.labels = torch.as_tensor(cache.train_labels)
+        self.epoch = 0
+
+    def __iter__(self):
+        features = torch.from_numpy(np.array(self.cache.train_view(self.level, self.epoch)))
+        self.epoch += 1
+        dataset = torch.utils.data.TensorDataset(features, self.labels)
+        yield from torch.utils.data.DataLoader(dataset, batch_size=self.batch_size, shuffle=True,
+                                               generator=self.generator,
+                                               drop_last=len(dataset) > self.batch_size)
+
+    def __len__(self) -> int:
+        return len(self.labels) // self.batch_size or 1

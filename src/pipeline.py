@@ -1,0 +1,103 @@
+"""What a trial trains on: its model and loaders, built from caches the whole sweep shares.
+
+With caches on (the default), images are decoded once per sweep (`cache.decoded_images`) and
+phase 1 trains the head on cached backbone features (`cache.FeatureCache`). With caches off,
+every epoch decodes files and runs the frozen backbone again; both paths serve the same
+phase-1 views, so they give the same phase-1 metrics (tests/test_cache.py checks this).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torchvision.models import get_model_weights
+
+from . import cache as C
+from . import data as D
+from . import model as M
+from .config import Fixed, TrialConfig
+
+
+def default_workers(device: torch.device) -> int:
+    """DataLoader workers: none on CPU (compute needs the cores), most cores on a GPU box."""
+    return 0 if device.type != "cuda" else max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def weights_id(weights: str, backbone: str, study_seed: int) -> str:
+    """What identifies the backbone's starting weights in a cache key."""
+    if weights == "imagenet":
+        return f"imagenet:{get_model_weights(backbone).DEFAULT}"
+    if weights == "none":
+        return f"none:seed{study_seed}"  # random init is drawn from the study seed
+    digest = hashlib.sha256(Path(weights).expanduser().read_bytes()).hexdigest()[:16]
+    return f"file:{digest}"
+
+
+class Pipeline:
+    def __init__(self, splits: D.Splits, fixed: Fixed, weights: str, mean, std, device: torch.device,
+                 workers: int | None = None, use_cache: bool = True):
+        self.splits, self.fixed, self.weights, self.mean, self.std = splits, fixed, weights, mean, std
+        self.device, self.use_cache = device, use_cache
+        self.workers = default_workers(device) if workers is None else workers
+        self.train_labels = [y for _, y in splits.train]
+        self.valid_labels = [y for _, y in splits.valid]
+        self.arrays, self.features, self.valid_features = None, None, None
+        if use_cache:
+            side = round(fixed.image_size / 0.875)
+            self.arrays = {name: C.decoded_images(splits.root, getattr(splits, name), side, self.workers)
+                           for name in ("train", "valid")}
+            self.features = C.FeatureCache(
+                C.feature_extractor(self.model(0), self.head_name()), self.model_key(),
+                self.arrays["train"], self.train_labels, self._dataset("valid", "none", False),
+                self.transform, fixed.seed, device, workers=self.workers)
+
+    def head_name(self) -> str:
+        return M.head_name(M.build_model(self.fixed.backbone, len(self.splits.classes), "none"))
+
+    def model_key(self) -> dict:
+        return {"data": D.fingerprint(self.splits.root, self.splits.train + self.splits.valid),
+                "backbone": self.fixed.backbone, "image_size": self.fixed.image_size,
+                "weights": weights_id(self.weights, self.fixed.backbone, self.fixed.seed),
+                "mean": self.mean, "std": self.std}
+
+    def model(self, trial_seed: int) -> nn.Module:
+        """Backbone drawn from the study seed (so random init is shared, like cached features);
+        the head from the trial's own seed."""
+        torch.manual_seed(self.fixed.seed)
+        model = M.build_model(self.fixed.backbone, len(self.splits.classes), self.weights)
+        torch.manual_seed(trial_seed)
+        model.get_submodule(M.head_name(model)).reset_parameters()
+        return model
+
+    def transform(self, level: str):
+        return D.build_transform(level, self.fixed.image_size, self.mean, self.std, train=level != "none")
+
+    def _dataset(self, split: str, level: str, views: bool):
+        entries = getattr(self.splits, split)
+        transform = D.build_transform(level, self.fixed.image_size, self.mean, self.std, train=split == "train")
+        view_seed = C.view_seed_fn(self.fixed.seed, level) if views else None
+        if self.arrays is not None:
+            return C.StoredImages(self.arrays[split], [y for _, y in entries], transform, view_seed)
+        return D.ImageList(self.splits.root, entries, transform, view_seed)
+
+    def _loader(self, dataset, batch_size: int, train: bool, seed: int = 0):
+        return D.loader(dataset, batch_size, train, seed, self.workers, self.device.type == "cuda")
+
+    def loaders(self, cfg: TrialConfig, model: nn.Module):
+        """(phase-2 train loader, valid loader, phase-1 inputs (module, train, valid))."""
+        bs = cfg.batch_size
+        train = self._loader(self._dataset("train", cfg.aug_strength, False), bs, True, cfg.seed)
+        valid = self._loader(self._dataset("valid", "none", False), bs * 2, False)
+        if self.features is None:
+            views = self._loader(self._dataset("train", cfg.aug_strength, True), bs, True, cfg.seed)
+            return train, valid, (model, C.ViewEpochs(views), valid)
+        head = model.get_submodule(M.head_name(model))
+        if self.valid_features is None:
+            self.valid_features = torch.from_numpy(np.array(self.features.valid()))
+        valid_features = torch.utils.data.TensorDataset(self.valid_features, torch.as_tensor(self.valid_labels))
+        phase1_train = C.FeatureEpochs(self.features, cfg.aug_strength, bs, torch.Generator().manual_seed(cfg.seed))
+        return train, valid, (head, phase1_train, self._loader(valid_features, bs * 2, False))
