@@ -31,12 +31,13 @@ SPLIT_FILE = ".tlsweep-split.json"
 SPLITS = ("train", "valid", "test")
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never silently gray
 
-# Augmentation levels, weakest to strongest. Every level ends in the same resize/crop size;
-# "none" is exactly the evaluation transform; "seed" is the seed recipe's flip + RandomCrop(pad 8).
+# Augmentation levels, weakest to strongest. Every level starts from the image resized (shorter
+# side S = size / 0.875) and center-cropped to S x S, and ends at size x size; "none" is exactly
+# the evaluation transform; "seed" is the seed recipe's flip + RandomCrop(pad 8).
 AUG_LEVELS = {
-    "none":   "resize + center crop (the evaluation transform)",
+    "none":   "center crop (the evaluation transform)",
     "light":  "RandomResizedCrop(scale 0.6-1) + horizontal flip",
-    "seed":   "resize + center crop, horizontal flip + RandomCrop(pad 8)",
+    "seed":   "center crop, horizontal flip + RandomCrop(pad 8)",
     "medium": "RandomResizedCrop(scale 0.35-1) + flip + ColorJitter(0.2, 0.2, 0.2)",
     "strong": "RandomResizedCrop(scale 0.2-1) + flip + TrivialAugmentWide",
 }
@@ -243,17 +244,26 @@ def build_transform(level: str, image_size: int, mean, std, train: bool) -> T.Co
     """Train transform for an augmentation level, or the (never augmented) eval transform."""
     if level not in AUG_LEVELS:
         raise UserError(f"aug_strength {level!r} is not one of {list(AUG_LEVELS)}")
-    resize = [T.Resize(round(image_size / 0.875), antialias=True), T.CenterCrop(image_size)]
+    side = stored_side(image_size)
+    # Every level starts from the S x S center square (S = size / 0.875): exactly what the
+    # decode-once store holds, so stored and decoded-each-time inputs give identical tensors.
+    square = [T.Resize(side, antialias=True), T.CenterCrop(side)]
     flip = T.RandomHorizontalFlip()
     rrc = lambda lo: T.RandomResizedCrop(image_size, scale=(lo, 1.0), antialias=True)  # noqa: E731
     steps = {
-        "none": resize,
+        "none": [T.CenterCrop(image_size)],
         "light": [rrc(0.6), flip],
-        "seed": resize + [flip, T.RandomCrop(image_size, padding=8)],
+        "seed": [T.CenterCrop(image_size), flip, T.RandomCrop(image_size, padding=8)],
         "medium": [rrc(0.35), flip, T.ColorJitter(0.2, 0.2, 0.2)],
         "strong": [rrc(0.2), flip, T.TrivialAugmentWide()],
     }[level if train else "none"]
-    return T.Compose([T.ToImage(), *steps, T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)])
+    return T.Compose([T.ToImage(), *square, *steps, T.ToDtype(torch.float32, scale=True),
+                      T.Normalize(mean, std)])
+
+
+def stored_side(image_size: int) -> int:
+    """Side of the square every image is resized/center-cropped to before cropping to image_size."""
+    return round(image_size / 0.875)
 
 
 def apply_transform(transform, image, view_seed, epoch: int, i: int):

@@ -47,7 +47,7 @@ class Pipeline:
         self.valid_labels = [y for _, y in splits.valid]
         self.arrays, self.features, self.valid_features = None, None, None
         if use_cache:
-            side = round(fixed.image_size / 0.875)
+            side = D.stored_side(fixed.image_size)
             self.arrays = {name: C.decoded_images(splits.root, getattr(splits, name), side, self.workers)
                            for name in ("train", "valid")}
             self.features = C.FeatureCache(

@@ -1,0 +1,124 @@
+"""Decode-once images and the phase-1 feature cache: same results as no cache, shared, self-healing."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from src import cache as C
+from src import data as D
+from src.config import Fixed, TrialConfig
+from src.pipeline import Pipeline
+from src.train import fit_phase
+from tests.conftest import write_images
+
+
+def _setup(root, use_cache, image_size=16):
+    splits = D.find_splits(root)
+    fixed = Fixed(backbone="resnet18", weights="none", image_size=image_size, batch_size=8,
+                  max_epochs_phase1=3, max_epochs_phase2=1, seed=3)
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    return Pipeline(splits, fixed, "none", mean, std, torch.device("cpu"), 0, use_cache), splits
+
+
+def _cfg(splits, level, trial_seed=11):
+    return TrialConfig("resnet18", "none", 16, 8, 3, 1, 1.0, 1e-2, 0.1, 5, level, trial_seed,
+                       tuple(splits.classes))
+
+
+def _phase1(pipeline, cfg, epochs=3):
+    model = pipeline.model(cfg.seed)
+    _, _, (module, train, valid) = pipeline.loaders(cfg, model)
+    result = fit_phase(module, 1, train, valid, head_lr=cfg.head_lr, backbone_lr=0.0, max_epochs=epochs,
+                       patience=10, device=torch.device("cpu"))
+    return result, model
+
+
+@pytest.mark.parametrize("level", ["none", "light", "strong"])
+def test_cached_phase1_matches_recomputing_the_backbone(flat_folder, level):
+    cached, splits = _setup(flat_folder, True)
+    plain, _ = _setup(flat_folder, False)
+    with_cache, model_a = _phase1(cached, _cfg(splits, level))
+    without, model_b = _phase1(plain, _cfg(splits, level))
+    for a, b in zip(with_cache.history, without.history, strict=True):
+        assert a.train_loss == pytest.approx(b.train_loss, rel=1e-4, abs=1e-5)
+        assert a.valid_loss == pytest.approx(b.valid_loss, rel=1e-4, abs=1e-5)
+        assert a.train_acc == b.train_acc and a.valid_acc == b.valid_acc
+    assert torch.allclose(model_a.fc.weight, model_b.fc.weight, atol=1e-4)
+    # the backbone is untouched and identical in both (drawn from the study seed)
+    assert torch.equal(model_a.conv1.weight, model_b.conv1.weight)
+
+
+def _feature_files():
+    return sorted((D.cache_dir() / "features").glob("*.npy"))
+
+
+def test_views_are_filled_lazily_and_shared_by_trials(flat_folder):
+    pipeline, splits = _setup(flat_folder, True)
+    _phase1(pipeline, _cfg(splits, "light", trial_seed=1), epochs=2)
+    assert len(_feature_files()) == 1 + 2  # valid + views 0 and 1: only the epochs reached
+    first = {p: p.stat().st_mtime_ns for p in _feature_files()}
+    _phase1(pipeline, _cfg(splits, "light", trial_seed=2), epochs=3)  # another trial, same level
+    files = _feature_files()
+    assert len(files) == 1 + 3
+    assert all(first[p] == p.stat().st_mtime_ns for p in first)  # reused, not recomputed
+    _phase1(pipeline, _cfg(splits, "none", trial_seed=3), epochs=3)
+    assert len(_feature_files()) == 4 + 1  # level "none" has a single view
+
+
+def test_features_survive_a_restart_and_depend_on_what_changes_them(flat_folder):
+    pipeline, splits = _setup(flat_folder, True)
+    _phase1(pipeline, _cfg(splits, "light"), epochs=1)
+    n = len(_feature_files())
+    C._verified.clear()  # a new process
+    again, _ = _setup(flat_folder, True)
+    _phase1(again, _cfg(splits, "light"), epochs=1)
+    assert len(_feature_files()) == n
+    bigger, _ = _setup(flat_folder, True, image_size=24)  # other image size: other features
+    _phase1(bigger, TrialConfig(**{**_cfg(splits, "light").__dict__, "image_size": 24}), epochs=1)
+    assert len(_feature_files()) == 2 * n
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "no_json"])
+def test_damaged_cache_entries_are_rebuilt_never_used(flat_folder, damage, caplog):
+    pipeline, splits = _setup(flat_folder, True)
+    reference, _ = _phase1(pipeline, _cfg(splits, "light"), epochs=2)
+    for path in _feature_files() + sorted((D.cache_dir() / "images").glob("*.npy")):
+        blob = path.read_bytes()
+        if damage == "truncate":      # a crash mid-write of an older, non-atomic writer
+            path.write_bytes(blob[: len(blob) // 2])
+        elif damage == "garbage":     # same size, wrong bytes
+            path.write_bytes(blob[:128] + bytes(len(blob) - 128))
+        else:                         # data renamed into place, completion marker never written
+            path.with_suffix(".json").unlink()
+    C._verified.clear()
+    fresh, _ = _setup(flat_folder, True)
+    result, _ = _phase1(fresh, _cfg(splits, "light"), epochs=2)
+    assert [r.train_loss for r in result.history] == pytest.approx([r.train_loss for r in reference.history])
+    if damage != "no_json":
+        assert "corrupt or partial" in caplog.text
+
+
+def test_images_are_decoded_once_and_memory_mapped(flat_folder, monkeypatch):
+    splits = D.find_splits(flat_folder)
+    first = C.decoded_images(splits.root, splits.train, 18)
+    assert isinstance(first, np.memmap) and first.shape == (len(splits.train), 18, 18, 3)
+    C._verified.clear()
+
+    def no_decoding(path):
+        raise AssertionError(f"decoded {path} again")
+
+    monkeypatch.setattr(D, "load_rgb", no_decoding)
+    again = C.decoded_images(splits.root, splits.train, 18)
+    assert isinstance(again, np.memmap) and np.array_equal(first, again)
+
+
+def test_stored_eval_images_match_decoding_each_time(tmp_path):
+    root = write_images(tmp_path / "odd", per_class=4, size=29)
+    splits = D.find_splits(root)
+    mean, std = [0.5] * 3, [0.25] * 3
+    tf = D.build_transform("none", 16, mean, std, train=False)
+    stored = C.StoredImages(C.decoded_images(root, splits.train, round(16 / 0.875)), [0] * len(splits.train), tf)
+    direct = D.ImageList(root, splits.train, tf)
+    for i in range(len(splits.train)):
+        assert torch.equal(stored[i][0], direct[i][0])
