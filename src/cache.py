@@ -84,7 +84,7 @@ def _tmp_for(path: Path) -> Path:
 
 def decoded_images(root: Path, entries, side: int, workers: int = 0) -> np.ndarray:
     """uint8 N x side x side x 3 for the entries, decoded once and memory-mapped."""
-    key = cache_key("images", D.fingerprint(root, entries), side)
+    key = cache_key("images", D.content_key(root, entries), side)
     path = D.cache_dir() / "images" / f"{key}.npy"
     shape = (len(entries), side, side, 3)
     found = _load(path, shape, np.uint8)

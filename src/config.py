@@ -91,8 +91,10 @@ def _fixed_value(name: str, value: Any, path: Path, where: str) -> Any:
           "float": isinstance(value, (int, float)) and not isinstance(value, bool)}[expected]
     if not ok:
         raise UserError(f"{path}: [{where}] {name} = {value!r} should be a {expected}")
-    if expected in ("int", "float") and name != "seed" and value <= 0 and name != "phase2_head_lr_factor":
+    if expected in ("int", "float") and name != "seed" and value <= 0:
         raise UserError(f"{path}: [{where}] {name} = {value!r} must be > 0")
+    if name == "seed" and value < 0:
+        raise UserError(f"{path}: [{where}] seed = {value!r} must be >= 0")
     return float(value) if expected == "float" else value
 
 
@@ -107,11 +109,36 @@ def _param_spec(name: str, raw: Any, path: Path) -> ParamSpec:
         return ParamSpec(name, choices=tuple(choices))
     if "low" not in raw or "high" not in raw:
         raise UserError(f"{path}: [search] {name} needs low and high (or choices, or a plain value)")
-    low, high, log = raw["low"], raw["high"], bool(raw.get("log", False))
+    low, high, log = raw["low"], raw["high"], raw.get("log", False)
+    if not isinstance(log, bool):
+        raise UserError(f"{path}: [search] {name}.log = {log!r} must be true or false")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)):
+        raise UserError(f"{path}: [search] {name} low={low!r} high={high!r} must be numbers")
     if not low < high or (log and low <= 0):
         raise UserError(f"{path}: [search] {name} has an impossible range low={low!r} high={high!r}"
                         f"{' (log needs low > 0)' if log else ''}; fix it so that 0 < low < high")
     return ParamSpec(name, low=low, high=high, log=log)
+
+
+def _check_values(spec: ParamSpec, path: Path) -> None:
+    """Each sampled parameter's values must make sense, checked before any trial runs."""
+    from .data import AUG_LEVELS  # data imports this module; import at call time
+
+    values = list(spec.choices) if spec.choices is not None else [spec.low, spec.high]
+    where = f"{path}: [search] {spec.name}"
+    if spec.name == "aug_strength":
+        bad = [v for v in values if v not in AUG_LEVELS]
+        if bad:
+            raise UserError(f"{where} has unknown level(s) {bad}; use {list(AUG_LEVELS)}")
+        return
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    if spec.name == "patience":
+        if not numbers or not all(float(v).is_integer() and v >= 1 for v in values):
+            raise UserError(f"{where} = {values} must be whole numbers of epochs >= 1")
+        return
+    floor_ok = (lambda v: v >= 0) if spec.name == "backbone_lr_ratio" else (lambda v: v > 0)
+    if not numbers or not all(floor_ok(v) for v in values):
+        raise UserError(f"{where} = {values} must be numbers {'>= 0' if spec.name == 'backbone_lr_ratio' else '> 0'}")
 
 
 def load_sweep(path: str | Path) -> SweepFile:
@@ -124,6 +151,9 @@ def load_sweep(path: str | Path) -> SweepFile:
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"{path} is not valid TOML: {exc}") from exc
     _check_keys(doc, {"fixed", "demo", "search"}, "top level", path)
+    for table in ("fixed", "demo", "search"):
+        if not isinstance(doc.get(table, {}), dict):
+            raise UserError(f"{path}: {table} must be a table ([{table}]), got {doc[table]!r}")
     fixed_names = {f.name for f in dataclasses.fields(Fixed)}
     raw_fixed, raw_demo = doc.get("fixed", {}), doc.get("demo", {})
     _check_keys(raw_fixed, fixed_names, "fixed", path)
@@ -136,6 +166,8 @@ def load_sweep(path: str | Path) -> SweepFile:
     if missing:
         raise UserError(f"{path}: [search] lacks {missing}; give a range, choices or a plain value for each")
     search = {n: _param_spec(n, raw_search[n], path) for n in SEARCHED}
+    for spec in search.values():
+        _check_values(spec, path)
     return SweepFile(path=path, fixed=fixed, demo=demo, search=search)
 
 
@@ -148,4 +180,6 @@ def resolve_fixed(sweep: SweepFile, on_demo: bool, overrides: dict[str, Any]) ->
     for name in ("image_size", "batch_size", "max_epochs_phase1", "max_epochs_phase2"):
         if int(values[name]) < 1:
             raise UserError(f"{name} = {values[name]!r} must be at least 1")
+    if int(values["seed"]) < 0:
+        raise UserError(f"seed = {values['seed']!r} must be >= 0")
     return Fixed(**values)

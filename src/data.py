@@ -86,6 +86,16 @@ def fingerprint(root: Path, entries) -> str:
     return h.hexdigest()[:16]
 
 
+def content_key(root: Path, entries) -> str:
+    """Like `fingerprint`, plus the folder and modification times: what a cache of decoded
+    pixels must depend on (same names and sizes in another folder are other pictures)."""
+    h = hashlib.sha256(str(Path(root).resolve()).encode())
+    for rel, label in sorted(entries):
+        st = os.stat(Path(root) / rel)
+        h.update(f"{rel}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
 def _list_class_dir(class_dir: Path) -> tuple[list[Path], int]:
     images, ignored = [], 0
     for p in sorted(class_dir.rglob("*")):
@@ -205,7 +215,7 @@ def _flat_layout(root: Path, seed: int, fractions) -> Splits:
 
 def find_splits(data_dir: str | Path, seed: int = 0, fractions=(0.70, 0.15, 0.15)) -> Splits:
     """Find train/valid/test under `data_dir` (either layout); errors name the path and the fix."""
-    root = Path(data_dir).expanduser()
+    root = Path(data_dir).expanduser().resolve()  # recorded paths must work from any directory
     if not root.is_dir():
         raise DataError(f"data directory {root} does not exist; pass --data DIR with "
                         f"DIR/<class>/<images> or DIR/{{train,valid,test}}/<class>/<images>")

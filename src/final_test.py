@@ -21,6 +21,7 @@ from sklearn.metrics import f1_score
 from . import data as D
 from . import figures, model as M
 from .config import UserError
+from .sweep import pick_device
 from .tracking import MLFLOW_PARENT_RUN_ID, ROLE, Tracker
 from .train import evaluate
 
@@ -57,6 +58,10 @@ def resolve_runs(tracker: Tracker, run_id: str) -> tuple[str, str]:
             raise UserError(f"sweep run {run_id} has no completed trial yet; run the sweep until one completes")
         return best, run_id
     if role == "trial":
+        state = run.data.tags.get("optuna.state")
+        if state != "COMPLETE":
+            raise UserError(f"trial run {run_id} is {state}, not COMPLETE; score a completed trial, "
+                            f"or pass the sweep's parent run id to score its best")
         return run_id, run.data.tags[MLFLOW_PARENT_RUN_ID]
     raise UserError(f"run {run_id} in {tracker.uri} was not made by src.sweep (no {ROLE} tag); "
                     f"pass the sweep's parent run id it printed")
@@ -84,6 +89,10 @@ def score(model, config: dict, split: dict, device: torch.device, batch_size: in
     if missing:
         raise UserError(f"{len(missing)} test file(s) recorded by the sweep are gone from {split['root']}, "
                         f"e.g. {missing[:3]}; restore them")
+    now = D.fingerprint(Path(split["root"]), entries)
+    if now != split["test_fingerprint"]:
+        raise UserError(f"the test files in {split['root']} changed since the sweep recorded them "
+                        f"(fingerprint {split['test_fingerprint']} -> {now}); restore the original test set")
     loader = D.make_loader(Path(split["root"]), entries, transform, batch_size, train=False)
     return evaluate(model.to(device), loader, device)
 
@@ -126,6 +135,9 @@ def log_result(tracker: Tracker, r: TestResult, ev, classes, earlier: int, force
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        if args.batch_size < 1:
+            raise UserError(f"--batch-size {args.batch_size}: give at least 1")
+        pick_device(args.device)
         r = run_final_test(args.run_id, args.tracking_uri, args.force, args.device, args.batch_size)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

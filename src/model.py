@@ -24,10 +24,20 @@ class WeightsUnavailable(UserError):
     """ImageNet weights are neither cached nor downloadable."""
 
 
+# Families whose torchvision models are plain CNNs with one Linear classifier and any input size.
+# Left out: googlenet/inception (extra outputs in train mode), vit/swin/maxvit (fixed input
+# size), squeezenet/alexnet/vgg (no single final Linear on pooled features, or huge heads).
+FAMILIES = ("resnet", "resnext", "wide_resnet", "mobilenet", "efficientnet", "regnet", "convnext",
+            "densenet", "shufflenet", "mnasnet")
+
+
 def check_backbone(name: str) -> None:
     if name not in list_models(module=__import__("torchvision").models):
         raise UserError(f"unknown backbone {name!r}; use a torchvision classification model, "
                         f"e.g. one of {list(SUPPORTED)}")
+    if not name.startswith(FAMILIES):
+        raise UserError(f"backbone {name!r} is not supported (extra outputs in training or a fixed "
+                        f"input size); use a model of the families {list(FAMILIES)}")
 
 
 def norm_stats(backbone: str) -> tuple[list[float], list[float]]:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torchvision
 from torch import nn
 from torchvision.models import get_model_weights
 
@@ -59,10 +60,18 @@ class Pipeline:
         return M.head_name(M.build_model(self.fixed.backbone, len(self.splits.classes), "none"))
 
     def model_key(self) -> dict:
-        return {"data": D.fingerprint(self.splits.root, self.splits.train + self.splits.valid),
+        """Everything the phase-1 features depend on (the level and view go in the entry name)."""
+        backbone = self.model(0)
+        state = hashlib.sha256()
+        for name, tensor in backbone.state_dict().items():
+            if not name.startswith(M.head_name(backbone) + "."):
+                state.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
+        return {"data": D.content_key(self.splits.root, self.splits.train + self.splits.valid),
                 "backbone": self.fixed.backbone, "image_size": self.fixed.image_size,
                 "weights": weights_id(self.weights, self.fixed.backbone, self.fixed.seed),
-                "mean": self.mean, "std": self.std}
+                "backbone_state": state.hexdigest()[:16],
+                "transforms": {lvl: repr(self.transform(lvl)) for lvl in D.AUG_LEVELS},
+                "versions": [torch.__version__, torchvision.__version__], "mean": self.mean, "std": self.std}
 
     def model(self, trial_seed: int) -> nn.Module:
         """Backbone drawn from the study seed (so random init is shared, like cached features);

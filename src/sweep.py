@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import logging
+import signal
 import sys
 import tempfile
 import warnings
@@ -26,7 +28,9 @@ from .tracking import Tracker
 from .train import fit_two_phase
 
 log = logging.getLogger("tlsweep")
-DEFAULT_SWEEP = Path(__file__).resolve().parents[1] / "sweeps" / "default.toml"
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_SWEEP = REPO / "sweeps" / "default.toml"
+DEFAULT_STORAGE = f"sqlite:///{REPO / 'optuna.db'}"  # in the repo, whatever the working directory
 PRUNER_STARTUP_TRIALS = 5   # never prune before this many trials finished: the median needs a base
 PRUNER_WARMUP_STEPS = 2     # never prune in a trial's first global epochs: too noisy to judge
 
@@ -46,12 +50,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-epochs", type=int, help="max epochs of EACH phase (default from the sweep file)")
     p.add_argument("--seed", type=int, help="study seed (default from the sweep file)")
     p.add_argument("--study-name", help="Optuna study; reusing a name resumes it (default <sweep>-<data>)")
-    p.add_argument("--storage", default="sqlite:///optuna.db", help="Optuna storage URL (default sqlite:///optuna.db)")
+    p.add_argument("--storage", default=DEFAULT_STORAGE, help="Optuna storage URL (default: optuna.db in the repo)")
     p.add_argument("--experiment", help="MLflow experiment (default: the sweep file's name)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLflow's own, sqlite:///mlflow.db)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
     p.add_argument("--workers", type=int, default=None,
                    help="DataLoader worker processes (default: 0 on CPU, cores-1 up to 8 on CUDA)")
+    p.add_argument("--no-prune", action="store_true", help="never prune (to compare epochs spent)")
     p.add_argument("--no-cache", action="store_true",
                    help="decode images and run the frozen backbone every epoch (slow; for comparison)")
     args = p.parse_args(argv)
@@ -260,11 +265,13 @@ def log_study_plots(tracker: Tracker, parent_id: str, study: optuna.Study) -> No
 
 
 def summary_table(study: optuna.Study, top: int = 5) -> str:
-    done = sorted((t for t in study.trials if t.value is not None), key=lambda t: -t.value)[:top]
+    # Only COMPLETE trials: a pruned trial's value is an intermediate (often phase-1) accuracy.
+    done = sorted((t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE),
+                  key=lambda t: -t.value)[:top]
     keys = list(study.trials[0].params) if study.trials else []
     lines = [f"{'trial':>5}  {'valid_acc':>9}  {'epochs':>6}  " + "  ".join(f"{k:>17}" for k in keys)]
     for t in done:
-        epochs = t.user_attrs.get("phase1_epochs", 0) + t.user_attrs.get("phase2_epochs", 0)
+        epochs = len(t.intermediate_values)
         vals = "  ".join(f"{t.params.get(k, ''):>17.4g}" if isinstance(t.params.get(k), float)
                          else f"{str(t.params.get(k, '')):>17}" for k in keys)
         lines.append(f"{t.number:>5}  {t.value:>9.4f}  {epochs:>6}  {vals}")
@@ -277,20 +284,45 @@ class SweepResult:
     parent_run_id: str
     best_value: float | None
     best_run_id: str | None
+    best_trial_number: int | None
     n_finished: int
+    epochs_spent: int             # global epochs actually trained, over all finished trials
+    interrupted: bool = False
 
 
-def open_study(name: str, storage: str, seed: int) -> optuna.Study:
+def make_pruner(enabled: bool = True) -> optuna.pruners.BasePruner:
+    """Median of valid/acc at the same global epoch; the step never goes backwards."""
+    if not enabled:
+        return optuna.pruners.NopPruner()
+    return optuna.pruners.MedianPruner(PRUNER_STARTUP_TRIALS, PRUNER_WARMUP_STEPS)
+
+
+def open_study(name: str, storage: str, seed: int, prune: bool = True) -> optuna.Study:
     """Create or load (resume) the study; an unusable storage URL is a clear error."""
     try:
-        return optuna.create_study(
-            study_name=name, storage=storage, load_if_exists=True, direction="maximize",
-            sampler=optuna.samplers.TPESampler(seed=seed),
-            pruner=optuna.pruners.MedianPruner(PRUNER_STARTUP_TRIALS, PRUNER_WARMUP_STEPS))
+        study = optuna.create_study(study_name=name, storage=storage, load_if_exists=True,
+                                    direction="maximize", pruner=make_pruner(prune))
     except Exception as exc:  # SQLAlchemy/driver errors come in many types
         raise UserError(f"cannot open Optuna storage --storage {storage} ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0][:300]}); check the URL, that the server is up, "
                         f"and that its driver is installed") from exc
+    # Seeded by the trial count too: a resumed study must not replay its first random trials.
+    study.sampler = optuna.samplers.TPESampler(seed=derive_seed(seed, len(study.trials)))
+    return study
+
+
+def check_same_settings(study: optuna.Study, settings: dict) -> None:
+    """A study keeps its fixed settings and search space; resuming with others is refused."""
+    settings = json.loads(json.dumps(settings))  # as the storage gives it back: lists, not tuples
+    recorded = study.user_attrs.get("sweep_settings")
+    if recorded is None:
+        study.set_user_attr("sweep_settings", settings)
+        return
+    changed = {k: (recorded.get(k), v) for k, v in settings.items() if recorded.get(k) != v}
+    if changed:
+        detail = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items()))
+        raise UserError(f"study {study.study_name!r} was started with other settings ({detail}); "
+                        f"rerun with the original ones, or start a new --study-name")
 
 
 def prepare(args) -> tuple[Context, optuna.Study, str]:
@@ -308,12 +340,13 @@ def prepare(args) -> tuple[Context, optuna.Study, str]:
     weights, fell_back = resolve_weights(fixed, on_demo, args.weights)
     mean, std = M.norm_stats(fixed.backbone)
     study_name = args.study_name or f"{sweep.path.stem}-{'demo-digits' if on_demo else Path(data_dir).name}"
-    # Decoding every image once happens here, so an unreadable file stops the sweep before
-    # anything is recorded.
-    pipeline = Pipeline(splits, fixed, weights, mean, std, device, args.workers, use_cache=not args.no_cache)
     tracker = Tracker(args.tracking_uri)
     tracker.check_reachable()
-    study = open_study(study_name, args.storage, fixed.seed)
+    study = open_study(study_name, args.storage, fixed.seed, prune=not args.no_prune)
+    check_same_settings(study, {**asdict(fixed), "weights": weights, "search": {
+        n: asdict(spec) for n, spec in sweep.search.items()}})
+    # Decoding every image once happens here: after the cheap checks, before any training.
+    pipeline = Pipeline(splits, fixed, weights, mean, std, device, args.workers, use_cache=not args.no_cache)
     tags = {"optuna.storage": args.storage, "data.dir": str(splits.root), "data.demo": str(on_demo).lower(),
             "weights.requested": fixed.weights, "weights.effective": weights,
             "weights.unavailable": str(fell_back).lower(), **{f"fixed.{k}": v for k, v in asdict(fixed).items()}}
@@ -328,7 +361,7 @@ def run_sweep(args) -> SweepResult:
     remaining = max(args.trials - done, 0)
     log.info("study %r: %d finished, running up to %d more; tracking %s, parent run %s",
              study_name, done, remaining, ctx.tracker.uri, ctx.parent_id)
-    status = "FINISHED"
+    status, interrupted = "FINISHED", False
     try:
         if remaining:
             with tqdm(total=args.trials, initial=done, desc="trials", unit="trial", disable=None) as bar:
@@ -345,6 +378,7 @@ def run_sweep(args) -> SweepResult:
     except KeyboardInterrupt:
         status = "KILLED"
         log.warning("interrupted: finished trials are kept; re-run the same command to continue")
+        interrupted = True
     except BaseException:
         status = "FAILED"
         raise
@@ -352,7 +386,9 @@ def run_sweep(args) -> SweepResult:
         update_best(ctx.tracker, ctx.parent_id, study)
         log_study_plots(ctx.tracker, ctx.parent_id, study)
         ctx.tracker.finish(ctx.parent_id, status)
-    return report(study, ctx, args)
+    result = report(study, ctx, args)
+    result.interrupted = interrupted
+    return result
 
 
 def report(study: optuna.Study, ctx: Context, args) -> SweepResult:
@@ -371,20 +407,44 @@ def report(study: optuna.Study, ctx: Context, args) -> SweepResult:
     if best is not None:
         print(f"\nbest: trial {best.number}, valid_acc {best.value:.4f}. Next:\n  {browse}\n"
               f"  python -m src.final_test --run-id {ctx.parent_id}{uri}")
+    spent, pruned_max = pruning_savings(study, ctx.fixed)
+    print(f"epochs spent: {spent}; pruned trials could have run up to {pruned_max} more without pruning")
+    ctx.tracker.log_metrics(ctx.parent_id, {"sweep/epochs_spent": spent,
+                                            "sweep/epochs_saved_by_pruning_max": pruned_max})
     return SweepResult(study.study_name, ctx.parent_id, best.value if best else None,
-                       best.user_attrs.get("mlflow_run_id") if best else None, len(finished(study)))
+                       best.user_attrs.get("mlflow_run_id") if best else None, best.number if best else None,
+                       len(finished(study)), spent)
+
+
+def pruning_savings(study: optuna.Study, fixed: Fixed) -> tuple[int, int]:
+    """(epochs spent by finished trials, most epochs the pruned ones could still have run)."""
+    most = fixed.max_epochs_phase1 + fixed.max_epochs_phase2
+    done = finished(study)
+    spent = sum(len(t.intermediate_values) for t in done)
+    pruned = [t for t in done if t.state == optuna.trial.TrialState.PRUNED]
+    return spent, sum(most - len(t.intermediate_values) for t in pruned)
 
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)  # docker stop, CI timeouts: clean up like Ctrl-C
     try:
-        run_sweep(args)
+        result = run_sweep(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if result.interrupted:
+        return 130
+    if result.best_value is None:
+        print("error: no trial completed; see optuna.fail_reason on the trial runs", file=sys.stderr)
+        return 1
     return 0
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 if __name__ == "__main__":

@@ -65,6 +65,10 @@ class Tracker:
     # -- runs -------------------------------------------------------------------------------
     def experiment_id(self, name: str) -> str:
         exp = self.client.get_experiment_by_name(name)
+        if exp is not None and exp.lifecycle_stage != "active":
+            raise UserError(f"MLflow experiment {name!r} in {self.uri} was deleted; restore it "
+                            f"(mlflow experiments restore --experiment-id {exp.experiment_id}) or pass "
+                            f"--experiment with another name")
         exp_id = exp.experiment_id if exp else self.client.create_experiment(name)
         if not exp or EXPERIMENT_KIND not in exp.tags:
             # Without this MLflow 3's UI may open the experiment on its GenAI/traces page.
@@ -99,7 +103,7 @@ class Tracker:
         """state is the Optuna state name; the MLflow status follows from it."""
         tags = {"optuna.state": state}
         if reason:
-            tags["optuna.fail_reason"] = reason[:5000]
+            tags["optuna.prune_reason" if state == "PRUNED" else "optuna.fail_reason"] = reason[:5000]
         self.set_tags(run_id, tags)
         status = {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED"}.get(state, "KILLED")
         self.client.set_terminated(run_id, status=status)

@@ -1,8 +1,11 @@
 """Shared test fixtures: tiny real image folders made on the fly, isolated caches."""
 from __future__ import annotations
 
+import urllib.error
+
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 
@@ -38,3 +41,17 @@ def split_folder(tmp_path):
     for split, n in (("train", 8), ("valid", 3), ("test", 3)):
         write_images(root / split, per_class=n, seed=len(split) + n)
     return root
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Any attempt to download weights fails like an offline machine, wherever the tests run
+    (CI may have network); returns the URLs that were attempted."""
+    calls = []
+
+    def offline(url, dst, *args, **kwargs):
+        calls.append(url)
+        raise urllib.error.URLError("[Errno -2] Name or service not known (test: offline)")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    return calls

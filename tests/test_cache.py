@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import write_images
 from src import cache as C
 from src import data as D
 from src.config import Fixed, TrialConfig
 from src.pipeline import Pipeline
 from src.train import fit_phase
-from tests.conftest import write_images
 
 
 def _setup(root, use_cache, image_size=16):

@@ -132,6 +132,12 @@ def test_log_range_with_low_at_or_below_zero_is_the_only_log_restriction(tmp_pat
     ("batch_size = 8", "batch_size = true", "batch_size"),
     ('aug_strength = { choices = ["none", "light"] }', "aug_strength = { choices = [] }", "aug_strength"),
     ("patience = { low = 2, high = 6 }", "patience = { low = 2 }", "patience"),
+    ("patience = { low = 2, high = 6 }", "patience = { low = 0, high = 6 }", "patience"),
+    ("patience = { low = 2, high = 6 }", "patience = 1.5", "patience"),
+    ('aug_strength = { choices = ["none", "light"] }', 'aug_strength = { choices = ["huge"] }', "huge"),
+    ("head_lr = { low = 1e-4, high = 1e-2, log = true }", 'head_lr = { low = 1, high = "x" }', "head_lr"),
+    ("head_lr = { low = 1e-4, high = 1e-2, log = true }", 'head_lr = "abc"', "head_lr"),
+    ("head_lr = { low = 1e-4, high = 1e-2, log = true }", 'head_lr = { low = 1e-4, high = 1e-2, log = "false" }', "log"),
 ])
 def test_bad_values_name_the_key(tmp_path, good, bad, word):
     _raises_naming(_write(tmp_path, GOOD.replace(good, bad, 1)), word)
@@ -229,3 +235,14 @@ def test_trial_config_round_trips_through_a_dict():
     d = cfg.to_dict()
     assert d["classes"] == ["a", "b"]
     assert TrialConfig.from_dict({**d, "unknown_future_field": 1}) == cfg
+
+
+@pytest.mark.parametrize("bad, word", [
+    ("fixed = 3\n", "fixed"),
+    (GOOD.replace("seed = 3", "seed = -1"), "seed"),
+    (GOOD.replace("seed = 3", "phase2_head_lr_factor = -1.0"), "phase2_head_lr_factor"),
+    (GOOD.replace("backbone_lr_ratio = { low = 0.01, high = 1.0, log = true }", "backbone_lr_ratio = -0.5"),
+     "backbone_lr_ratio"),
+])
+def test_wrong_types_and_signs_name_the_key(tmp_path, bad, word):
+    _raises_naming(_write(tmp_path, bad), word)

@@ -15,19 +15,6 @@ from src.model import (SUPPORTED, WeightsUnavailable, build_model, expected_cach
                        make_checkpoint, model_from_checkpoint, param_groups, save_checkpoint)
 
 
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    """Any attempt to download weights fails like an offline machine, wherever the tests run."""
-    calls = []
-
-    def offline(url, dst, *args, **kwargs):
-        calls.append(url)
-        raise urllib.error.URLError("[Errno -2] Name or service not known (test: offline)")
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    return calls
-
-
 def _all_ids(model):
     return [id(p) for p in model.parameters()]
 

@@ -124,10 +124,16 @@ def test_final_test_errors(in_tmp, flat_folder, capsys):
     assert final_test.main(["--run-id", foreign, "--tracking-uri", uri]) == 2
     assert "not made by src.sweep" in capsys.readouterr().err
     # A trial run that never saved a phase-2 checkpoint (e.g. pruned in phase 1).
-    pruned = client.create_run(client.get_run(result.parent_run_id).info.experiment_id, tags={
-        "tlsweep.role": "trial", "mlflow.parentRunId": result.parent_run_id}).info.run_id
+    exp_id = client.get_run(result.parent_run_id).info.experiment_id
+    tags = {"tlsweep.role": "trial", "mlflow.parentRunId": result.parent_run_id}
+    pruned = client.create_run(exp_id, tags={**tags, "optuna.state": "PRUNED"}).info.run_id
     assert final_test.main(["--run-id", pruned, "--tracking-uri", uri]) == 2
+    assert "is PRUNED, not COMPLETE" in capsys.readouterr().err
+    lost = client.create_run(exp_id, tags={**tags, "optuna.state": "COMPLETE"}).info.run_id
+    assert final_test.main(["--run-id", lost, "--tracking-uri", uri]) == 2
     assert "no artifact checkpoints/phase2_best.pt" in capsys.readouterr().err
+    assert final_test.main(["--run-id", result.parent_run_id, "--tracking-uri", uri, "--batch-size", "0"]) == 2
+    assert "--batch-size 0" in capsys.readouterr().err
 
 
 def test_offline_imagenet_weights_fail_before_training(in_tmp, flat_folder, capsys):
@@ -193,8 +199,9 @@ def test_unreadable_image_stops_the_sweep_naming_the_file(in_tmp, flat_folder, c
     assert sweep.main(_args(in_tmp, flat_folder, 1, *(["--no-cache"] if no_cache else []))) == 2
     err = capsys.readouterr().err
     victim = next(v for v in victims if str(v) in err)
-    if not no_cache:  # decoding once, up front: stopped before anything was recorded
-        assert not (in_tmp / "optuna.db").exists() and not (in_tmp / "mlflow.db").exists()
+    if not no_cache:  # decoding once, before any trial: no trial, no MLflow run was started
+        study = optuna.load_study(study_name="s", storage=f"sqlite:///{in_tmp}/optuna.db")
+        assert study.trials == [] and "mlflow_parent_run_id" not in study.user_attrs
         return
     client = MlflowClient(f"sqlite:///{in_tmp}/mlflow.db")
     study = optuna.load_study(study_name="s", storage=f"sqlite:///{in_tmp}/optuna.db")

@@ -1,0 +1,183 @@
+"""Side-by-side speed of the sweep's caches, in one process on the same data.
+
+    python benchmarks/bench_pipeline.py                 # generated photos, about 6-8 min on 2 CPU cores
+    python benchmarks/bench_pipeline.py --data DIR      # any image folder (either layout)
+
+Prints one line per figure, then one machine-readable line per ratio:
+    ratio phase1_cache_speedup <x>        phase-1 epoch, recomputing the backbone / cached features
+    ratio phase2_vs_compute_bound <x>     phase-2 images/s, our pipeline / synthetic in-memory tensors
+    ratio phase2_vs_imagefolder <x>       phase-2 images/s, our pipeline / ImageFolder + PIL transforms
+    ratio sweep_cache_speedup <x>         whole short sweep wall time, caches off / caches on
+The generated data are JPEG photos of 320x240 (a typical web-image size), 10 classes.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from src import data as D, model as M, sweep  # noqa: E402
+from src.config import Fixed, TrialConfig  # noqa: E402
+from src.pipeline import Pipeline  # noqa: E402
+from src.train import evaluate, train_epoch  # noqa: E402
+
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+def generate(root: Path, classes: int = 10, per_class: int = 80, size=(320, 240)) -> Path:
+    """Photos with class-dependent colour and shapes, in a train/valid/test layout."""
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        hue = np.array([(c * 97) % 256, (c * 53) % 256, (c * 181) % 256])
+        for i in range(per_class):
+            split = "train" if i < per_class * 0.7 else ("valid" if i < per_class * 0.85 else "test")
+            base = (hue + rng.normal(0, 40, (size[1], size[0], 3))).clip(0, 255).astype(np.uint8)
+            im = Image.fromarray(base)
+            draw = ImageDraw.Draw(im)
+            for _ in range(3):
+                x, y = rng.integers(0, size[0] - 60), rng.integers(0, size[1] - 60)
+                draw.ellipse([x, y, x + 20 + c * 4, y + 20 + c * 4], fill=tuple(int(v) for v in 255 - hue))
+            (root / split / f"class{c}").mkdir(parents=True, exist_ok=True)
+            im.save(root / split / f"class{c}" / f"{i:04d}.jpg", quality=90)
+    return root
+
+
+def timed(fn, repeats: int = 2) -> float:
+    """Best of `repeats` wall times: the machine is noisy, the minimum is the least disturbed."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def trial_config(pipeline: Pipeline, level: str) -> TrialConfig:
+    f = pipeline.fixed
+    return TrialConfig(f.backbone, "none", f.image_size, f.batch_size, 1, 1, 1.0, 1e-3, 0.1, 3, level, 0,
+                       tuple(pipeline.splits.classes))
+
+
+def phase1_epochs(splits, fixed, device) -> float:
+    """One phase-1 epoch (train + valid), recomputing the backbone vs on cached features."""
+    seconds = {}
+    for use_cache in (False, True):
+        pipeline = Pipeline(splits, fixed, "none", MEAN, STD, device, 0, use_cache)
+        cfg = trial_config(pipeline, "light")
+        model = pipeline.model(0).to(device)
+        _, _, (module, train, valid) = pipeline.loaders(cfg, model)
+        M.set_trainable(module, 1)
+        opt = torch.optim.Adam(M.param_groups(module, 1, 1e-3, 0.0))
+
+        def epoch():
+            train.epoch = 0  # the same view every time: its features are cached after the first pass
+            train_epoch(module, 1, train, opt, device)
+            evaluate(module, valid, device)
+
+        epoch()  # warm-up; fills the view-0 and validation features when caching
+        seconds[use_cache] = timed(epoch)
+        print(f"phase-1 epoch, {'cached features' if use_cache else 'recomputing backbone'}: "
+              f"{seconds[use_cache]:.3f} s")
+    return seconds[False] / seconds[True]
+
+
+def imagefolder_loader(splits, fixed, workers: int):
+    """The tutorial pipeline: ImageFolder + PIL transforms + DataLoader, on the same train files."""
+    from torchvision import datasets, transforms
+
+    tf = transforms.Compose([transforms.RandomResizedCrop(fixed.image_size, scale=(0.6, 1.0)),
+                             transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+                             transforms.Normalize(MEAN, STD)])
+    folder = datasets.ImageFolder(str(splits.root), transform=tf)
+    index = {os.path.relpath(p, splits.root): i for i, (p, _) in enumerate(folder.samples)}
+    subset = torch.utils.data.Subset(folder, [index[rel] for rel, _ in splits.train])
+    return torch.utils.data.DataLoader(subset, batch_size=fixed.batch_size, shuffle=True,
+                                       num_workers=workers, drop_last=True)
+
+
+def phase2_throughput(splits, fixed, device) -> tuple[float, float]:
+    pipeline = Pipeline(splits, fixed, "none", MEAN, STD, device, None, True)
+    ours, _, _ = pipeline.loaders(trial_config(pipeline, "light"), pipeline.model(0))
+    n_batches = len(ours)
+    images = n_batches * fixed.batch_size
+    synthetic = [(torch.randn(fixed.batch_size, 3, fixed.image_size, fixed.image_size),
+                  torch.randint(0, len(splits.classes), (fixed.batch_size,))) for _ in range(n_batches)]
+    tutorial = imagefolder_loader(splits, fixed, pipeline.workers)
+    model = pipeline.model(0).to(device)
+    M.set_trainable(model, 2)
+    opt = torch.optim.Adam(M.param_groups(model, 2, 1e-4, 1e-5))
+    train_epoch(model, 2, synthetic[:3], opt, device)  # warm-up
+    rates = {}
+    for name, source in (("synthetic in-memory tensors (compute bound)", synthetic), ("our pipeline", ours),
+                         ("ImageFolder + PIL transforms", tutorial)):
+        rates[name] = images / timed(lambda: train_epoch(model, 2, source, opt, device))
+        print(f"phase-2 training, {name}: {rates[name]:.1f} images/s")
+    ours_rate = rates["our pipeline"]
+    return (ours_rate / rates["synthetic in-memory tensors (compute bound)"],
+            ours_rate / rates["ImageFolder + PIL transforms"])
+
+
+def whole_sweeps(data: Path, args, work: Path) -> float:
+    """The same short sweep twice, fresh stores and caches each time: caches on, then off."""
+    seconds, best = {}, {}
+    for use_cache in (True, False):
+        name = "cached" if use_cache else "uncached"
+        os.environ["TLSWEEP_CACHE"] = str(work / f"cache-{name}")
+        os.chdir(work)
+        argv = ["--data", str(data), "--trials", str(args.trials), "--weights", "none",
+                "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
+                "--max-epochs", str(args.sweep_epochs), "--study-name", name,
+                "--storage", f"sqlite:///{work}/optuna-{name}.db", "--tracking-uri", f"sqlite:///{work}/mlflow-{name}.db"]
+        start = time.perf_counter()
+        result = sweep.run_sweep(sweep.parse_args(argv + ([] if use_cache else ["--no-cache"])))
+        seconds[use_cache] = time.perf_counter() - start
+        best[use_cache] = (result.best_trial_number, result.best_value)
+        print(f"{args.trials}-trial sweep, caches {'on' if use_cache else 'off'}: {seconds[use_cache]:.1f} s, "
+              f"best trial {best[use_cache][0]} (valid acc {best[use_cache][1]:.4f}), "
+              f"{result.epochs_spent} epochs")
+    print(f"same best trial with and without caches: {best[True][0] == best[False][0]}")
+    return seconds[False] / seconds[True]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, help="image folder (default: generate 800 photos)")
+    p.add_argument("--image-size", type=int, default=64, help="crop side in pixels (default 64)")
+    p.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
+    p.add_argument("--trials", type=int, default=8, help="trials per whole sweep (default 8)")
+    p.add_argument("--sweep-epochs", type=int, default=3, help="max epochs per phase in the sweeps (default 3)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    device = sweep.pick_device(args.device)
+    with tempfile.TemporaryDirectory(prefix="tlsweep-bench-") as tmp:
+        work = Path(tmp)
+        os.environ["TLSWEEP_CACHE"] = str(work / "cache-micro")
+        data = args.data or generate(work / "photos")
+        splits = D.find_splits(data)
+        fixed = Fixed(backbone="resnet18", weights="none", image_size=args.image_size,
+                      batch_size=args.batch_size, seed=0)
+        print(f"data {data}: {len(splits.train)} train / {len(splits.valid)} valid images, "
+              f"{len(splits.classes)} classes; resnet18 at {args.image_size} px on {device}, "
+              f"{torch.get_num_threads()} threads")
+        p1 = phase1_epochs(splits, fixed, device)
+        vs_compute, vs_folder = phase2_throughput(splits, fixed, device)
+        whole = whole_sweeps(data, args, work)
+    print(f"ratio phase1_cache_speedup {p1:.2f}")
+    print(f"ratio phase2_vs_compute_bound {vs_compute:.2f}")
+    print(f"ratio phase2_vs_imagefolder {vs_folder:.2f}")
+    print(f"ratio sweep_cache_speedup {whole:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
