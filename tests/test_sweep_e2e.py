@@ -8,9 +8,12 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from src import final_test, sweep
+from src import model as M
+from src.config import UserError
 
 pytestmark = pytest.mark.slow
 
@@ -64,8 +67,11 @@ def test_sweep_logs_every_trial_and_never_opens_test(in_tmp, flat_folder):
     assert "optimization_history.png" in _artifacts(client, parent.info.run_id, "study")
     runs = _children(client, result.parent_run_id)
     assert sorted(r.info.run_name for r in runs) == ["trial-0", "trial-1"]
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{in_tmp}/optuna.db")
+    values = {t.user_attrs["mlflow_run_id"]: t.value for t in study.trials}
     for run in runs:
-        assert run.data.tags["optuna.state"] == "COMPLETE"
+        assert run.data.tags["optuna.state"] == "COMPLETE" and run.info.status == "FINISHED"
+        assert values[run.info.run_id] == pytest.approx(run.data.metrics["phase2/best_valid_acc"])
         assert run.data.params["backbone"] == "resnet18" and "head_lr" in run.data.params
         assert _artifacts(client, run.info.run_id, "checkpoints") == ["phase1_best.pt", "phase2_best.pt"]
         assert _artifacts(client, run.info.run_id, "confusion") == [
@@ -91,6 +97,10 @@ def test_resume_by_name_and_final_test_once(in_tmp, split_folder, capsys):
     assert again.parent_run_id == first.parent_run_id  # parent reused, not duplicated
     study = optuna.load_study(study_name="s", storage=f"sqlite:///{in_tmp}/optuna.db")
     assert [t.number for t in study.trials] == [0, 1, 2]  # 3 in total, not 2 + 3
+    assert study.trials[2].params not in (study.trials[0].params, study.trials[1].params)  # no replay
+    with pytest.raises(UserError, match="max_epochs_phase1: 2 -> 1"):  # other settings: refused
+        sweep.run_sweep(sweep.parse_args(_args(in_tmp, split_folder, 4, "--backbone", "mobilenet_v2",
+                                               "--image-size", "32", "--max-epochs", "1")))
     client = MlflowClient(f"sqlite:///{in_tmp}/mlflow.db")
     assert len(_children(client, first.parent_run_id)) == 3
     uri = f"sqlite:///{in_tmp}/mlflow.db"
@@ -208,3 +218,31 @@ def test_unreadable_image_stops_the_sweep_naming_the_file(in_tmp, flat_folder, c
     run = client.get_run(study.trials[0].user_attrs["mlflow_run_id"])
     assert run.info.status == "FAILED" and victim.name in run.data.tags["optuna.fail_reason"]
     assert client.get_run(study.user_attrs["mlflow_parent_run_id"]).info.status == "FAILED"
+
+
+def test_pruned_trials_are_recorded_and_counted(in_tmp, flat_folder, monkeypatch):
+    monkeypatch.setattr(sweep, "make_pruner", lambda enabled=True: optuna.pruners.ThresholdPruner(lower=1.1))
+    result = sweep.run_sweep(sweep.parse_args(_args(in_tmp, flat_folder, 2)))
+    assert result.n_finished == 2 and result.best_value is None  # pruned trials count toward --trials
+    assert result.epochs_spent == 2  # pruned at the first epoch of each trial
+    client = MlflowClient(f"sqlite:///{in_tmp}/mlflow.db")
+    for run in _children(client, result.parent_run_id):
+        assert run.data.tags["optuna.state"] == "PRUNED" and run.info.status == "FINISHED"
+        assert "global epoch 1" in run.data.tags["optuna.prune_reason"]
+    parent = client.get_run(result.parent_run_id)
+    assert parent.data.metrics["sweep/epochs_saved_by_pruning_max"] == 2 * (2 + 2 - 1)
+    assert sweep.main(_args(in_tmp, flat_folder, 3)) == 1  # nothing ever completed: not a success
+
+
+def test_phase1_on_cached_features_leaves_the_backbone_as_initialized(in_tmp, flat_folder):
+    result = sweep.run_sweep(sweep.parse_args(_args(in_tmp, flat_folder, 1)))
+    client = MlflowClient(f"sqlite:///{in_tmp}/mlflow.db")
+    path = client.download_artifacts(result.best_run_id, "checkpoints/phase1_best.pt", str(in_tmp))
+    after = torch.load(path, weights_only=True)["state_dict"]
+    torch.manual_seed(0)  # the backbone is drawn from the study seed (0 in the default sweep)
+    before = M.build_model("resnet18", 3, "none").state_dict()
+    backbone = [k for k in before if not k.startswith("fc.")]
+    assert any("running_var" in k for k in backbone)
+    for k in backbone:  # weights AND BatchNorm running stats
+        assert torch.equal(before[k], after[k]), k
+    assert not torch.equal(before["fc.weight"], after["fc.weight"])
