@@ -8,7 +8,7 @@ Prints one line per figure, then one machine-readable line per ratio:
     ratio phase2_vs_compute_bound <x>     phase-2 images/s, our pipeline / synthetic in-memory tensors
     ratio phase2_vs_imagefolder <x>       phase-2 images/s, our pipeline / ImageFolder + PIL transforms
     ratio sweep_cache_speedup <x>         whole short sweep wall time, caches off / caches on
-The generated data are JPEG photos of 320x240 (a typical web-image size), 10 classes.
+The generated data are JPEG photos of 500x375 (a typical ImageNet photo size), 10 classes.
 """
 from __future__ import annotations
 
@@ -33,19 +33,20 @@ from src.train import evaluate, train_epoch  # noqa: E402
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
-def generate(root: Path, classes: int = 10, per_class: int = 80, size=(320, 240)) -> Path:
-    """Photos with class-dependent colour and shapes, in a train/valid/test layout."""
+def generate(root: Path, classes: int = 10, per_class: int = 80, size=(500, 375)) -> Path:
+    """Noisy photos whose class shows in colour and shape size, in a train/valid/test layout."""
     rng = np.random.default_rng(0)
     for c in range(classes):
-        hue = np.array([(c * 97) % 256, (c * 53) % 256, (c * 181) % 256])
+        hue = np.array([100 + c * 6, 120 - c * 4, 110 + (c % 3) * 10])
         for i in range(per_class):
             split = "train" if i < per_class * 0.7 else ("valid" if i < per_class * 0.85 else "test")
-            base = (hue + rng.normal(0, 40, (size[1], size[0], 3))).clip(0, 255).astype(np.uint8)
+            base = (hue + rng.normal(0, 70, (size[1], size[0], 3))).clip(0, 255).astype(np.uint8)
             im = Image.fromarray(base)
             draw = ImageDraw.Draw(im)
             for _ in range(3):
-                x, y = rng.integers(0, size[0] - 60), rng.integers(0, size[1] - 60)
-                draw.ellipse([x, y, x + 20 + c * 4, y + 20 + c * 4], fill=tuple(int(v) for v in 255 - hue))
+                r = 30 + c * 6 + int(rng.integers(-15, 15))
+                x, y = rng.integers(0, size[0] - r), rng.integers(0, size[1] - r)
+                draw.ellipse([x, y, x + r, y + r], fill=tuple(int(v) for v in 255 - hue))
             (root / split / f"class{c}").mkdir(parents=True, exist_ok=True)
             im.save(root / split / f"class{c}" / f"{i:04d}.jpg", quality=90)
     return root
@@ -158,6 +159,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     device = sweep.pick_device(args.device)
     with tempfile.TemporaryDirectory(prefix="tlsweep-bench-") as tmp:
         work = Path(tmp)

@@ -108,12 +108,21 @@ def train_epoch(model: nn.Module, phase: int, loader, optimizer, device) -> tupl
     return loss_sum.item() / seen, correct.item() / seen
 
 
+def make_optimizer(groups: list[dict]) -> torch.optim.Optimizer:
+    """Adam, fused where this torch supports it (on CPU it is 2-3x faster per step than the
+    default, which matters when the step costs as much as a small batch)."""
+    try:
+        return torch.optim.Adam(groups, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.Adam(groups)
+
+
 def fit_phase(model: nn.Module, phase: int, train_loader, valid_loader, *, head_lr: float,
               backbone_lr: float, max_epochs: int, patience: int, device: torch.device,
               first_step: int = 1, on_epoch: Callable[[EpochResult], None] | None = None) -> PhaseResult:
     """Train one phase with early stopping on validation accuracy; the best state is restored."""
     M.set_trainable(model, phase)
-    optimizer = torch.optim.Adam(M.param_groups(model, phase, head_lr, backbone_lr))
+    optimizer = make_optimizer(M.param_groups(model, phase, head_lr, backbone_lr))
     result = PhaseResult(phase)
     best_state, since_best = None, 0
     for epoch in range(1, max_epochs + 1):
