@@ -93,8 +93,10 @@ def decoded_images(root: Path, entries, side: int, workers: int = 0) -> np.ndarr
     tmp = _tmp_for(path)
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
     decode = D.T.Compose([D.T.ToImage(), D.T.Resize(side, antialias=True), D.T.CenterCrop(side)])
+    # Own generator: filling a cache must not move the global RNG, or a trial's augmentation
+    # would depend on whether the cache was warm.
     loader = torch.utils.data.DataLoader(D.ImageList(root, entries, decode), batch_size=64,
-                                         num_workers=workers)
+                                         num_workers=workers, generator=torch.Generator())
     start = 0
     for images, _ in loader:
         out[start:start + len(images)] = images.permute(0, 2, 3, 1).numpy()
@@ -167,7 +169,8 @@ class FeatureCache:
 
     def _extract(self, dataset) -> np.ndarray:
         loader = torch.utils.data.DataLoader(dataset, batch_size=self.batch_size, num_workers=self.workers,
-                                             pin_memory=self.device.type == "cuda")
+                                             pin_memory=self.device.type == "cuda",
+                                             generator=torch.Generator())  # leave the global RNG alone
         chunks = []
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16,
                                                     enabled=self.device.type == "cuda"):

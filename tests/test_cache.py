@@ -122,3 +122,24 @@ def test_stored_eval_images_match_decoding_each_time(tmp_path):
     direct = D.ImageList(root, splits.train, tf)
     for i in range(len(splits.train)):
         assert torch.equal(stored[i][0], direct[i][0])
+
+
+def _two_phases(pipeline, cfg):
+    from src.train import fit_two_phase
+
+    model = pipeline.model(cfg.seed)
+    train, valid, phase1 = pipeline.loaders(cfg, model)
+    p1, p2 = fit_two_phase(model, train, valid, head_lr=cfg.head_lr, backbone_lr_ratio=0.1, patience=5,
+                           max_epochs_phase1=2, max_epochs_phase2=1, device=torch.device("cpu"),
+                           phase1_inputs=phase1)
+    return [(r.train_loss, r.valid_loss, r.valid_acc) for r in p1.history + p2.history]
+
+
+def test_a_trial_does_not_depend_on_the_cache_being_warm_or_on(flat_folder):
+    cached, splits = _setup(flat_folder, True)
+    cold = _two_phases(cached, _cfg(splits, "medium"))
+    warm = _two_phases(cached, _cfg(splits, "medium"))   # every feature now comes from the cache
+    plain, _ = _setup(flat_folder, False)
+    uncached = _two_phases(plain, _cfg(splits, "medium"))
+    assert warm == pytest.approx(cold, rel=1e-5, abs=1e-6)
+    assert uncached == pytest.approx(cold, rel=1e-4, abs=1e-5)
