@@ -22,11 +22,14 @@ import hashlib
 import json
 import logging
 import os
+import uuid
 import zlib
 from pathlib import Path
 
 import numpy as np
+import PIL
 import torch
+import torchvision
 from torch import nn
 
 from . import data as D
@@ -78,21 +81,30 @@ def _commit(tmp: Path, path: Path, array: np.ndarray) -> None:
 
 
 def _tmp_for(path: Path) -> Path:
+    """A temp name no other process (or container with the same PID) can pick."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    return path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")
+    return path.with_name(f".{path.stem}.{uuid.uuid4().hex}.tmp.npy")
 
 
 def decoded_images(root: Path, entries, side: int, workers: int = 0) -> np.ndarray:
     """uint8 N x side x side x 3 for the entries, decoded once and memory-mapped."""
-    key = cache_key("images", D.content_key(root, entries), side)
+    decode = D.T.Compose([D.T.ToImage(), D.T.Resize(side, antialias=True), D.T.CenterCrop(side)])
+    key = cache_key("images", D.content_key(root, entries), side, repr(decode), D.DECODE_VERSION,
+                    torch.__version__, torchvision.__version__, PIL.__version__)
     path = D.cache_dir() / "images" / f"{key}.npy"
     shape = (len(entries), side, side, 3)
     found = _load(path, shape, np.uint8)
     if found is not None:
         return found
     tmp = _tmp_for(path)
+    try:
+        return _decode_into(tmp, path, root, entries, decode, shape, workers)
+    finally:
+        tmp.unlink(missing_ok=True)  # a crash or Ctrl-C mid-decode leaves no multi-GB temp file
+
+
+def _decode_into(tmp: Path, path: Path, root: Path, entries, decode, shape, workers: int) -> np.ndarray:
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
-    decode = D.T.Compose([D.T.ToImage(), D.T.Resize(side, antialias=True), D.T.CenterCrop(side)])
     # Own generator: filling a cache must not move the global RNG, or a trial's augmentation
     # would depend on whether the cache was warm.
     loader = torch.utils.data.DataLoader(D.ImageList(root, entries, decode), batch_size=64,
@@ -135,6 +147,8 @@ class ViewEpochs:
     uncached phase-1 path, same views as `FeatureEpochs`."""
 
     def __init__(self, loader: torch.utils.data.DataLoader):
+        # Workers must be re-created each pass to see the new epoch: never persistent ones.
+        assert not loader.persistent_workers, "ViewEpochs needs non-persistent DataLoader workers"
         self.loader, self.epoch = loader, 0
 
     def __iter__(self):
@@ -172,11 +186,11 @@ class FeatureCache:
                                              pin_memory=self.device.type == "cuda",
                                              generator=torch.Generator())  # leave the global RNG alone
         chunks = []
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16,
-                                                    enabled=self.device.type == "cuda"):
+        # fp32 even on CUDA: a one-off cost, and features must not carry bf16 rounding.
+        with torch.inference_mode():
             for images, _ in loader:
-                chunks.append(self.extractor(images.to(self.device, non_blocking=True)).float().cpu())
-        return torch.cat(chunks).numpy()
+                chunks.append(self.extractor(images.to(self.device, non_blocking=True)))
+        return torch.cat(chunks).float().cpu().numpy()  # one host sync, at the end
 
     def _entry(self, name: str, dataset) -> np.ndarray:
         key = cache_key("features", self.model_key, name)

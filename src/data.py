@@ -29,6 +29,7 @@ from .config import UserError
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 SPLIT_FILE = ".tlsweep-split.json"
 SPLITS = ("train", "valid", "test")
+DECODE_VERSION = 1  # bump when load_rgb's output changes: decoded-image caches depend on it
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never silently gray
 
 # Augmentation levels, weakest to strongest. Every level starts from the image resized (shorter
@@ -87,10 +88,10 @@ def fingerprint(root: Path, entries) -> str:
 
 
 def content_key(root: Path, entries) -> str:
-    """Like `fingerprint`, plus the folder and modification times: what a cache of decoded
-    pixels must depend on (same names and sizes in another folder are other pictures)."""
+    """Like `fingerprint`, plus the folder, modification times and ORDER (rows of a cached array
+    follow it): what a cache of decoded pixels must depend on."""
     h = hashlib.sha256(str(Path(root).resolve()).encode())
-    for rel, label in sorted(entries):
+    for rel, label in entries:
         st = os.stat(Path(root) / rel)
         h.update(f"{rel}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
@@ -282,7 +283,8 @@ def apply_transform(transform, image, view_seed, epoch: int, i: int):
     if view_seed is None:
         return transform(image)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(view_seed(epoch, i))
+        # The CPU generator only: torch.manual_seed would also reset (and leak) the CUDA/MPS RNG.
+        torch.default_generator.manual_seed(view_seed(epoch, i))
         return transform(image)
 
 

@@ -66,7 +66,9 @@ class Pipeline:
         for name, tensor in backbone.state_dict().items():
             if not name.startswith(M.head_name(backbone) + "."):
                 state.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
-        return {"data": D.content_key(self.splits.root, self.splits.train + self.splits.valid),
+        return {"train": D.content_key(self.splits.root, self.splits.train),
+                "valid": D.content_key(self.splits.root, self.splits.valid),
+                "device": self.device.type,  # GPU kernels (TF32 and the like) give other low bits
                 "backbone": self.fixed.backbone, "image_size": self.fixed.image_size,
                 "weights": weights_id(self.weights, self.fixed.backbone, self.fixed.seed),
                 "backbone_state": state.hexdigest()[:16],

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import traceback
 import logging
 import signal
 import sys
@@ -136,6 +137,9 @@ class Objective:
             value = self.train(trial, cfg, run_id)
         except optuna.TrialPruned as exc:
             self.ctx.tracker.end_run(run_id, "PRUNED", str(exc))
+            # The traceback holds the training frames (model, optimizer, best state); Optuna
+            # keeps the exception, so clear them or the memory lives on into the next trial.
+            traceback.clear_frames(exc.__traceback__)
             raise
         except KeyboardInterrupt:
             self.ctx.tracker.end_run(run_id, "INTERRUPTED", "interrupted by the user (Ctrl-C)")

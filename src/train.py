@@ -56,8 +56,9 @@ class Evaluation:
 
 
 def _autocast(device: torch.device):
-    """bf16 autocast on CUDA (no loss scaling needed); a no-op on CPU, where fp32 is faster."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    """bf16 autocast on CUDA GPUs that support it (no loss scaling needed); fp32 elsewhere."""
+    enabled = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def _to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device):

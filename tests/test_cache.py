@@ -1,6 +1,8 @@
 """Decode-once images and the phase-1 feature cache: same results as no cache, shared, self-healing."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -71,8 +73,14 @@ def test_features_survive_a_restart_and_depend_on_what_changes_them(flat_folder)
     _phase1(pipeline, _cfg(splits, "light"), epochs=1)
     n = len(_feature_files())
     C._verified.clear()  # a new process
-    again, _ = _setup(flat_folder, True)
-    _phase1(again, _cfg(splits, "light"), epochs=1)
+
+    def no_extraction(self, dataset):
+        raise AssertionError("features were computed again")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(C.FeatureCache, "_extract", no_extraction)
+        again, _ = _setup(flat_folder, True)
+        _phase1(again, _cfg(splits, "light"), epochs=1)
     assert len(_feature_files()) == n
     bigger, _ = _setup(flat_folder, True, image_size=24)  # other image size: other features
     _phase1(bigger, TrialConfig(**{**_cfg(splits, "light").__dict__, "image_size": 24}), epochs=1)
@@ -89,8 +97,9 @@ def test_damaged_cache_entries_are_rebuilt_never_used(flat_folder, damage, caplo
             path.write_bytes(blob[: len(blob) // 2])
         elif damage == "garbage":     # same size, wrong bytes
             path.write_bytes(blob[:128] + bytes(len(blob) - 128))
-        else:                         # data renamed into place, completion marker never written
+        else:                         # completion marker never written (and the data is bad)
             path.with_suffix(".json").unlink()
+            path.write_bytes(blob[:128] + bytes(len(blob) - 128))
     C._verified.clear()
     fresh, _ = _setup(flat_folder, True)
     result, _ = _phase1(fresh, _cfg(splits, "light"), epochs=2)
@@ -143,3 +152,22 @@ def test_a_trial_does_not_depend_on_the_cache_being_warm_or_on(flat_folder):
     uncached = _two_phases(plain, _cfg(splits, "medium"))
     assert warm == pytest.approx(cold, rel=1e-5, abs=1e-6)
     assert uncached == pytest.approx(cold, rel=1e-4, abs=1e-5)
+
+
+def test_cache_keys_follow_order_and_edits(flat_folder):
+    splits = D.find_splits(flat_folder)
+    train = list(splits.train)
+    key = D.content_key(flat_folder, train)
+    assert D.content_key(flat_folder, train[::-1]) != key  # rows follow the order
+    moved = flat_folder / train[0][0]
+    os.utime(moved, ns=(moved.stat().st_atime_ns, moved.stat().st_mtime_ns + 10**9))
+    assert D.content_key(flat_folder, train) != key  # edited in place, same size
+
+
+def test_view_seeding_leaves_the_global_rng_alone(flat_folder):
+    pipeline, splits = _setup(flat_folder, False)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    dataset = pipeline._dataset("train", "strong", True)
+    dataset[0]
+    assert torch.equal(torch.get_rng_state(), before)

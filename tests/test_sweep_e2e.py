@@ -221,8 +221,23 @@ def test_unreadable_image_stops_the_sweep_naming_the_file(in_tmp, flat_folder, c
 
 
 def test_pruned_trials_are_recorded_and_counted(in_tmp, flat_folder, monkeypatch):
+    import weakref
+
+    from src.pipeline import Pipeline
+
     monkeypatch.setattr(sweep, "make_pruner", lambda enabled=True: optuna.pruners.ThresholdPruner(lower=1.1))
+    models, build = [], Pipeline.model
+
+    def tracked(self, trial_seed):
+        # no gc.collect() here: freed means freed by the time the next trial starts
+        assert all(ref() is None for ref in models), "a pruned trial's model is still alive"
+        model = build(self, trial_seed)
+        models.append(weakref.ref(model))
+        return model
+
+    monkeypatch.setattr(Pipeline, "model", tracked)
     result = sweep.run_sweep(sweep.parse_args(_args(in_tmp, flat_folder, 2)))
+    assert len(models) >= 3  # feature extractor + 2 trials
     assert result.n_finished == 2 and result.best_value is None  # pruned trials count toward --trials
     assert result.epochs_spent == 2  # pruned at the first epoch of each trial
     client = MlflowClient(f"sqlite:///{in_tmp}/mlflow.db")
