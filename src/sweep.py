@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import traceback
 import logging
 import signal
 import sys
 import tempfile
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,8 +21,10 @@ from tqdm import tqdm
 
 from . import data as D
 from . import figures, model as M, search_space
-from .config import Fixed, SweepFile, TrialConfig, UserError, load_sweep, resolve_fixed
+from .config import Fixed, TrialConfig, UserError, load_sweep, resolve_fixed
 from .pipeline import Pipeline
+from .study import (check_same_settings, derive_seed, finished, log_study_plots, open_parent,
+                    open_study, pruning_savings, summary_table, update_best)
 from .tracking import Tracker
 from .train import fit_two_phase
 
@@ -32,8 +32,6 @@ log = logging.getLogger("tlsweep")
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SWEEP = REPO / "sweeps" / "default.toml"
 DEFAULT_STORAGE = f"sqlite:///{REPO / 'optuna.db'}"  # in the repo, whatever the working directory
-PRUNER_STARTUP_TRIALS = 5   # never prune before this many trials finished: the median needs a base
-PRUNER_WARMUP_STEPS = 2     # never prune in a trial's first global epochs: too noisy to judge
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -79,10 +77,6 @@ class Context:
     mean: list
     std: list
     pipeline: Pipeline
-
-
-def derive_seed(study_seed: int, trial_number: int) -> int:
-    return (study_seed * 1_000_003 + trial_number) % (2**31)
 
 
 def pick_device(name: str) -> torch.device:
@@ -204,84 +198,6 @@ class Objective:
             tracker.log_files(run_id, files, "confusion")
 
 
-def open_parent(tracker: Tracker, study: optuna.Study, experiment: str, splits: D.Splits,
-                sweep: SweepFile, tags: dict) -> str:
-    """The study's parent run: reused when the study already has one in this store."""
-    parent_id = study.user_attrs.get("mlflow_parent_run_id")
-    fp = splits.record()
-    data_fp = "-".join(fp[f"{n}_fingerprint"] for n in D.SPLITS)
-    if tracker.run_exists(parent_id):
-        recorded = tracker.get_run(parent_id).data.tags.get("dataset.fingerprint")
-        if recorded and recorded != data_fp:
-            raise UserError(f"the data in {splits.root} changed since study {study.study_name!r} started "
-                            f"(fingerprint {recorded} -> {data_fp}); start a new --study-name")
-        tracker.reopen(parent_id)
-        log.info("resuming study %r, parent run %s", study.study_name, parent_id)
-        return parent_id
-    parent_id = tracker.create_parent(tracker.experiment_id(experiment), study.study_name,
-                                      {"dataset.fingerprint": data_fp, **tags})
-    study.set_user_attr("mlflow_parent_run_id", parent_id)
-    tracker.log_files(parent_id, [sweep.path], "sweep")
-    tracker.log_json(parent_id, splits.summary(), "dataset/summary.json")
-    tracker.log_json(parent_id, fp, "dataset/split.json")
-    return parent_id
-
-
-def finished(study: optuna.Study) -> list:
-    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    return study.get_trials(deepcopy=False, states=states)
-
-
-def update_best(tracker: Tracker, parent_id: str, study: optuna.Study) -> None:
-    """Tag the parent with the best completed trial so far (survives a crash mid-sweep)."""
-    try:
-        best = study.best_trial
-    except ValueError:
-        return  # nothing completed yet
-    tags = {"best.trial_number": best.number, "best.run_id": best.user_attrs.get("mlflow_run_id", ""),
-            "best.valid_acc": f"{best.value:.6f}"}
-    tags.update({f"best.{k}": v for k, v in best.params.items()})
-    tracker.set_tags(parent_id, tags)
-    tracker.log_metrics(parent_id, {"best/valid_acc": best.value}, step=len(study.trials))
-
-
-def log_study_plots(tracker: Tracker, parent_id: str, study: optuna.Study) -> None:
-    """Optuna's own plots (matplotlib flavour) as PNGs on the parent run."""
-    import matplotlib.pyplot as plt
-    from optuna.visualization import matplotlib as vis
-
-    plots = {"optimization_history": vis.plot_optimization_history,
-             "param_importances": vis.plot_param_importances,
-             "parallel_coordinate": vis.plot_parallel_coordinate}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the matplotlib backend is flagged experimental
-        for name, plot in plots.items():
-            try:
-                ax = plot(study)
-            except (ValueError, RuntimeError) as exc:  # e.g. importances need 2+ completed trials
-                log.info("skipped study plot %s: %s", name, exc)
-                continue
-            fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
-            fig.set_size_inches(10, 6)
-            fig.tight_layout()
-            tracker.log_figure(parent_id, fig, f"study/{name}.png")
-            plt.close(fig)
-
-
-def summary_table(study: optuna.Study, top: int = 5) -> str:
-    # Only COMPLETE trials: a pruned trial's value is an intermediate (often phase-1) accuracy.
-    done = sorted((t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE),
-                  key=lambda t: -t.value)[:top]
-    keys = list(study.trials[0].params) if study.trials else []
-    lines = [f"{'trial':>5}  {'valid_acc':>9}  {'epochs':>6}  " + "  ".join(f"{k:>17}" for k in keys)]
-    for t in done:
-        epochs = len(t.intermediate_values)
-        vals = "  ".join(f"{t.params.get(k, ''):>17.4g}" if isinstance(t.params.get(k), float)
-                         else f"{str(t.params.get(k, '')):>17}" for k in keys)
-        lines.append(f"{t.number:>5}  {t.value:>9.4f}  {epochs:>6}  {vals}")
-    return "\n".join(lines)
-
-
 @dataclass
 class SweepResult:
     study_name: str
@@ -292,41 +208,6 @@ class SweepResult:
     n_finished: int
     epochs_spent: int             # global epochs actually trained, over all finished trials
     interrupted: bool = False
-
-
-def make_pruner(enabled: bool = True) -> optuna.pruners.BasePruner:
-    """Median of valid/acc at the same global epoch; the step never goes backwards."""
-    if not enabled:
-        return optuna.pruners.NopPruner()
-    return optuna.pruners.MedianPruner(PRUNER_STARTUP_TRIALS, PRUNER_WARMUP_STEPS)
-
-
-def open_study(name: str, storage: str, seed: int, prune: bool = True) -> optuna.Study:
-    """Create or load (resume) the study; an unusable storage URL is a clear error."""
-    try:
-        study = optuna.create_study(study_name=name, storage=storage, load_if_exists=True,
-                                    direction="maximize", pruner=make_pruner(prune))
-    except Exception as exc:  # SQLAlchemy/driver errors come in many types
-        raise UserError(f"cannot open Optuna storage --storage {storage} ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0][:300]}); check the URL, that the server is up, "
-                        f"and that its driver is installed") from exc
-    # Seeded by the trial count too: a resumed study must not replay its first random trials.
-    study.sampler = optuna.samplers.TPESampler(seed=derive_seed(seed, len(study.trials)))
-    return study
-
-
-def check_same_settings(study: optuna.Study, settings: dict) -> None:
-    """A study keeps its fixed settings and search space; resuming with others is refused."""
-    settings = json.loads(json.dumps(settings))  # as the storage gives it back: lists, not tuples
-    recorded = study.user_attrs.get("sweep_settings")
-    if recorded is None:
-        study.set_user_attr("sweep_settings", settings)
-        return
-    changed = {k: (recorded.get(k), v) for k, v in settings.items() if recorded.get(k) != v}
-    if changed:
-        detail = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items()))
-        raise UserError(f"study {study.study_name!r} was started with other settings ({detail}); "
-                        f"rerun with the original ones, or start a new --study-name")
 
 
 def prepare(args) -> tuple[Context, optuna.Study, str]:
@@ -418,15 +299,6 @@ def report(study: optuna.Study, ctx: Context, args) -> SweepResult:
     return SweepResult(study.study_name, ctx.parent_id, best.value if best else None,
                        best.user_attrs.get("mlflow_run_id") if best else None, best.number if best else None,
                        len(finished(study)), spent)
-
-
-def pruning_savings(study: optuna.Study, fixed: Fixed) -> tuple[int, int]:
-    """(epochs spent by finished trials, most epochs the pruned ones could still have run)."""
-    most = fixed.max_epochs_phase1 + fixed.max_epochs_phase2
-    done = finished(study)
-    spent = sum(len(t.intermediate_values) for t in done)
-    pruned = [t for t in done if t.state == optuna.trial.TrialState.PRUNED]
-    return spent, sum(most - len(t.intermediate_values) for t in pruned)
 
 
 def main(argv=None) -> int:

@@ -2,7 +2,6 @@
 parameter groups and checkpoints. No network: downloads are made to fail on purpose."""
 from __future__ import annotations
 
-import urllib.error
 
 import pytest
 import torch

@@ -12,6 +12,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from src import final_test, sweep
+from src import study as study_mod
 from src import model as M
 from src.config import UserError
 
@@ -225,7 +226,7 @@ def test_pruned_trials_are_recorded_and_counted(in_tmp, flat_folder, monkeypatch
 
     from src.pipeline import Pipeline
 
-    monkeypatch.setattr(sweep, "make_pruner", lambda enabled=True: optuna.pruners.ThresholdPruner(lower=1.1))
+    monkeypatch.setattr(study_mod, "make_pruner", lambda enabled=True: optuna.pruners.ThresholdPruner(lower=1.1))
     models, build = [], Pipeline.model
 
     def tracked(self, trial_seed):
