@@ -141,7 +141,7 @@ def _two_phases(pipeline, cfg):
     p1, p2 = fit_two_phase(model, train, valid, head_lr=cfg.head_lr, backbone_lr_ratio=0.1, patience=5,
                            max_epochs_phase1=2, max_epochs_phase2=1, device=torch.device("cpu"),
                            phase1_inputs=phase1)
-    return [(r.train_loss, r.valid_loss, r.valid_acc) for r in p1.history + p2.history]
+    return [v for r in p1.history + p2.history for v in (r.train_loss, r.valid_loss, r.valid_acc)]
 
 
 def test_a_trial_does_not_depend_on_the_cache_being_warm_or_on(flat_folder):
