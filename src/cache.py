@@ -51,15 +51,17 @@ def _crc(array: np.ndarray) -> int:
     return crc
 
 
-def _load(path: Path, shape: tuple, dtype) -> np.ndarray | None:
-    """The entry, memory-mapped, if complete and intact; None (and a warning) otherwise."""
+def _load(path: Path, dtype, shape: tuple | None = None) -> np.ndarray | None:
+    """The entry, memory-mapped, if complete and intact (of `shape` when given); None (and a
+    warning) otherwise."""
     meta_path = path.with_suffix(".json")
     if not meta_path.is_file():
         return None
     try:
         meta = json.loads(meta_path.read_text())
+        shape = tuple(meta["shape"]) if shape is None else tuple(shape)
         array = np.load(path, mmap_mode="r")
-        ok = array.shape == tuple(shape) and array.dtype == np.dtype(dtype) and meta["shape"] == list(shape)
+        ok = array.shape == shape and array.dtype == np.dtype(dtype) and tuple(meta["shape"]) == shape
         if ok and str(path) not in _verified:
             ok = _crc(array) == meta["crc32"]
     except (OSError, ValueError, KeyError, EOFError):
@@ -72,18 +74,25 @@ def _load(path: Path, shape: tuple, dtype) -> np.ndarray | None:
     return array
 
 
-def _commit(tmp: Path, path: Path, array: np.ndarray) -> None:
-    """Rename the finished data into place, then write its json: the json marks it complete."""
-    meta = {"shape": list(array.shape), "dtype": str(array.dtype), "crc32": _crc(array)}
-    os.replace(tmp, path)
-    D.write_json_atomic(path.with_suffix(".json"), meta)
-    _verified.add(str(path))
-
-
-def _tmp_for(path: Path) -> Path:
-    """A temp name no other process (or container with the same PID) can pick."""
+def _cached(path: Path, dtype, write, shape: tuple | None = None) -> np.ndarray:
+    """The entry at `path` if complete and intact; else `write(tmp)` makes it under a temp name
+    no other process can pick, and it is renamed into place before its json is written last
+    (the json marks it complete). A failed write leaves no temp file behind."""
+    found = _load(path, dtype, shape)
+    if found is not None:
+        return found
     path.parent.mkdir(parents=True, exist_ok=True)
-    return path.with_name(f".{path.stem}.{uuid.uuid4().hex}.tmp.npy")
+    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex}.tmp.npy")
+    try:
+        write(tmp)
+        array = np.load(tmp, mmap_mode="r")
+        meta = {"shape": list(array.shape), "dtype": str(array.dtype), "crc32": _crc(array)}
+        os.replace(tmp, path)
+        D.write_json_atomic(path.with_suffix(".json"), meta)
+        _verified.add(str(path))
+        return array
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def decoded_images(root: Path, entries, side: int, workers: int = 0) -> np.ndarray:
@@ -91,19 +100,12 @@ def decoded_images(root: Path, entries, side: int, workers: int = 0) -> np.ndarr
     decode = D.T.Compose([D.T.ToImage(), D.T.Resize(side, antialias=True), D.T.CenterCrop(side)])
     key = cache_key("images", D.content_key(root, entries), side, repr(decode), D.DECODE_VERSION,
                     torch.__version__, torchvision.__version__, PIL.__version__)
-    path = D.cache_dir() / "images" / f"{key}.npy"
     shape = (len(entries), side, side, 3)
-    found = _load(path, shape, np.uint8)
-    if found is not None:
-        return found
-    tmp = _tmp_for(path)
-    try:
-        return _decode_into(tmp, path, root, entries, decode, shape, workers)
-    finally:
-        tmp.unlink(missing_ok=True)  # a crash or Ctrl-C mid-decode leaves no multi-GB temp file
+    write = lambda tmp: _decode_into(tmp, root, entries, decode, shape, workers)  # noqa: E731
+    return _cached(D.cache_dir() / "images" / f"{key}.npy", np.uint8, write, shape)
 
 
-def _decode_into(tmp: Path, path: Path, root: Path, entries, decode, shape, workers: int) -> np.ndarray:
+def _decode_into(tmp: Path, root: Path, entries, decode, shape, workers: int) -> None:
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
     # Own generator: filling a cache must not move the global RNG, or a trial's augmentation
     # would depend on whether the cache was warm.
@@ -114,10 +116,6 @@ def _decode_into(tmp: Path, path: Path, root: Path, entries, decode, shape, work
         out[start:start + len(images)] = images.permute(0, 2, 3, 1).numpy()
         start += len(images)
     out.flush()
-    del out
-    written = np.load(tmp, mmap_mode="r")
-    _commit(tmp, path, written)
-    return written
 
 
 class StoredImages(torch.utils.data.Dataset):
@@ -156,9 +154,6 @@ class ViewEpochs:
         self.epoch += 1
         yield from self.loader
 
-    def __len__(self) -> int:
-        return len(self.loader)
-
 
 def feature_extractor(model: nn.Module, head: str) -> nn.Module:
     """The frozen model minus its classifier: what the head sees in phase 1."""
@@ -193,26 +188,8 @@ class FeatureCache:
         return torch.cat(chunks).float().cpu().numpy()  # one host sync, at the end
 
     def _entry(self, name: str, dataset) -> np.ndarray:
-        key = cache_key("features", self.model_key, name)
-        path = D.cache_dir() / "features" / f"{key}.npy"
-        found = self._find(path, len(dataset))
-        if found is not None:
-            return found
-        features = self._extract(dataset)
-        tmp = _tmp_for(path)
-        np.save(tmp, features)
-        _commit(tmp, path, features)
-        return features
-
-    def _find(self, path: Path, n: int) -> np.ndarray | None:
-        meta = path.with_suffix(".json")
-        if not meta.is_file():
-            return None
-        try:
-            shape = tuple(json.loads(meta.read_text())["shape"])
-        except (OSError, ValueError, KeyError):
-            shape = ()
-        return _load(path, shape, np.float32) if len(shape) == 2 and shape[0] == n else None
+        path = D.cache_dir() / "features" / f"{cache_key('features', self.model_key, name)}.npy"
+        return _cached(path, np.float32, lambda tmp: np.save(tmp, self._extract(dataset)))
 
     def valid(self) -> np.ndarray:
         return self._entry("valid", self.valid_images)
@@ -236,10 +213,6 @@ class FeatureEpochs:
     def __iter__(self):
         features = torch.from_numpy(np.array(self.cache.train_view(self.level, self.epoch)))
         self.epoch += 1
+        # One generator across epochs, drawn exactly like the image loader's: same shuffles.
         dataset = torch.utils.data.TensorDataset(features, self.labels)
-        yield from torch.utils.data.DataLoader(dataset, batch_size=self.batch_size, shuffle=True,
-                                               generator=self.generator,
-                                               drop_last=len(dataset) > self.batch_size)
-
-    def __len__(self) -> int:
-        return len(self.labels) // self.batch_size or 1
+        yield from D.loader(dataset, self.batch_size, train=True, generator=self.generator)

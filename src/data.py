@@ -11,6 +11,7 @@ read by `final_test` alone.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -59,13 +60,17 @@ class Splits:
     split_file: Path | None = None               # where a flat layout's split is written down
     ignored_files: int = 0                       # non-image files skipped while listing
 
+    @functools.cached_property
+    def fingerprints(self) -> dict[str, str]:
+        """Split name -> `fingerprint` of its files, computed once."""
+        return {name: fingerprint(self.root, getattr(self, name)) for name in SPLITS}
+
     def record(self) -> dict:
         """The split written down: file lists per split plus a fingerprint of each."""
         rec = {"root": str(self.root), "layout": self.layout, "classes": list(self.classes)}
         for name in SPLITS:
-            entries = getattr(self, name)
-            rec[name] = [[p, y] for p, y in entries]
-            rec[f"{name}_fingerprint"] = fingerprint(self.root, entries)
+            rec[name] = [[p, y] for p, y in getattr(self, name)]
+            rec[f"{name}_fingerprint"] = self.fingerprints[name]
         return rec
 
     def summary(self) -> dict:
@@ -76,25 +81,29 @@ class Splits:
         return {"root": str(self.root), "layout": self.layout, "n_classes": len(self.classes),
                 "classes": list(self.classes), "counts": {n: len(getattr(self, n)) for n in SPLITS},
                 "counts_per_class": counts, "ignored_non_image_files": self.ignored_files,
-                "fingerprint": {n: fingerprint(self.root, getattr(self, n)) for n in SPLITS}}
+                "fingerprint": dict(self.fingerprints)}
+
+
+def _hash_files(root: Path, entries, exact: bool) -> str:
+    """sha256 over (relative path, label, size) per file; stats files, never opens them.
+    `exact` adds the folder, modification times and the order of the entries."""
+    h = hashlib.sha256(str(Path(root).resolve()).encode() if exact else b"")
+    for rel, label in (entries if exact else sorted(entries)):
+        st = os.stat(Path(root) / rel)
+        fields = [rel, str(label), str(st.st_size)] + ([str(st.st_mtime_ns)] if exact else [])
+        h.update(("\0".join(fields) + "\n").encode())
+    return h.hexdigest()[:16]
 
 
 def fingerprint(root: Path, entries) -> str:
-    """sha256 over (relative path, label, size); stats files, never opens them."""
-    h = hashlib.sha256()
-    for rel, label in sorted(entries):
-        h.update(f"{rel}\0{label}\0{os.stat(Path(root) / rel).st_size}\n".encode())
-    return h.hexdigest()[:16]
+    """Which files, labels and sizes a split has, in any order or folder (records, resume checks)."""
+    return _hash_files(root, entries, exact=False)
 
 
 def content_key(root: Path, entries) -> str:
-    """Like `fingerprint`, plus the folder, modification times and ORDER (rows of a cached array
-    follow it): what a cache of decoded pixels must depend on."""
-    h = hashlib.sha256(str(Path(root).resolve()).encode())
-    for rel, label in entries:
-        st = os.stat(Path(root) / rel)
-        h.update(f"{rel}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:16]
+    """Also the folder, modification times and ORDER (rows of a cached array follow it): what
+    a cache of decoded pixels must depend on."""
+    return _hash_files(root, entries, exact=True)
 
 
 def _list_class_dir(class_dir: Path) -> tuple[list[Path], int]:
@@ -311,9 +320,10 @@ def make_loader(root, entries, transform, batch_size: int, train: bool, seed: in
 
 
 def loader(dataset, batch_size: int, train: bool, seed: int = 0, num_workers: int = 0,
-           pin_memory: bool = False) -> torch.utils.data.DataLoader:
-    """Shuffled, seeded, last partial batch dropped when training (BatchNorm needs > 1 sample)."""
-    generator = torch.Generator().manual_seed(seed)
+           pin_memory: bool = False, generator: torch.Generator | None = None) -> torch.utils.data.DataLoader:
+    """Shuffled, seeded (or by the `generator` given), last partial batch dropped when training
+    (BatchNorm needs > 1 sample)."""
+    generator = generator if generator is not None else torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=train, generator=generator,
         drop_last=train and len(dataset) > batch_size, num_workers=num_workers,

@@ -67,7 +67,7 @@ def resolve_runs(tracker: Tracker, run_id: str) -> tuple[str, str]:
                     f"pass the sweep's parent run id it printed")
 
 
-def check_not_scored(tracker: Tracker, parent_id: str, trial_id: str, force: bool) -> int:
+def check_not_scored(tracker: Tracker, parent_id: str, force: bool) -> int:
     """Refuse a second scoring of a sweep unless forced; returns the number of earlier scorings."""
     tags = tracker.get_run(parent_id).data.tags
     earlier = int(tags.get("final_test.count", "0"))
@@ -99,15 +99,18 @@ def score(model, config: dict, split: dict, device: torch.device, batch_size: in
 
 def run_final_test(run_id: str, tracking_uri: str | None = None, force: bool = False,
                    device: str = "cpu", batch_size: int = 64) -> TestResult:
+    if batch_size < 1:
+        raise UserError(f"--batch-size {batch_size}: give at least 1")
+    torch_device = pick_device(device)
     tracker = Tracker(tracking_uri)
     tracker.check_reachable()
     trial_id, parent_id = resolve_runs(tracker, run_id)
-    earlier = check_not_scored(tracker, parent_id, trial_id, force)
+    earlier = check_not_scored(tracker, parent_id, force)
     split = tracker.load_json(parent_id, "dataset/split.json")
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = tracker.download(trial_id, "checkpoints/phase2_best.pt", Path(tmp))
         model, config = M.model_from_checkpoint(ckpt)
-    ev = score(model, config, split, torch.device(device), batch_size)
+    ev = score(model, config, split, torch_device, batch_size)
     classes = split["classes"]
     macro_f1 = float(f1_score(ev.targets, ev.preds, average="macro", labels=list(range(len(classes))),
                               zero_division=0))
@@ -135,9 +138,6 @@ def log_result(tracker: Tracker, r: TestResult, ev, classes, earlier: int, force
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        if args.batch_size < 1:
-            raise UserError(f"--batch-size {args.batch_size}: give at least 1")
-        pick_device(args.device)
         r = run_final_test(args.run_id, args.tracking_uri, args.force, args.device, args.batch_size)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -7,15 +7,14 @@ phase-1 views, so they give the same phase-1 metrics (tests/test_cache.py checks
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
 import torchvision
 from torch import nn
-from torchvision.models import get_model_weights
 
 from . import cache as C
 from . import data as D
@@ -28,22 +27,21 @@ def default_workers(device: torch.device) -> int:
     return 0 if device.type != "cuda" else max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
-def weights_id(weights: str, backbone: str, study_seed: int) -> str:
-    """What identifies the backbone's starting weights in a cache key."""
-    if weights == "imagenet":
-        return f"imagenet:{get_model_weights(backbone).DEFAULT}"
-    if weights == "none":
-        return f"none:seed{study_seed}"  # random init is drawn from the study seed
-    digest = hashlib.sha256(Path(weights).expanduser().read_bytes()).hexdigest()[:16]
-    return f"file:{digest}"
+def initial_model(backbone: str, n_classes: int, weights: str, study_seed: int) -> nn.Module:
+    """The sweep's starting model: its weights (ImageNet, a file, or random init drawn from the
+    study seed, so it is shared like the cached features); built once, copied per trial."""
+    torch.manual_seed(study_seed)
+    return M.build_model(backbone, n_classes, weights)
 
 
 class Pipeline:
     def __init__(self, splits: D.Splits, fixed: Fixed, weights: str, mean, std, device: torch.device,
-                 workers: int | None = None, use_cache: bool = True):
+                 workers: int | None = None, use_cache: bool = True, base: nn.Module | None = None):
         self.splits, self.fixed, self.weights, self.mean, self.std = splits, fixed, weights, mean, std
         self.device, self.use_cache = device, use_cache
         self.workers = default_workers(device) if workers is None else workers
+        self.base = base if base is not None else initial_model(fixed.backbone, len(splits.classes), weights, fixed.seed)
+        self.head = M.head_name(self.base)
         self.train_labels = [y for _, y in splits.train]
         self.valid_labels = [y for _, y in splits.valid]
         self.arrays, self.features, self.valid_features = None, None, None
@@ -52,44 +50,39 @@ class Pipeline:
             self.arrays = {name: C.decoded_images(splits.root, getattr(splits, name), side, self.workers)
                            for name in ("train", "valid")}
             self.features = C.FeatureCache(
-                C.feature_extractor(self.model(0), self.head_name()), self.model_key(),
+                C.feature_extractor(self.base, self.head), self.model_key(),
                 self.arrays["train"], self.train_labels, self._dataset("valid", "none", False),
                 self.transform, fixed.seed, device, workers=self.workers)
 
-    def head_name(self) -> str:
-        return M.head_name(M.build_model(self.fixed.backbone, len(self.splits.classes), "none"))
-
     def model_key(self) -> dict:
-        """Everything the phase-1 features depend on (the level and view go in the entry name)."""
-        backbone = self.model(0)
+        """Everything the phase-1 features depend on (the level and view go in the entry name).
+        The backbone's state identifies its weights, whatever their source."""
         state = hashlib.sha256()
-        for name, tensor in backbone.state_dict().items():
-            if not name.startswith(M.head_name(backbone) + "."):
+        for name, tensor in self.base.state_dict().items():
+            if not name.startswith(self.head + "."):
                 state.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
         return {"train": D.content_key(self.splits.root, self.splits.train),
                 "valid": D.content_key(self.splits.root, self.splits.valid),
                 "device": self.device.type,  # GPU kernels (TF32 and the like) give other low bits
                 "backbone": self.fixed.backbone, "image_size": self.fixed.image_size,
-                "weights": weights_id(self.weights, self.fixed.backbone, self.fixed.seed),
                 "backbone_state": state.hexdigest()[:16],
                 "transforms": {lvl: repr(self.transform(lvl)) for lvl in D.AUG_LEVELS},
                 "versions": [torch.__version__, torchvision.__version__], "mean": self.mean, "std": self.std}
 
     def model(self, trial_seed: int) -> nn.Module:
-        """Backbone drawn from the study seed (so random init is shared, like cached features);
-        the head from the trial's own seed."""
-        torch.manual_seed(self.fixed.seed)
-        model = M.build_model(self.fixed.backbone, len(self.splits.classes), self.weights)
+        """A copy of the starting model with a fresh head drawn from the trial's own seed."""
+        model = copy.deepcopy(self.base)
         torch.manual_seed(trial_seed)
-        model.get_submodule(M.head_name(model)).reset_parameters()
+        model.get_submodule(self.head).reset_parameters()
         return model
 
     def transform(self, level: str):
+        """The train transform of a level ("none" is the evaluation transform)."""
         return D.build_transform(level, self.fixed.image_size, self.mean, self.std, train=level != "none")
 
     def _dataset(self, split: str, level: str, views: bool):
         entries = getattr(self.splits, split)
-        transform = D.build_transform(level, self.fixed.image_size, self.mean, self.std, train=split == "train")
+        transform = self.transform(level if split == "train" else "none")
         view_seed = C.view_seed_fn(self.fixed.seed, level) if views else None
         if self.arrays is not None:
             return C.StoredImages(self.arrays[split], [y for _, y in entries], transform, view_seed)
@@ -106,7 +99,7 @@ class Pipeline:
         if self.features is None:
             views = self._loader(self._dataset("train", cfg.aug_strength, True), bs, True, cfg.seed)
             return train, valid, (model, C.ViewEpochs(views), valid)
-        head = model.get_submodule(M.head_name(model))
+        head = model.get_submodule(self.head)
         if self.valid_features is None:
             self.valid_features = torch.from_numpy(np.array(self.features.valid()))
         valid_features = torch.utils.data.TensorDataset(self.valid_features, torch.as_tensor(self.valid_labels))

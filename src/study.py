@@ -25,8 +25,7 @@ def open_parent(tracker: Tracker, study: optuna.Study, experiment: str, splits: 
                 sweep: SweepFile, tags: dict) -> str:
     """The study's parent run: reused when the study already has one in this store."""
     parent_id = study.user_attrs.get("mlflow_parent_run_id")
-    fp = splits.record()
-    data_fp = "-".join(fp[f"{n}_fingerprint"] for n in D.SPLITS)
+    data_fp = "-".join(splits.fingerprints[n] for n in D.SPLITS)
     if tracker.run_exists(parent_id):
         recorded = tracker.get_run(parent_id).data.tags.get("dataset.fingerprint")
         if recorded and recorded != data_fp:
@@ -40,7 +39,7 @@ def open_parent(tracker: Tracker, study: optuna.Study, experiment: str, splits: 
     study.set_user_attr("mlflow_parent_run_id", parent_id)
     tracker.log_files(parent_id, [sweep.path], "sweep")
     tracker.log_json(parent_id, splits.summary(), "dataset/summary.json")
-    tracker.log_json(parent_id, fp, "dataset/split.json")
+    tracker.log_json(parent_id, splits.record(), "dataset/split.json")
     return parent_id
 
 

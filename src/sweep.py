@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import argparse
 import gc
-import traceback
 import logging
 import signal
 import sys
 import tempfile
+import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from tqdm import tqdm
 from . import data as D
 from . import figures, model as M, search_space
 from .config import Fixed, TrialConfig, UserError, load_sweep, resolve_fixed
-from .pipeline import Pipeline
+from .pipeline import Pipeline, initial_model
 from .study import (check_same_settings, derive_seed, finished, log_study_plots, open_parent,
                     open_study, pruning_savings, summary_table, update_best)
 from .tracking import Tracker
@@ -66,17 +66,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 @dataclass
 class Context:
-    """What every trial shares: data, fixed settings, where to log."""
-    splits: D.Splits
-    fixed: Fixed
-    weights: str                 # effective weights after resolution ("none" if the demo fell back)
+    """What every trial shares: data, model and settings (the pipeline), search space, logging."""
+    pipeline: Pipeline
     search: dict
     tracker: Tracker
     parent_id: str
-    device: torch.device
-    mean: list
-    std: list
-    pipeline: Pipeline
 
 
 def pick_device(name: str) -> torch.device:
@@ -90,35 +84,35 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def resolve_weights(fixed: Fixed, on_demo: bool, weights_flag: str | None) -> tuple[str, bool]:
-    """Check the weights load before any training; (effective weights, fell back to random)."""
+def resolve_weights(fixed: Fixed, n_classes: int, on_demo: bool,
+                    weights_flag: str | None) -> tuple[torch.nn.Module, str, bool]:
+    """Load the starting model before any training: (model, effective weights, fell back)."""
     if fixed.weights == "none":
         log.warning("*** --weights none: RANDOM INIT, no pretrained features (much worse results) ***")
-        return "none", False
     try:
-        M.build_model(fixed.backbone, 2, fixed.weights)
-        return fixed.weights, False
+        return initial_model(fixed.backbone, n_classes, fixed.weights, fixed.seed), fixed.weights, False
     except M.WeightsUnavailable as exc:
         if not (on_demo and weights_flag is None):
             raise
         log.warning("*** ImageNet weights unavailable; the DEMO continues from RANDOM INIT. ***\n%s", exc)
-        return "none", True
+        return initial_model(fixed.backbone, n_classes, "none", fixed.seed), "none", True
 
 
 class Objective:
     """One trial: sample, train both phases, log to the trial's MLflow run, return valid acc."""
 
-    def __init__(self, ctx: Context, trial_bar: tqdm | None = None):
-        self.ctx, self.trial_bar = ctx, trial_bar
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
 
     def config(self, trial) -> TrialConfig:
-        f = self.ctx.fixed
+        pipe = self.ctx.pipeline
+        f = pipe.fixed
         sampled = search_space.sample(trial, self.ctx.search)
         return TrialConfig(
-            backbone=f.backbone, weights=self.ctx.weights, image_size=f.image_size, batch_size=f.batch_size,
+            backbone=f.backbone, weights=pipe.weights, image_size=f.image_size, batch_size=f.batch_size,
             max_epochs_phase1=f.max_epochs_phase1, max_epochs_phase2=f.max_epochs_phase2,
             phase2_head_lr_factor=f.phase2_head_lr_factor, seed=derive_seed(f.seed, trial.number),
-            classes=self.ctx.splits.classes, **sampled)
+            classes=pipe.splits.classes, **sampled)
 
     def __call__(self, trial) -> float:
         cfg = self.config(trial)
@@ -154,7 +148,7 @@ class Objective:
             # A pruned or failed trial must not keep its model and optimizer state alive.
             del model, train_loader, valid_loader, phase1_inputs
             gc.collect()
-            if ctx.device.type == "cuda":
+            if ctx.pipeline.device.type == "cuda":
                 torch.cuda.empty_cache()
 
     def fit(self, trial, cfg: TrialConfig, run_id: str, model, train_loader, valid_loader, phase1_inputs):
@@ -171,12 +165,11 @@ class Objective:
 
             def on_phase_end(result, trained_model):
                 self.log_phase(run_id, cfg, result, trained_model)
-                trial.set_user_attr(f"phase{result.phase}_epochs", result.epochs)
 
             _, phase2 = fit_two_phase(
                 model, train_loader, valid_loader, head_lr=cfg.head_lr, backbone_lr_ratio=cfg.backbone_lr_ratio,
                 patience=cfg.patience, max_epochs_phase1=cfg.max_epochs_phase1,
-                max_epochs_phase2=cfg.max_epochs_phase2, device=ctx.device,
+                max_epochs_phase2=cfg.max_epochs_phase2, device=ctx.pipeline.device,
                 phase2_head_lr_factor=cfg.phase2_head_lr_factor, phase1_inputs=phase1_inputs,
                 on_epoch=on_epoch, on_phase_end=on_phase_end)
         return phase2.best_valid_acc
@@ -188,7 +181,8 @@ class Objective:
                                      f"phase{p}/best_valid_acc": result.best_valid_acc,
                                      f"phase{p}/best_valid_loss": result.best_valid_loss}, step=result.last_step)
         with tempfile.TemporaryDirectory() as tmp:
-            ckpt = M.make_checkpoint(model, {**cfg.to_dict(), "mean": self.ctx.mean, "std": self.ctx.std},
+            pipe = self.ctx.pipeline
+            ckpt = M.make_checkpoint(model, {**cfg.to_dict(), "mean": pipe.mean, "std": pipe.std},
                                      p, result.best_epoch, result.best_valid_acc)
             path = M.save_checkpoint(ckpt, Path(tmp) / f"phase{p}_best.pt")
             tracker.log_files(run_id, [path], "checkpoints")
@@ -222,7 +216,7 @@ def prepare(args) -> tuple[Context, optuna.Study, str]:
     data_dir = D.demo_data_dir() if on_demo else args.data
     splits = D.find_splits(data_dir, seed=fixed.seed)
     device = pick_device(args.device)
-    weights, fell_back = resolve_weights(fixed, on_demo, args.weights)
+    base, weights, fell_back = resolve_weights(fixed, len(splits.classes), on_demo, args.weights)
     mean, std = M.norm_stats(fixed.backbone)
     study_name = args.study_name or f"{sweep.path.stem}-{'demo-digits' if on_demo else Path(data_dir).name}"
     tracker = Tracker(args.tracking_uri)
@@ -231,12 +225,12 @@ def prepare(args) -> tuple[Context, optuna.Study, str]:
     check_same_settings(study, {**asdict(fixed), "weights": weights, "search": {
         n: asdict(spec) for n, spec in sweep.search.items()}})
     # Decoding every image once happens here: after the cheap checks, before any training.
-    pipeline = Pipeline(splits, fixed, weights, mean, std, device, args.workers, use_cache=not args.no_cache)
+    pipeline = Pipeline(splits, fixed, weights, mean, std, device, args.workers, not args.no_cache, base)
     tags = {"optuna.storage": args.storage, "data.dir": str(splits.root), "data.demo": str(on_demo).lower(),
             "weights.requested": fixed.weights, "weights.effective": weights,
             "weights.unavailable": str(fell_back).lower(), **{f"fixed.{k}": v for k, v in asdict(fixed).items()}}
     parent_id = open_parent(tracker, study, args.experiment or sweep.path.stem, splits, sweep, tags)
-    ctx = Context(splits, fixed, weights, sweep.search, tracker, parent_id, device, mean, std, pipeline)
+    ctx = Context(pipeline, sweep.search, tracker, parent_id)
     return ctx, study, study_name
 
 
@@ -258,7 +252,7 @@ def run_sweep(args) -> SweepResult:
 
                 stop_at_total = optuna.study.MaxTrialsCallback(
                     args.trials, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
-                study.optimize(Objective(ctx, bar), n_trials=remaining, timeout=args.timeout,
+                study.optimize(Objective(ctx), n_trials=remaining, timeout=args.timeout,
                                callbacks=[after_trial, stop_at_total], catch=(RuntimeError, ValueError))
     except KeyboardInterrupt:
         status = "KILLED"
@@ -271,12 +265,10 @@ def run_sweep(args) -> SweepResult:
         update_best(ctx.tracker, ctx.parent_id, study)
         log_study_plots(ctx.tracker, ctx.parent_id, study)
         ctx.tracker.finish(ctx.parent_id, status)
-    result = report(study, ctx, args)
-    result.interrupted = interrupted
-    return result
+    return report(study, ctx, args, interrupted)
 
 
-def report(study: optuna.Study, ctx: Context, args) -> SweepResult:
+def report(study: optuna.Study, ctx: Context, args, interrupted: bool) -> SweepResult:
     completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     best = max(completed, key=lambda t: t.value) if completed else None
     print(f"\nstudy {study.study_name!r}: {len(finished(study))} finished trials "
@@ -292,13 +284,13 @@ def report(study: optuna.Study, ctx: Context, args) -> SweepResult:
     if best is not None:
         print(f"\nbest: trial {best.number}, valid_acc {best.value:.4f}. Next:\n  {browse}\n"
               f"  python -m src.final_test --run-id {ctx.parent_id}{uri}")
-    spent, pruned_max = pruning_savings(study, ctx.fixed)
+    spent, pruned_max = pruning_savings(study, ctx.pipeline.fixed)
     print(f"epochs spent: {spent}; pruned trials could have run up to {pruned_max} more without pruning")
     ctx.tracker.log_metrics(ctx.parent_id, {"sweep/epochs_spent": spent,
                                             "sweep/epochs_saved_by_pruning_max": pruned_max})
     return SweepResult(study.study_name, ctx.parent_id, best.value if best else None,
                        best.user_attrs.get("mlflow_run_id") if best else None, best.number if best else None,
-                       len(finished(study)), spent)
+                       len(finished(study)), spent, interrupted)
 
 
 def main(argv=None) -> int:

@@ -63,10 +63,8 @@ def _autocast(device: torch.device):
 
 def _to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device):
     """Non-blocking copies (from pinned memory); channels_last image batches on CUDA."""
-    images = images.to(device, non_blocking=True)
-    if device.type == "cuda" and images.dim() == 4:
-        images = images.contiguous(memory_format=torch.channels_last)
-    return images, labels.to(device, non_blocking=True)
+    layout = torch.channels_last if device.type == "cuda" and images.dim() == 4 else torch.preserve_format
+    return images.to(device, non_blocking=True, memory_format=layout), labels.to(device, non_blocking=True)
 
 
 def evaluate(model: nn.Module, loader, device: torch.device) -> Evaluation:
