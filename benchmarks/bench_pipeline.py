@@ -29,7 +29,7 @@ from src import data as D, model as M, sweep  # noqa: E402
 from src.config import Fixed, TrialConfig  # noqa: E402
 from src.pipeline import Pipeline  # noqa: E402
 from src.cache import ViewEpochs  # noqa: E402
-from src.train import evaluate, make_optimizer, train_epoch  # noqa: E402
+from src.train import amp_dtype, evaluate, make_optimizer, train_epoch  # noqa: E402
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
@@ -111,6 +111,8 @@ def imagefolder_loader(splits, fixed, workers: int):
 
 
 def phase2_throughput(splits, fixed, device) -> tuple[float, float]:
+    """Fine-tuning images/s from three sources, all in the sweep's default precision."""
+    amp = amp_dtype(device)
     pipeline = Pipeline(splits, fixed, "none", MEAN, STD, device, None, True)
     ours, _, _ = pipeline.loaders(trial_config(pipeline, "light"), pipeline.model(0))
     n_batches = len(ours)
@@ -123,11 +125,11 @@ def phase2_throughput(splits, fixed, device) -> tuple[float, float]:
     model = pipeline.model(0).to(device)
     M.set_trainable(model, 2)
     opt = make_optimizer(M.param_groups(model, 2, 1e-4, 1e-5))
-    train_epoch(model, 2, synthetic[:3], opt, device)  # warm-up
+    train_epoch(model, 2, synthetic[:3], opt, device, amp)  # warm-up
     rates = {}
     for name, source in (("synthetic in-memory tensors (compute bound)", synthetic), ("our pipeline", ours),
                          ("ImageFolder + PIL transforms", tutorial)):
-        rates[name] = images / timed(lambda: train_epoch(model, 2, source, opt, device))
+        rates[name] = images / timed(lambda: train_epoch(model, 2, source, opt, device, amp))
         print(f"phase-2 training, {name}: {rates[name]:.1f} images/s")
     ours_rate = rates["our pipeline"]
     return (ours_rate / rates["synthetic in-memory tensors (compute bound)"],
@@ -179,7 +181,7 @@ def main(argv=None) -> int:
                       batch_size=args.batch_size, seed=0)
         print(f"data {data}: {len(splits.train)} train / {len(splits.valid)} valid images, "
               f"{len(splits.classes)} classes; resnet18 at {args.image_size} px on {device}, "
-              f"{torch.get_num_threads()} threads")
+              f"{torch.get_num_threads()} threads; fine-tuning in {amp_dtype(device) or torch.float32}")
         p1 = phase1_epochs(splits, fixed, device)
         vs_compute, vs_folder = phase2_throughput(splits, fixed, device)
         whole = whole_sweeps(data, args, work)

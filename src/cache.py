@@ -171,7 +171,8 @@ class FeatureCache:
     def __init__(self, extractor: nn.Module, model_key: dict, train_array: np.ndarray, train_labels,
                  valid: StoredImages, transform_for, study_seed: int, device: torch.device,
                  batch_size: int = 128, workers: int = 0):
-        self.extractor, self.model_key, self.device = extractor.to(device), model_key, device
+        self.extractor = extractor.to(device, memory_format=torch.channels_last)
+        self.model_key, self.device = model_key, device
         self.train_array, self.train_labels = train_array, list(train_labels)
         self.valid_images, self.transform_for, self.study_seed = valid, transform_for, study_seed
         self.batch_size, self.workers = batch_size, workers
@@ -184,7 +185,8 @@ class FeatureCache:
         # fp32 even on CUDA: a one-off cost, and features must not carry bf16 rounding.
         with torch.inference_mode():
             for images, _ in loader:
-                chunks.append(self.extractor(images.to(self.device, non_blocking=True)))
+                images = images.to(self.device, non_blocking=True, memory_format=torch.channels_last)
+                chunks.append(self.extractor(images))
         return torch.cat(chunks).float().cpu().numpy()  # one host sync, at the end
 
     def _entry(self, name: str, dataset) -> np.ndarray:

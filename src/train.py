@@ -55,24 +55,51 @@ class Evaluation:
     targets: list[int]
 
 
-def _autocast(device: torch.device):
-    """bf16 autocast on CUDA GPUs that support it (no loss scaling needed); fp32 elsewhere."""
-    enabled = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether the hardware computes bf16 natively: CUDA GPUs that say so; CPUs with AVX512-BF16
+    or AMX (elsewhere CPU bf16 is emulated and slower than fp32)."""
+    if device.type == "cuda":
+        try:
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # older torch: no emulation to exclude
+            return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, so guarded
+        return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+    return False
+
+
+def amp_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """Autocast dtype for fine-tuning and evaluation: bf16 (no loss scaling needed) when asked, or
+    with "auto" where the hardware does it natively; None means fp32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
+    if precision == "bf16" or (precision == "auto" and native_bf16(device)):
+        return torch.bfloat16
+    return None
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
 def _to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device):
-    """Non-blocking copies (from pinned memory); channels_last image batches on CUDA."""
-    layout = torch.channels_last if device.type == "cuda" and images.dim() == 4 else torch.preserve_format
+    """Non-blocking copies (from pinned memory); image batches channels_last, the layout the
+    convolution libraries are fastest in (cuDNN, and oneDNN on CPU: 1.2-1.8x for inference here)."""
+    layout = torch.channels_last if images.dim() == 4 else torch.preserve_format
     return images.to(device, non_blocking=True, memory_format=layout), labels.to(device, non_blocking=True)
 
 
-def evaluate(model: nn.Module, loader, device: torch.device) -> Evaluation:
-    """Mean loss, accuracy and predictions over a loader, in eval mode, without gradients."""
+def evaluate(model: nn.Module, loader, device: torch.device, amp: torch.dtype | None = None) -> Evaluation:
+    """Mean loss, accuracy and predictions over a loader, in eval mode, without gradients
+    (under autocast to `amp` when given)."""
     model.eval()
     loss_sum = torch.zeros((), device=device)
     preds, targets = [], []
-    with torch.inference_mode(), _autocast(device):
+    with torch.inference_mode(), _autocast(device, amp):
         for images, labels in loader:
             images, labels = _to_device(images, labels, device)
             logits = model(images).float()
@@ -85,7 +112,8 @@ def evaluate(model: nn.Module, loader, device: torch.device) -> Evaluation:
                       preds_t.tolist(), targets_t.tolist())
 
 
-def train_epoch(model: nn.Module, phase: int, loader, optimizer, device) -> tuple[float, float]:
+def train_epoch(model: nn.Module, phase: int, loader, optimizer, device,
+                amp: torch.dtype | None = None) -> tuple[float, float]:
     """One pass over the training loader; returns (mean loss, accuracy)."""
     M.train_mode(model, phase)
     # Accumulate on the device: no .item() (a host sync) inside the loop.
@@ -94,7 +122,7 @@ def train_epoch(model: nn.Module, phase: int, loader, optimizer, device) -> tupl
     seen = 0
     for images, labels in loader:
         images, labels = _to_device(images, labels, device)
-        with _autocast(device):
+        with _autocast(device, amp):
             logits = model(images).float()
         loss = nn.functional.cross_entropy(logits, labels)
         optimizer.zero_grad(set_to_none=True)
@@ -118,15 +146,16 @@ def make_optimizer(groups: list[dict]) -> torch.optim.Optimizer:
 
 def fit_phase(model: nn.Module, phase: int, train_loader, valid_loader, *, head_lr: float,
               backbone_lr: float, max_epochs: int, patience: int, device: torch.device,
-              first_step: int = 1, on_epoch: Callable[[EpochResult], None] | None = None) -> PhaseResult:
+              first_step: int = 1, on_epoch: Callable[[EpochResult], None] | None = None,
+              amp: torch.dtype | None = None) -> PhaseResult:
     """Train one phase with early stopping on validation accuracy; the best state is restored."""
     M.set_trainable(model, phase)
     optimizer = make_optimizer(M.param_groups(model, phase, head_lr, backbone_lr))
     result = PhaseResult(phase)
     best_state, since_best = None, 0
     for epoch in range(1, max_epochs + 1):
-        train_loss, train_acc = train_epoch(model, phase, train_loader, optimizer, device)
-        ev = evaluate(model, valid_loader, device)
+        train_loss, train_acc = train_epoch(model, phase, train_loader, optimizer, device, amp)
+        ev = evaluate(model, valid_loader, device, amp)
         step = first_step + epoch - 1
         record = EpochResult(phase, epoch, step, train_loss, train_acc, ev.loss, ev.acc,
                              {g["name"]: g["lr"] for g in optimizer.param_groups})
@@ -150,16 +179,18 @@ def fit_phase(model: nn.Module, phase: int, train_loader, valid_loader, *, head_
 def fit_two_phase(model: nn.Module, train_loader, valid_loader, *, head_lr: float,
                   backbone_lr_ratio: float, patience: int, max_epochs_phase1: int,
                   max_epochs_phase2: int, device: torch.device, phase2_head_lr_factor: float = 1.0,
-                  phase1_inputs: tuple | None = None, on_epoch=None,
-                  on_phase_end=None) -> tuple[PhaseResult, PhaseResult]:
+                  phase1_inputs: tuple | None = None, on_epoch=None, on_phase_end=None,
+                  amp: torch.dtype | None = None) -> tuple[PhaseResult, PhaseResult]:
     """The recipe: fit the head on a frozen backbone, then fine-tune everything.
 
     `phase1_inputs=(head, feature_train_loader, feature_valid_loader)` trains phase 1 on cached
     backbone features instead of images: same result, since the frozen eval-mode backbone is a
-    pure function of its input, and `head` is the model's own classifier module."""
-    model.to(device)
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
+    pure function of its input, and `head` is the model's own classifier module.
+
+    `amp` (see `amp_dtype`) applies to phase 2 only. Phase 1 always runs in fp32: its cached
+    features are fp32, so cached and recomputed phase 1 agree on every device, and a linear
+    head on features costs next to nothing anyway."""
+    model.to(device, memory_format=torch.channels_last)
     results = []
     step = 1
     for phase, max_epochs in ((1, max_epochs_phase1), (2, max_epochs_phase2)):
@@ -169,7 +200,8 @@ def fit_two_phase(model: nn.Module, train_loader, valid_loader, *, head_lr: floa
             module, train_data, valid_data = phase1_inputs
         result = fit_phase(module, phase, train_data, valid_data, head_lr=lr,
                            backbone_lr=head_lr * backbone_lr_ratio, max_epochs=max_epochs,
-                           patience=patience, device=device, first_step=step, on_epoch=on_epoch)
+                           patience=patience, device=device, first_step=step, on_epoch=on_epoch,
+                           amp=amp if phase == 2 else None)
         if on_phase_end is not None:
             on_phase_end(result, model)
         results.append(result)

@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 from src import final_test, sweep
 from src import study as study_mod
 from src import model as M
+from src import train
 from src.config import UserError
 
 pytestmark = pytest.mark.slow
@@ -63,6 +64,9 @@ def test_sweep_logs_every_trial_and_never_opens_test(in_tmp, flat_folder):
     assert parent.data.tags["tlsweep.role"] == "parent"
     assert parent.data.tags["best.run_id"] == result.best_run_id
     assert parent.info.status == "FINISHED"
+    # --precision auto: bf16 fine-tuning exactly where this CPU does bf16 natively
+    assert parent.data.tags["train.precision"] == ("bf16" if train.native_bf16(torch.device("cpu")) else "fp32")
+    assert parent.data.tags["train.device"] == "cpu"
     assert _artifacts(client, parent.info.run_id, "sweep") == ["default.toml"]
     assert _artifacts(client, parent.info.run_id, "dataset") == ["split.json", "summary.json"]
     assert "optimization_history.png" in _artifacts(client, parent.info.run_id, "study")
@@ -92,7 +96,7 @@ def test_sweep_logs_every_trial_and_never_opens_test(in_tmp, flat_folder):
 
 def test_resume_by_name_and_final_test_once(in_tmp, split_folder, capsys):
     first = sweep.run_sweep(sweep.parse_args(_args(in_tmp, split_folder, 2, "--backbone", "mobilenet_v2",
-                                                   "--image-size", "32")))
+                                                   "--image-size", "32", "--precision", "fp32")))
     again = sweep.run_sweep(sweep.parse_args(_args(in_tmp, split_folder, 3, "--backbone", "mobilenet_v2",
                                                    "--image-size", "32")))
     assert again.parent_run_id == first.parent_run_id  # parent reused, not duplicated
@@ -104,6 +108,7 @@ def test_resume_by_name_and_final_test_once(in_tmp, split_folder, capsys):
                                                "--image-size", "32", "--max-epochs", "1")))
     client = MlflowClient(f"sqlite:///{in_tmp}/mlflow.db")
     assert len(_children(client, first.parent_run_id)) == 3
+    assert client.get_run(first.parent_run_id).data.tags["train.precision"] == "fp32"
     uri = f"sqlite:///{in_tmp}/mlflow.db"
 
     assert final_test.main(["--run-id", first.parent_run_id, "--tracking-uri", uri]) == 0

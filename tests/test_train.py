@@ -19,6 +19,10 @@ SIZE = 16
 
 @pytest.fixture
 def loaders(split_folder):
+    return _make_loaders(split_folder)
+
+
+def _make_loaders(split_folder):
     """24 training images (2 batches of 12), 9 validation images, 3 classes, 16 px."""
     splits = find_splits(split_folder)
     mean, std = M.norm_stats("resnet18")
@@ -201,7 +205,7 @@ def test_best_epoch_in_the_middle_is_restored(loaders, monkeypatch):
     train, valid = loaders
     accs = iter([0.5, 0.4, 0.8, 0.8, 0.6, 0.9, 0.95])
 
-    def scripted(model, loader, device):
+    def scripted(model, loader, device, amp=None):
         acc = next(accs)
         return Evaluation(loss=1 - acc, acc=acc, preds=[int(acc * 100)], targets=[0])
 
@@ -252,3 +256,40 @@ def test_evaluate_counts_every_validation_image(loaders):
     assert ev.acc == pytest.approx(sum(p == t for p, t in zip(ev.preds, ev.targets)) / 9)
     assert ev.loss > 0
     assert not model.training  # evaluation runs in eval mode
+
+
+# --- precision -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bf16_only_where_the_cpu_does_it_natively(monkeypatch, native):
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, probe, lambda: native, raising=False)
+    assert T.amp_dtype(CPU, "auto") == (torch.bfloat16 if native else None)
+    assert T.amp_dtype(CPU, "fp32") is None
+    assert T.amp_dtype(CPU, "bf16") == torch.bfloat16
+    with pytest.raises(ValueError, match="fp16"):
+        T.amp_dtype(CPU, "fp16")
+
+
+def test_bf16_applies_to_phase2_only_and_phase1_is_unchanged(split_folder):
+    """Phase 1 stays fp32 (so cached features and recomputing agree); phase 2's convolutions
+    run in bf16 and it still trains."""
+    runs = {}
+    for amp in (None, torch.bfloat16):
+        train, valid = _make_loaders(split_folder)  # fresh shuffles and views for each run
+        torch.manual_seed(0)
+        model = build_model("resnet18", 3, weights="none")
+        dtypes = []
+        model.conv1.register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
+        phases = []
+        p1, p2 = fit_two_phase(model, train, valid, head_lr=1e-2, backbone_lr_ratio=0.1, patience=5,
+                               max_epochs_phase1=2, max_epochs_phase2=1, device=CPU, amp=amp,
+                               on_epoch=lambda r: phases.append((r.phase, dtypes[-1])))
+        runs[amp] = (p1, p2, phases)
+    (p1_fp32, p2_fp32, phases_fp32), (p1_bf16, p2_bf16, phases_bf16) = runs[None], runs[torch.bfloat16]
+    assert p1_bf16.history == p1_fp32.history  # identical, not just close
+    assert phases_fp32 == [(1, torch.float32), (1, torch.float32), (2, torch.float32)]
+    assert phases_bf16 == [(1, torch.float32), (1, torch.float32), (2, torch.bfloat16)]
+    assert p2_bf16.history[0].train_loss != p2_fp32.history[0].train_loss
+    # bf16 rounds (differently at every step of a tiny random-init net), it does not break training
+    assert p2_bf16.history[0].train_loss == pytest.approx(p2_fp32.history[0].train_loss, rel=0.25)
