@@ -94,7 +94,7 @@ def score(model, config: dict, split: dict, device: torch.device, batch_size: in
         raise UserError(f"the test files in {split['root']} changed since the sweep recorded them "
                         f"(fingerprint {split['test_fingerprint']} -> {now}); restore the original test set")
     loader = D.make_loader(Path(split["root"]), entries, transform, batch_size, train=False)
-    return evaluate(model.to(device), loader, device)
+    return evaluate(model.to(device), loader, device)  # fp32 (no amp): the score of record, once
 
 
 def run_final_test(run_id: str, tracking_uri: str | None = None, force: bool = False,
