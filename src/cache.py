@@ -18,6 +18,7 @@ match is rebuilt, never used.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -87,10 +88,11 @@ def _cached(path: Path, dtype, write, shape: tuple | None = None) -> np.ndarray:
         write(tmp)
         array = np.load(tmp, mmap_mode="r")
         meta = {"shape": list(array.shape), "dtype": str(array.dtype), "crc32": _crc(array)}
+        del array  # closes the map of the temp name
         os.replace(tmp, path)
         D.write_json_atomic(path.with_suffix(".json"), meta)
         _verified.add(str(path))
-        return array
+        return np.load(path, mmap_mode="r")  # mapped under its final name, which workers reopen
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -129,15 +131,33 @@ class StoredImages(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
+    def __getstate__(self) -> dict:
+        # DataLoader workers started by spawn or forkserver (Windows, macOS, Python >= 3.14 on
+        # Linux) get the dataset pickled: send the file name, not gigabytes of pixels per worker.
+        state = dict(self.__dict__)
+        if isinstance(self.array, np.memmap) and self.array.filename:
+            state["array"] = Path(self.array.filename)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        if isinstance(state["array"], Path):
+            state["array"] = np.load(state["array"], mmap_mode="r")
+        self.__dict__.update(state)
+
     def __getitem__(self, i: int):
         image = torch.from_numpy(np.array(self.array[i])).permute(2, 0, 1)  # copy: the memmap is read-only
         return D.apply_transform(self.transform, image, self.view_seed, self.epoch, i), self.labels[i]
 
 
+def _view_seed(base: int, single_view: bool, epoch: int, i: int) -> int:
+    return (base + 1_000_003 * (0 if single_view else epoch) + i) % (2**63)
+
+
 def view_seed_fn(study_seed: int, level: str):
-    """Seed of view `epoch` of image i: shared by every trial of the same level and study seed."""
+    """Seed of view `epoch` of image i: shared by every trial of the same level and study seed.
+    A partial of a module function, not a lambda, so spawned DataLoader workers can unpickle it."""
     base = int(cache_key("view", study_seed, level), 16) % (2**31)
-    return lambda epoch, i: (base + 1_000_003 * (0 if level == "none" else epoch) + i) % (2**63)
+    return functools.partial(_view_seed, base, level == "none")
 
 
 class ViewEpochs:

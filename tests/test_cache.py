@@ -171,3 +171,33 @@ def test_view_seeding_leaves_the_global_rng_alone(flat_folder):
     dataset = pipeline._dataset("train", "strong", True)
     dataset[0]
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_stored_images_reach_spawned_workers_as_a_file_name_not_pixels(flat_folder):
+    """Workers started by spawn/forkserver unpickle the dataset: it must reopen the memory map,
+    not carry a copy of every decoded image."""
+    import pickle
+
+    splits = D.find_splits(flat_folder)
+    array = C.decoded_images(splits.root, splits.train, 64)
+    tf = D.build_transform("light", 56, [0.5] * 3, [0.25] * 3, train=True)
+    dataset = C.StoredImages(array, [y for _, y in splits.train], tf, C.view_seed_fn(0, "light"))
+    dataset.epoch = 2
+    blob = pickle.dumps(dataset)
+    assert len(blob) < array.nbytes / 10
+    copy = pickle.loads(blob)
+    assert isinstance(copy.array, np.memmap) and np.array_equal(copy.array, array)
+    assert copy.epoch == 2 and torch.equal(copy[3][0], dataset[3][0])  # same seeded view
+    plain = C.StoredImages(np.array(array), dataset.labels, tf)  # an in-memory array still pickles whole
+    assert isinstance(pickle.loads(pickle.dumps(plain)).array, np.ndarray)
+
+
+@pytest.mark.slow
+def test_a_spawned_worker_serves_the_same_views(flat_folder):
+    splits = D.find_splits(flat_folder)
+    array = C.decoded_images(splits.root, splits.train, 18)
+    tf = D.build_transform("strong", 16, [0.5] * 3, [0.25] * 3, train=True)
+    dataset = C.StoredImages(array, [y for _, y in splits.train], tf, C.view_seed_fn(0, "strong"))
+    here = torch.cat([x for x, _ in torch.utils.data.DataLoader(dataset, batch_size=8)])
+    spawned = torch.utils.data.DataLoader(dataset, batch_size=8, num_workers=1, multiprocessing_context="spawn")
+    assert torch.equal(torch.cat([x for x, _ in spawned]), here)
