@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from src import data as D, model as M, sweep  # noqa: E402
 from src.config import Fixed, TrialConfig  # noqa: E402
 from src.pipeline import Pipeline  # noqa: E402
+from src.tracking import Tracker  # noqa: E402
 from src.cache import ViewEpochs  # noqa: E402
 from src.train import amp_dtype, evaluate, make_optimizer, train_epoch  # noqa: E402
 
@@ -144,12 +145,9 @@ def phase2_throughput(splits, fixed, device) -> tuple[float, float, float]:
 def phase2_images(tracking_uri: str, parent_id: str, images_per_epoch: int) -> int:
     """Images the sweep's trials fine-tuned on (phase-2 epochs, from each trial's per-epoch
     `phase` metric, times full batches per epoch)."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri)
-    exp_id = client.get_run(parent_id).info.experiment_id
-    trials = client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")
-    epochs = sum(m.value == 2 for run in trials for m in client.get_metric_history(run.info.run_id, "phase"))
+    tracker = Tracker(tracking_uri)
+    epochs = sum(m.value == 2 for run in tracker.children(parent_id)
+                 for m in tracker.client.get_metric_history(run.info.run_id, "phase"))
     return epochs * images_per_epoch
 
 
@@ -166,7 +164,7 @@ def one_sweep(data: Path, args, work: Path, name: str, *flags: str):
     return time.perf_counter() - start, result
 
 
-def whole_sweeps(data: Path, args, work: Path, compute_bound: float) -> float:
+def whole_sweeps(data: Path, args, work: Path, compute_bound: float, n_train: int) -> float:
     """The same short sweep with caches on, off, and on without pruning; fresh stores and
     caches each time. Phase 2 (fine-tuning everything) is the part no cache can remove; at the
     compute bound it sets a ceiling on the whole-sweep speedup, printed beside it."""
@@ -180,7 +178,7 @@ def whole_sweeps(data: Path, args, work: Path, compute_bound: float) -> float:
     (on, cached), (off, uncached), (_, unpruned) = runs.values()
     print(f"same best trial with and without caches: {cached.best_trial_number == uncached.best_trial_number}")
     print(f"pruning: {cached.epochs_spent} epochs spent vs {unpruned.epochs_spent} without pruning")
-    per_epoch = len(D.find_splits(data).train) // args.batch_size * args.batch_size
+    per_epoch = n_train // args.batch_size * args.batch_size
     floor = phase2_images(f"sqlite:///{work}/mlflow-cached.db", cached.parent_run_id, per_epoch) / compute_bound
     print(f"phase-2 fine-tuning in the sweep: {floor:.1f} s at the compute bound, so no cache can make "
           f"this sweep more than {off / floor:.2f}x faster; caches on spent {on - floor:.1f} s on the rest "
@@ -214,7 +212,7 @@ def main(argv=None) -> int:
               f"{torch.get_num_threads()} threads; fine-tuning in {amp_dtype(device) or torch.float32}")
         p1 = phase1_epochs(splits, fixed, device)
         vs_compute, vs_folder, compute_bound = phase2_throughput(splits, fixed, device)
-        whole = whole_sweeps(data, args, work, compute_bound)
+        whole = whole_sweeps(data, args, work, compute_bound, len(splits.train))
     print(f"ratio phase1_cache_speedup {p1:.2f}")
     print(f"ratio phase2_vs_compute_bound {vs_compute:.2f}")
     print(f"ratio phase2_vs_imagefolder {vs_folder:.2f}")

@@ -34,6 +34,7 @@ import torchvision
 from torch import nn
 
 from . import data as D
+from .train import to_device
 
 log = logging.getLogger("tlsweep")
 VERSION = 1
@@ -204,9 +205,8 @@ class FeatureCache:
         chunks = []
         # fp32 even on CUDA: a one-off cost, and features must not carry bf16 rounding.
         with torch.inference_mode():
-            for images, _ in loader:
-                images = images.to(self.device, non_blocking=True, memory_format=torch.channels_last)
-                chunks.append(self.extractor(images))
+            for images, labels in loader:
+                chunks.append(self.extractor(to_device(images, labels, self.device)[0]))
         return torch.cat(chunks).float().cpu().numpy()  # one host sync, at the end
 
     def _entry(self, name: str, dataset) -> np.ndarray:

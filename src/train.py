@@ -86,7 +86,7 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
-def _to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device):
+def to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device):
     """Non-blocking copies (from pinned memory); image batches channels_last, the layout the
     convolution libraries are fastest in (cuDNN, and oneDNN on CPU: 1.2-1.8x for inference here)."""
     layout = torch.channels_last if images.dim() == 4 else torch.preserve_format
@@ -101,7 +101,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: torch.dtype | 
     preds, targets = [], []
     with torch.inference_mode(), _autocast(device, amp):
         for images, labels in loader:
-            images, labels = _to_device(images, labels, device)
+            images, labels = to_device(images, labels, device)
             logits = model(images).float()
             loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum")
             preds.append(logits.argmax(1))
@@ -121,7 +121,7 @@ def train_epoch(model: nn.Module, phase: int, loader, optimizer, device,
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
     for images, labels in loader:
-        images, labels = _to_device(images, labels, device)
+        images, labels = to_device(images, labels, device)
         with _autocast(device, amp):
             logits = model(images).float()
         loss = nn.functional.cross_entropy(logits, labels)
