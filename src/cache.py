@@ -23,8 +23,10 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import uuid
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -53,9 +55,9 @@ def _crc(array: np.ndarray) -> int:
     return crc
 
 
-def _load(path: Path, dtype, shape: tuple | None = None) -> np.ndarray | None:
-    """The entry, memory-mapped, if complete and intact (of `shape` when given); None (and a
-    warning) otherwise."""
+def _load(path: Path, dtype, shape: tuple | None = None) -> tuple[np.ndarray, dict] | None:
+    """(the entry, memory-mapped, and its json) if complete and intact (of `shape` when given);
+    None (and a warning) otherwise."""
     meta_path = path.with_suffix(".json")
     if not meta_path.is_file():
         return None
@@ -73,60 +75,133 @@ def _load(path: Path, dtype, shape: tuple | None = None) -> np.ndarray | None:
         meta_path.unlink(missing_ok=True)
         return None
     _verified.add(str(path))
-    return array
+    return array, meta
 
 
-def _cached(path: Path, dtype, write, shape: tuple | None = None) -> np.ndarray:
-    """The entry at `path` if complete and intact; else `write(tmp)` makes it under a temp name
-    no other process can pick, and it is renamed into place before its json is written last
-    (the json marks it complete). A failed write leaves no temp file behind."""
+def _temp_name(path: Path) -> Path:
+    """A temp name no other process picks; it names this host and process, so a later run can
+    tell the leftovers of a killed writer (`remove_dead_temps`) from a live writer's file."""
+    return path.with_name(f".{path.stem}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp.npy")
+
+
+def remove_dead_temps(folder: Path) -> int:
+    """Delete temp files whose writer (a process on this host) is gone: what kill -9 leaves."""
+    host, removed = socket.gethostname(), 0
+    for tmp in Path(folder).glob(".*.tmp.npy"):
+        parts = tmp.name.split(".")
+        try:
+            writer_host, pid = parts[-5], int(parts[-4])
+        except (IndexError, ValueError):
+            continue
+        if writer_host == host and not _alive(pid):
+            tmp.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def _cached(path: Path, dtype, write, shape: tuple | None = None) -> tuple[np.ndarray, dict]:
+    """(entry, its json) at `path` if complete and intact; else `write(tmp)` makes it under a temp
+    name no other process can pick (and may return extra json fields), and it is renamed into
+    place before its json is written last (the json marks it complete). A failed or interrupted
+    write leaves no temp file behind (a killed one is removed by a later `remove_dead_temps`)."""
     found = _load(path, dtype, shape)
     if found is not None:
         return found
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex}.tmp.npy")
+    remove_dead_temps(path.parent)
+    tmp = _temp_name(path)
     try:
-        write(tmp)
+        extra = write(tmp) or {}
         array = np.load(tmp, mmap_mode="r")
-        meta = {"shape": list(array.shape), "dtype": str(array.dtype), "crc32": _crc(array)}
+        meta = {"shape": list(array.shape), "dtype": str(array.dtype), "crc32": _crc(array), **extra}
         del array  # closes the map of the temp name
+        _fsync(tmp)
         os.replace(tmp, path)
         D.write_json_atomic(path.with_suffix(".json"), meta)
         _verified.add(str(path))
-        return np.load(path, mmap_mode="r")  # mapped under its final name, which workers reopen
+        return np.load(path, mmap_mode="r"), meta  # mapped under its final name, which workers reopen
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def decoded_images(root: Path, entries, side: int, workers: int = 0) -> np.ndarray:
-    """uint8 N x side x side x 3 for the entries, decoded once and memory-mapped."""
+def _fsync(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+@dataclass
+class Decoded:
+    """A split decoded once: the array (rows follow the entries), the rows that could be read,
+    the files that could not (relative path -> reason), and how many were upscaled."""
+    array: np.ndarray
+    rows: list[int]
+    bad: dict[str, str]
+    upscaled: int
+    upscaled_examples: list[str]
+
+
+def decode_split(root: Path, entries, side: int, workers: int = 0) -> Decoded:
+    """uint8 N x side x side x 3 for the entries, decoded once and memory-mapped; unreadable
+    files are left as zero rows and listed (the caller decides whether there are too many)."""
     decode = D.T.Compose([D.T.ToImage(), D.T.Resize(side, antialias=True), D.T.CenterCrop(side)])
     key = cache_key("images", D.content_key(root, entries), side, repr(decode), D.DECODE_VERSION,
                     torch.__version__, torchvision.__version__, PIL.__version__)
     shape = (len(entries), side, side, 3)
     write = lambda tmp: _decode_into(tmp, root, entries, decode, shape, workers)  # noqa: E731
-    return _cached(D.cache_dir() / "images" / f"{key}.npy", np.uint8, write, shape)
+    array, meta = _cached(D.cache_dir() / "images" / f"{key}.npy", np.uint8, write, shape)
+    bad = dict(meta.get("bad", {}))
+    index = {rel: i for i, (rel, _) in enumerate(entries)}
+    skipped = {index[rel] for rel in bad}
+    return Decoded(array, [i for i in range(len(entries)) if i not in skipped], bad,
+                   meta.get("upscaled", 0), meta.get("upscaled_examples", []))
 
 
-def _decode_into(tmp: Path, root: Path, entries, decode, shape, workers: int) -> None:
+def decoded_images(root: Path, entries, side: int, workers: int = 0) -> np.ndarray:
+    return decode_split(root, entries, side, workers).array
+
+
+def _decode_into(tmp: Path, root: Path, entries, decode, shape, workers: int) -> dict:
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+    side = shape[1]
+    # The "label" of each item is its row, so skipped files leave their row (zeros) behind.
     # Own generator: filling a cache must not move the global RNG, or a trial's augmentation
     # would depend on whether the cache was warm.
-    loader = torch.utils.data.DataLoader(D.ImageList(root, entries, decode), batch_size=64,
-                                         num_workers=workers, generator=torch.Generator())
-    start = 0
-    for images, _ in loader:
-        out[start:start + len(images)] = images.permute(0, 2, 3, 1).numpy()
-        start += len(images)
+    rows = [(rel, i) for i, (rel, _) in enumerate(entries)]
+    dataset = D.ImageList(root, rows, decode, skip_bad=True, with_size=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=64, num_workers=workers,
+                                         generator=torch.Generator(), collate_fn=D.collate_skipping)
+    bad, upscaled = {}, []
+    for batch, skipped in loader:
+        bad.update({b.path: b.reason for b in skipped})
+        if batch is None:
+            continue
+        images, index, (widths, heights) = batch
+        out[index.numpy()] = images.permute(0, 2, 3, 1).numpy()
+        upscaled += [entries[i][0] + f" ({w}x{h})" for i, w, h in
+                     zip(index.tolist(), widths.tolist(), heights.tolist()) if min(w, h) < side]
     out.flush()
+    return {"bad": bad, "upscaled": len(upscaled), "upscaled_examples": upscaled[:3]}
 
 
 class StoredImages(torch.utils.data.Dataset):
     """(transformed image, label) from a decoded uint8 array. With `view_seed(epoch, i)` set,
     the random transform of image i in epoch `self.epoch` is seeded, so it is reproducible."""
 
-    def __init__(self, array: np.ndarray, labels, transform, view_seed=None):
+    def __init__(self, array: np.ndarray, labels, transform, view_seed=None, rows=None):
+        # `rows`: which rows to serve (the readable ones), labels given for those rows. Views are
+        # seeded by the row, as the decode-each-time path seeds them by the file's index.
         self.array, self.labels, self.transform, self.view_seed = array, list(labels), transform, view_seed
+        self.rows = list(rows) if rows is not None else None
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -146,8 +221,9 @@ class StoredImages(torch.utils.data.Dataset):
         self.__dict__.update(state)
 
     def __getitem__(self, i: int):
-        image = torch.from_numpy(np.array(self.array[i])).permute(2, 0, 1)  # copy: the memmap is read-only
-        return D.apply_transform(self.transform, image, self.view_seed, self.epoch, i), self.labels[i]
+        row = i if self.rows is None else self.rows[i]
+        image = torch.from_numpy(np.array(self.array[row])).permute(2, 0, 1)  # copy: the memmap is read-only
+        return D.apply_transform(self.transform, image, self.view_seed, self.epoch, row), self.labels[i]
 
 
 def _view_seed(base: int, single_view: bool, epoch: int, i: int) -> int:
@@ -191,10 +267,11 @@ class FeatureCache:
 
     def __init__(self, extractor: nn.Module, model_key: dict, train_array: np.ndarray, train_labels,
                  valid: StoredImages, transform_for, study_seed: int, device: torch.device,
-                 batch_size: int = 128, workers: int = 0):
+                 batch_size: int = 128, workers: int = 0, train_rows=None):
         self.extractor = extractor.to(device, memory_format=torch.channels_last)
         self.model_key, self.device = model_key, device
-        self.train_array, self.train_labels = train_array, list(train_labels)
+        # labels of `train_rows` (the readable rows; all when None)
+        self.train_array, self.train_labels, self.train_rows = train_array, list(train_labels), train_rows
         self.valid_images, self.transform_for, self.study_seed = valid, transform_for, study_seed
         self.batch_size, self.workers = batch_size, workers
 
@@ -211,7 +288,7 @@ class FeatureCache:
 
     def _entry(self, name: str, dataset) -> np.ndarray:
         path = D.cache_dir() / "features" / f"{cache_key('features', self.model_key, name)}.npy"
-        return _cached(path, np.float32, lambda tmp: np.save(tmp, self._extract(dataset)))
+        return _cached(path, np.float32, lambda tmp: np.save(tmp, self._extract(dataset)))[0]
 
     def valid(self) -> np.ndarray:
         return self._entry("valid", self.valid_images)
@@ -219,7 +296,7 @@ class FeatureCache:
     def train_view(self, level: str, epoch: int) -> np.ndarray:
         view = 0 if level == "none" else epoch
         dataset = StoredImages(self.train_array, self.train_labels, self.transform_for(level),
-                               view_seed_fn(self.study_seed, level))
+                               view_seed_fn(self.study_seed, level), self.train_rows)
         dataset.epoch = view
         return self._entry(f"train/{level}/view{view}/seed{self.study_seed}", dataset)
 

@@ -19,7 +19,15 @@ SEARCHED = ("head_lr", "backbone_lr_ratio", "patience", "aug_strength")
 
 
 class UserError(Exception):
-    """A mistake the user can fix; the CLIs print it without a traceback."""
+    """A mistake the user can fix; the CLIs print it without a traceback. Raised inside a trial,
+    it stops the sweep: every other trial would meet it too."""
+
+
+class TrialFault(Exception):
+    """Something that ends one trial but not the sweep (diverged loss, out of memory, too many
+    unreadable images); `kind` is recorded on the trial as `tlsweep.fail_kind`."""
+
+    kind = "error"
 
 
 @dataclass(frozen=True)

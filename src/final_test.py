@@ -21,6 +21,7 @@ from sklearn.metrics import f1_score
 from . import data as D
 from . import figures, model as M
 from .config import UserError
+from .splits import changed_files
 from .sweep import pick_device
 from .tracking import MLFLOW_PARENT_RUN_ID, ROLE, Tracker
 from .train import evaluate
@@ -93,6 +94,10 @@ def score(model, config: dict, split: dict, device: torch.device, batch_size: in
     if now != split["test_fingerprint"]:
         raise UserError(f"the test files in {split['root']} changed since the sweep recorded them "
                         f"(fingerprint {split['test_fingerprint']} -> {now}); restore the original test set")
+    changed = changed_files(Path(split["root"]), split.get("test_sha256", {}))
+    if changed:
+        raise UserError(f"{len(changed)} test file(s) in {split['root']} changed since the split was made "
+                        f"(their sha256 differs), e.g. {changed[:3]}; restore the original test files")
     loader = D.make_loader(Path(split["root"]), entries, transform, batch_size, train=False)
     return evaluate(model.to(device), loader, device)  # fp32 (no amp): the score of record, once
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import logging
 import os
 
 import numpy as np
@@ -20,6 +21,9 @@ from . import cache as C
 from . import data as D
 from . import model as M
 from .config import Fixed, TrialConfig
+
+log = logging.getLogger("tlsweep")
+DEFAULT_MAX_BAD_FRACTION = 0.01  # of a split's images that may be unreadable (skipped) before it is a fault
 
 
 def default_workers(device: torch.device) -> int:
@@ -36,23 +40,50 @@ def initial_model(backbone: str, n_classes: int, weights: str, study_seed: int) 
 
 class Pipeline:
     def __init__(self, splits: D.Splits, fixed: Fixed, weights: str, mean, std, device: torch.device,
-                 workers: int | None = None, use_cache: bool = True, base: nn.Module | None = None):
+                 workers: int | None = None, use_cache: bool = True, base: nn.Module | None = None,
+                 max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION):
         self.splits, self.fixed, self.weights, self.mean, self.std = splits, fixed, weights, mean, std
-        self.device, self.use_cache = device, use_cache
+        self.device, self.use_cache, self.max_bad_fraction = device, use_cache, max_bad_fraction
         self.workers = default_workers(device) if workers is None else workers
         self.base = base if base is not None else initial_model(fixed.backbone, len(splits.classes), weights, fixed.seed)
         self.head = M.head_name(self.base)
-        self.train_labels = [y for _, y in splits.train]
-        self.valid_labels = [y for _, y in splits.valid]
-        self.arrays, self.features, self.valid_features = None, None, None
+        self.decoded, self.features, self.valid_features = None, None, None
+        self.rows = {name: list(range(len(getattr(splits, name)))) for name in ("train", "valid")}
+        self.bad_logs: dict[str, D.BadImageLog] = {}  # this trial's (or the decode pass's) unreadable files
         if use_cache:
-            side = D.stored_side(fixed.image_size)
-            self.arrays = {name: C.decoded_images(splits.root, getattr(splits, name), side, self.workers)
-                           for name in ("train", "valid")}
+            self._decode_once()
             self.features = C.FeatureCache(
                 C.feature_extractor(self.base, self.head), self.model_key(),
-                self.arrays["train"], self.train_labels, self._dataset("valid", "none", False),
-                self.transform, fixed.seed, device, workers=self.workers)
+                self.decoded["train"].array, self.labels("train"), self._dataset("valid", "none", False),
+                self.transform, fixed.seed, device, workers=self.workers, train_rows=self.rows["train"])
+
+    def _decode_once(self) -> None:
+        """Decode train and valid once; unreadable files are skipped (too many stops the sweep:
+        every trial would see the same ones), images smaller than the stored square are upscaled."""
+        side = D.stored_side(self.fixed.image_size)
+        self.decoded = {}
+        for name in ("train", "valid"):
+            entries = getattr(self.splits, name)
+            dec = C.decode_split(self.splits.root, entries, side, self.workers)
+            self.decoded[name], self.rows[name] = dec, dec.rows
+            self.bad_logs[name] = D.BadImageLog(name, len(entries), self.max_bad_fraction,
+                                                 error=D.DataError, root=self.splits.root)
+            if dec.bad:
+                log.warning("%d of %d %s images cannot be read and are skipped, e.g. %s",
+                            len(dec.bad), len(entries), name, "; ".join(list(dec.bad)[:3]))
+                self.bad_logs[name].add(D.BadImage(p, why) for p, why in dec.bad.items())
+            if dec.upscaled:
+                log.warning("%d of %d %s images are smaller than the %d px square they are resized to "
+                            "(--image-size %d / 0.875) and are upscaled, e.g. %s", dec.upscaled,
+                            len(entries), name, side, self.fixed.image_size, "; ".join(dec.upscaled_examples))
+
+    def labels(self, split: str) -> list[int]:
+        entries = getattr(self.splits, split)
+        return [entries[r][1] for r in self.rows[split]]
+
+    def bad_images(self) -> dict[str, dict[str, str]]:
+        """Split -> {relative path: reason} of the files skipped so far (decode pass or this trial)."""
+        return {name: dict(lg.found) for name, lg in self.bad_logs.items() if lg.found}
 
     def model_key(self) -> dict:
         """Everything the phase-1 features depend on (the level and view go in the entry name).
@@ -61,7 +92,7 @@ class Pipeline:
         for name, tensor in self.base.state_dict().items():
             if not name.startswith(self.head + "."):
                 state.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
-        return {"train": D.content_key(self.splits.root, self.splits.train),
+        return {"train": D.content_key(self.splits.root, self.splits.train), "train_rows": len(self.rows["train"]),
                 "valid": D.content_key(self.splits.root, self.splits.valid),
                 "device": self.device.type,  # GPU kernels (TF32 and the like) give other low bits
                 "backbone": self.fixed.backbone, "image_size": self.fixed.image_size,
@@ -81,27 +112,35 @@ class Pipeline:
         return D.build_transform(level, self.fixed.image_size, self.mean, self.std, train=level != "none")
 
     def _dataset(self, split: str, level: str, views: bool):
-        entries = getattr(self.splits, split)
+        """The split's images from the decoded store (cache on) or decoded each time from files."""
         transform = self.transform(level if split == "train" else "none")
         view_seed = C.view_seed_fn(self.fixed.seed, level) if views else None
-        if self.arrays is not None:
-            return C.StoredImages(self.arrays[split], [y for _, y in entries], transform, view_seed)
-        return D.ImageList(self.splits.root, entries, transform, view_seed)
+        if self.decoded is not None:
+            return C.StoredImages(self.decoded[split].array, self.labels(split), transform, view_seed, self.rows[split])
+        return D.ImageList(self.splits.root, getattr(self.splits, split), transform, view_seed, skip_bad=True)
 
-    def _loader(self, dataset, batch_size: int, train: bool, seed: int = 0):
-        return D.loader(dataset, batch_size, train, seed, self.workers, self.device.type == "cuda")
+    def _loader(self, dataset, batch_size: int, train: bool, seed: int = 0, split: str | None = None):
+        pin = self.device.type == "cuda"
+        if not isinstance(dataset, D.ImageList):
+            return D.loader(dataset, batch_size, train, seed, self.workers, pin)
+        # Files decoded each time: one that fails mid-epoch is skipped and counted for this trial.
+        return D.SkippingLoader(D.loader(dataset, batch_size, train, seed, self.workers, pin,
+                                         collate_fn=D.collate_skipping), self.bad_logs[split])
 
     def loaders(self, cfg: TrialConfig, model: nn.Module):
         """(phase-2 train loader, valid loader, phase-1 inputs (module, train, valid))."""
         bs = cfg.batch_size
-        train = self._loader(self._dataset("train", cfg.aug_strength, False), bs, True, cfg.seed)
-        valid = self._loader(self._dataset("valid", "none", False), bs * 2, False)
+        if self.decoded is None:  # a new trial: its own count of unreadable files
+            self.bad_logs = {name: D.BadImageLog(name, len(getattr(self.splits, name)), self.max_bad_fraction,
+                                                 root=self.splits.root) for name in ("train", "valid")}
+        train = self._loader(self._dataset("train", cfg.aug_strength, False), bs, True, cfg.seed, "train")
+        valid = self._loader(self._dataset("valid", "none", False), bs * 2, False, split="valid")
         if self.features is None:
-            views = self._loader(self._dataset("train", cfg.aug_strength, True), bs, True, cfg.seed)
+            views = self._loader(self._dataset("train", cfg.aug_strength, True), bs, True, cfg.seed, "train")
             return train, valid, (model, C.ViewEpochs(views), valid)
         head = model.get_submodule(self.head)
         if self.valid_features is None:
             self.valid_features = torch.from_numpy(np.array(self.features.valid()))
-        valid_features = torch.utils.data.TensorDataset(self.valid_features, torch.as_tensor(self.valid_labels))
+        valid_features = torch.utils.data.TensorDataset(self.valid_features, torch.as_tensor(self.labels("valid")))
         phase1_train = C.FeatureEpochs(self.features, cfg.aug_strength, bs, torch.Generator().manual_seed(cfg.seed))
         return train, valid, (head, phase1_train, self._loader(valid_features, bs * 2, False))

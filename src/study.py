@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 import warnings
 
 import optuna
 
 from . import data as D
 from .config import Fixed, SweepFile, UserError
+from .recovery import GRACE_PERIOD_S, HEARTBEAT_INTERVAL_S
 from .tracking import Tracker
 
 log = logging.getLogger("tlsweep")
 PRUNER_STARTUP_TRIALS = 5   # never prune before this many trials finished: the median needs a base
 PRUNER_WARMUP_STEPS = 2     # never prune in a trial's first global epochs: too noisy to judge
+STUDY_UID_ATTR = "tlsweep.study_uid"  # ties a study to its parent run, whatever the store
 
 
 def derive_seed(study_seed: int, trial_number: int) -> int:
@@ -23,23 +26,32 @@ def derive_seed(study_seed: int, trial_number: int) -> int:
 
 def open_parent(tracker: Tracker, study: optuna.Study, experiment: str, splits: D.Splits,
                 sweep: SweepFile, tags: dict) -> str:
-    """The study's parent run: reused when the study already has one in this store."""
+    """The study's parent run: reused when the study already has one in this store (also when a
+    kill came between creating it and recording its id: it is found by the study's uid tag)."""
+    uid = study.user_attrs.get(STUDY_UID_ATTR)
+    if uid is None:
+        uid = uuid.uuid4().hex
+        study.set_user_attr(STUDY_UID_ATTR, uid)
+    exp_id = tracker.experiment_id(experiment)
     parent_id = study.user_attrs.get("mlflow_parent_run_id")
+    if not tracker.run_exists(parent_id):
+        parent_id = tracker.find_run(exp_id, {STUDY_UID_ATTR: uid, "tlsweep.role": "parent"})
     data_fp = "-".join(splits.fingerprints[n] for n in D.SPLITS)
-    if tracker.run_exists(parent_id):
+    if parent_id is not None:
         recorded = tracker.get_run(parent_id).data.tags.get("dataset.fingerprint")
         if recorded and recorded != data_fp:
             raise UserError(f"the data in {splits.root} changed since study {study.study_name!r} started "
                             f"(fingerprint {recorded} -> {data_fp}); start a new --study-name")
         tracker.reopen(parent_id)
         log.info("resuming study %r, parent run %s", study.study_name, parent_id)
-        return parent_id
-    parent_id = tracker.create_parent(tracker.experiment_id(experiment), study.study_name,
-                                      {"dataset.fingerprint": data_fp, **tags})
+    else:
+        parent_id = tracker.create_parent(exp_id, study.study_name,
+                                          {"dataset.fingerprint": data_fp, STUDY_UID_ATTR: uid, **tags})
     study.set_user_attr("mlflow_parent_run_id", parent_id)
-    tracker.log_files(parent_id, [sweep.path], "sweep")
-    tracker.log_json(parent_id, splits.summary(), "dataset/summary.json")
-    tracker.log_json(parent_id, splits.record(), "dataset/split.json")
+    if "split.json" not in tracker.artifact_names(parent_id, "dataset"):  # new, or killed before
+        tracker.log_files(parent_id, [sweep.path], "sweep")
+        tracker.log_json(parent_id, splits.summary(), "dataset/summary.json")
+        tracker.log_json(parent_id, splits.record(), "dataset/split.json")  # last: marks it complete
     return parent_id
 
 
@@ -105,11 +117,23 @@ def make_pruner(enabled: bool = True) -> optuna.pruners.BasePruner:
     return optuna.pruners.MedianPruner(PRUNER_STARTUP_TRIALS, PRUNER_WARMUP_STEPS)
 
 
-def open_study(name: str, storage: str, seed: int, prune: bool = True) -> optuna.Study:
+def make_storage(url: str, on_lost=None):
+    """An RDB URL (sqlite, postgresql, mysql) becomes a storage with Optuna's heartbeat: a trial
+    whose worker goes silent is failed and handed to `on_lost` (see src/recovery.py)."""
+    if "://" not in url:
+        return url  # let Optuna say what it makes of it
+    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None  # heartbeat thread writes too
+    return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_INTERVAL_S,
+                                      grace_period=GRACE_PERIOD_S, heartbeat_stale_trial_callback=on_lost)
+
+
+def open_study(name: str, storage: str, seed: int, prune: bool = True, on_lost=None) -> optuna.Study:
     """Create or load (resume) the study; an unusable storage URL is a clear error."""
     try:
-        study = optuna.create_study(study_name=name, storage=storage, load_if_exists=True,
-                                    direction="maximize", pruner=make_pruner(prune))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat options
+            study = optuna.create_study(study_name=name, storage=make_storage(storage, on_lost),
+                                        load_if_exists=True, direction="maximize", pruner=make_pruner(prune))
     except Exception as exc:  # SQLAlchemy/driver errors come in many types
         raise UserError(f"cannot open Optuna storage --storage {storage} ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0][:300]}); check the URL, that the server is up, "

@@ -10,8 +10,6 @@ import gc
 import logging
 import signal
 import sys
-import tempfile
-import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,13 +18,15 @@ import torch
 from tqdm import tqdm
 
 from . import data as D
-from . import figures, model as M, search_space
-from .config import Fixed, TrialConfig, UserError, load_sweep, resolve_fixed
-from .pipeline import Pipeline, initial_model
-from .study import (check_same_settings, derive_seed, finished, log_study_plots, open_parent,
-                    open_study, pruning_savings, summary_table, update_best)
+from . import model as M
+from .config import Fixed, TrialFault, UserError, load_sweep, resolve_fixed
+from .objective import Context, Objective
+from .pipeline import DEFAULT_MAX_BAD_FRACTION, Pipeline, initial_model
+from .recovery import FAIL_KIND_ATTR, LostTrials, recover
+from .study import (check_same_settings, finished, log_study_plots, open_parent, open_study,
+                    pruning_savings, summary_table, update_best)
 from .tracking import Tracker
-from .train import PRECISIONS, amp_dtype, fit_two_phase
+from .train import PRECISIONS, amp_dtype
 
 log = logging.getLogger("tlsweep")
 REPO = Path(__file__).resolve().parents[1]
@@ -58,23 +58,40 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "bf16 natively (recent GPUs; CPUs with AVX512-BF16 or AMX), else fp32 (default auto)")
     p.add_argument("--workers", type=int, default=None,
                    help="DataLoader worker processes (default: 0 on CPU, cores-1 up to 8 on CUDA)")
+    p.add_argument("--max-bad-fraction", type=float, default=DEFAULT_MAX_BAD_FRACTION,
+                   help="unreadable images of a split that are skipped (and named on the runs) before it is "
+                        f"an error (default {DEFAULT_MAX_BAD_FRACTION})")
     p.add_argument("--no-prune", action="store_true", help="never prune (to compare epochs spent)")
     p.add_argument("--no-cache", action="store_true",
                    help="decode images and run the frozen backbone every epoch (slow; for comparison)")
     args = p.parse_args(argv)
     if args.trials < 1:
-        p.error(f"--trials {args.trials}: give at least 1")
+        p.error(f"--trials {args.trials}: give at least 1 (the total of finished trials the study should have)")
+    if not 0 <= args.max_bad_fraction < 1:
+        p.error(f"--max-bad-fraction {args.max_bad_fraction}: give a fraction from 0 to below 1, e.g. 0.01")
+    if args.timeout is not None and args.timeout <= 0:
+        p.error(f"--timeout {args.timeout}: give a positive number of seconds")
     return args
 
 
-@dataclass
-class Context:
-    """What every trial shares: data, model and settings (the pipeline), search space, logging."""
-    pipeline: Pipeline
-    search: dict
-    tracker: Tracker
-    parent_id: str
-    amp: torch.dtype | None = None  # phase-2 autocast dtype (None: fp32)
+MAX_FAILED_IN_A_ROW = 5  # failed trials in a row that stop the sweep: the cause is not the parameters
+
+
+class StopOnFailures:
+    """Optuna callback: stop after MAX_FAILED_IN_A_ROW failed trials in a row."""
+
+    def __init__(self, limit: int = MAX_FAILED_IN_A_ROW):
+        self.limit, self.in_a_row, self.reason = limit, 0, None
+
+    def __call__(self, study: optuna.Study, trial) -> None:
+        if trial.state == optuna.trial.TrialState.FAIL:
+            self.in_a_row += 1
+        elif trial.state.is_finished():
+            self.in_a_row = 0
+        if self.in_a_row >= self.limit:
+            self.reason = (f"{self.in_a_row} trials in a row failed (the last: trial {trial.number}, "
+                           f"{trial.user_attrs.get(FAIL_KIND_ATTR, 'error')}); see optuna.fail_reason on their runs")
+            study.stop()
 
 
 def pick_device(name: str) -> torch.device:
@@ -102,100 +119,6 @@ def resolve_weights(fixed: Fixed, n_classes: int, on_demo: bool,
         return initial_model(fixed.backbone, n_classes, "none", fixed.seed), "none", True
 
 
-class Objective:
-    """One trial: sample, train both phases, log to the trial's MLflow run, return valid acc."""
-
-    def __init__(self, ctx: Context):
-        self.ctx = ctx
-
-    def config(self, trial) -> TrialConfig:
-        pipe = self.ctx.pipeline
-        f = pipe.fixed
-        sampled = search_space.sample(trial, self.ctx.search)
-        return TrialConfig(
-            backbone=f.backbone, weights=pipe.weights, image_size=f.image_size, batch_size=f.batch_size,
-            max_epochs_phase1=f.max_epochs_phase1, max_epochs_phase2=f.max_epochs_phase2,
-            phase2_head_lr_factor=f.phase2_head_lr_factor, seed=derive_seed(f.seed, trial.number),
-            classes=pipe.splits.classes, **sampled)
-
-    def __call__(self, trial) -> float:
-        cfg = self.config(trial)
-        params = {k: v for k, v in cfg.to_dict().items() if k != "classes"}
-        run_id = self.ctx.tracker.start_trial(self.ctx.parent_id, trial.number, params)
-        trial.set_user_attr("mlflow_run_id", run_id)
-        if cfg.weights == "none":
-            self.ctx.tracker.set_tags(run_id, {"weights.random_init": "true"})
-        try:
-            value = self.train(trial, cfg, run_id)
-        except optuna.TrialPruned as exc:
-            self.ctx.tracker.end_run(run_id, "PRUNED", str(exc))
-            # The traceback holds the training frames (model, optimizer, best state); Optuna
-            # keeps the exception, so clear them or the memory lives on into the next trial.
-            traceback.clear_frames(exc.__traceback__)
-            raise
-        except KeyboardInterrupt:
-            self.ctx.tracker.end_run(run_id, "INTERRUPTED", "interrupted by the user (Ctrl-C)")
-            raise
-        except Exception as exc:
-            self.ctx.tracker.end_run(run_id, "FAIL", f"{type(exc).__name__}: {exc}")
-            raise
-        self.ctx.tracker.end_run(run_id, "COMPLETE")
-        return value
-
-    def train(self, trial, cfg: TrialConfig, run_id: str) -> float:
-        ctx = self.ctx
-        model = ctx.pipeline.model(cfg.seed)
-        train_loader, valid_loader, phase1_inputs = ctx.pipeline.loaders(cfg, model)
-        try:
-            return self.fit(trial, cfg, run_id, model, train_loader, valid_loader, phase1_inputs)
-        finally:
-            # A pruned or failed trial must not keep its model and optimizer state alive.
-            del model, train_loader, valid_loader, phase1_inputs
-            gc.collect()
-            if ctx.pipeline.device.type == "cuda":
-                torch.cuda.empty_cache()
-
-    def fit(self, trial, cfg: TrialConfig, run_id: str, model, train_loader, valid_loader, phase1_inputs):
-        ctx = self.ctx
-        total = cfg.max_epochs_phase1 + cfg.max_epochs_phase2
-        with tqdm(total=total, desc=f"trial {trial.number}", leave=False, unit="ep", disable=None) as bar:
-            def on_epoch(rec):
-                ctx.tracker.log_epoch(run_id, rec)
-                bar.update(1)
-                bar.set_postfix(phase=rec.phase, valid_acc=f"{rec.valid_acc:.3f}")
-                trial.report(rec.valid_acc, rec.step)
-                if trial.should_prune():
-                    raise optuna.TrialPruned(f"pruned at global epoch {rec.step} (valid/acc {rec.valid_acc:.4f})")
-
-            def on_phase_end(result, trained_model):
-                self.log_phase(run_id, cfg, result, trained_model)
-
-            _, phase2 = fit_two_phase(
-                model, train_loader, valid_loader, head_lr=cfg.head_lr, backbone_lr_ratio=cfg.backbone_lr_ratio,
-                patience=cfg.patience, max_epochs_phase1=cfg.max_epochs_phase1,
-                max_epochs_phase2=cfg.max_epochs_phase2, device=ctx.pipeline.device,
-                phase2_head_lr_factor=cfg.phase2_head_lr_factor, phase1_inputs=phase1_inputs,
-                on_epoch=on_epoch, on_phase_end=on_phase_end, amp=ctx.amp)
-        return phase2.best_valid_acc
-
-    def log_phase(self, run_id: str, cfg: TrialConfig, result, model) -> None:
-        """Best checkpoint and validation confusion matrix of a finished phase."""
-        tracker, p = self.ctx.tracker, result.phase
-        tracker.log_metrics(run_id, {f"phase{p}/epochs": result.epochs, f"phase{p}/best_epoch": result.best_epoch,
-                                     f"phase{p}/best_valid_acc": result.best_valid_acc,
-                                     f"phase{p}/best_valid_loss": result.best_valid_loss}, step=result.last_step)
-        with tempfile.TemporaryDirectory() as tmp:
-            pipe = self.ctx.pipeline
-            ckpt = M.make_checkpoint(model, {**cfg.to_dict(), "mean": pipe.mean, "std": pipe.std},
-                                     p, result.best_epoch, result.best_valid_acc)
-            path = M.save_checkpoint(ckpt, Path(tmp) / f"phase{p}_best.pt")
-            tracker.log_files(run_id, [path], "checkpoints")
-            cm = figures.confusion(result.valid_targets, result.valid_preds, len(cfg.classes))
-            files = figures.write_confusion(cm, cfg.classes, Path(tmp) / f"valid_phase{p}",
-                                            f"validation, phase {p} best (epoch {result.best_epoch})")
-            tracker.log_files(run_id, files, "confusion")
-
-
 @dataclass
 class SweepResult:
     study_name: str
@@ -206,6 +129,7 @@ class SweepResult:
     n_finished: int
     epochs_spent: int             # global epochs actually trained, over all finished trials
     interrupted: bool = False
+    stopped_reason: str | None = None  # set when too many trials failed in a row
 
 
 def prepare(args) -> tuple[Context, optuna.Study, str]:
@@ -226,18 +150,23 @@ def prepare(args) -> tuple[Context, optuna.Study, str]:
     study_name = args.study_name or f"{sweep.path.stem}-{'demo-digits' if on_demo else Path(data_dir).name}"
     tracker = Tracker(args.tracking_uri)
     tracker.check_reachable()
-    study = open_study(study_name, args.storage, fixed.seed, prune=not args.no_prune)
+    study = open_study(study_name, args.storage, fixed.seed, prune=not args.no_prune, on_lost=LostTrials(tracker))
     check_same_settings(study, {**asdict(fixed), "weights": weights, "search": {
         n: asdict(spec) for n, spec in sweep.search.items()}})
     # Decoding every image once happens here: after the cheap checks, before any training.
-    pipeline = Pipeline(splits, fixed, weights, mean, std, device, args.workers, not args.no_cache, base)
+    pipeline = Pipeline(splits, fixed, weights, mean, std, device, args.workers, not args.no_cache, base,
+                        args.max_bad_fraction)
     tags = {"optuna.storage": args.storage, "data.dir": str(splits.root), "data.demo": str(on_demo).lower(),
             "weights.requested": fixed.weights, "weights.effective": weights,
             "weights.unavailable": str(fell_back).lower(), "train.device": str(device),
             "train.precision": "bf16" if amp is not None else "fp32", **{f"fixed.{k}": v for k, v in asdict(fixed).items()}}
     parent_id = open_parent(tracker, study, args.experiment or sweep.path.stem, splits, sweep, tags)
-    ctx = Context(pipeline, sweep.search, tracker, parent_id, amp)
-    return ctx, study, study_name
+    bad = pipeline.bad_images()  # found while decoding once; each trial run names them too
+    tracker.set_tags(parent_id, {"data.skipped_images": sum(len(v) for v in bad.values())})
+    if bad:
+        tracker.log_json(parent_id, bad, "dataset/skipped_images.json")
+    recover(study, tracker, parent_id)  # what a killed or interrupted earlier run left behind
+    return Context(pipeline, sweep.search, tracker, parent_id, amp), study, study_name
 
 
 def run_sweep(args) -> SweepResult:
@@ -246,7 +175,7 @@ def run_sweep(args) -> SweepResult:
     remaining = max(args.trials - done, 0)
     log.info("study %r: %d finished, running up to %d more; tracking %s, parent run %s",
              study_name, done, remaining, ctx.tracker.uri, ctx.parent_id)
-    status, interrupted = "FINISHED", False
+    status, interrupted, failures = "FINISHED", False, StopOnFailures()
     # What start-up built (modules, stores, caches, the starting model) lives all sweep: freeze it
     # out of the collector, so the collection that frees each trial scans only the trial's objects
     # (0.4 s a trial otherwise, with torch, MLflow and Optuna loaded).
@@ -258,13 +187,16 @@ def run_sweep(args) -> SweepResult:
                 def after_trial(study, trial):
                     bar.update(1 if trial.state != optuna.trial.TrialState.FAIL else 0)
                     value = "-" if trial.value is None else f"{trial.value:.4f}"
-                    tqdm.write(f"trial {trial.number}: {trial.state.name} valid_acc={value} {trial.params}")
+                    kind = trial.user_attrs.get(FAIL_KIND_ATTR, "") if trial.state.name == "FAIL" else ""
+                    tqdm.write(f"trial {trial.number}: {trial.state.name} {kind} valid_acc={value} {trial.params}")
                     update_best(ctx.tracker, ctx.parent_id, study)
 
+                # No n_trials: failed trials do not count. The study stops at --trials finished ones in
+                # total (whatever earlier runs or other workers did), or at too many failures in a row.
                 stop_at_total = optuna.study.MaxTrialsCallback(
                     args.trials, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
-                study.optimize(Objective(ctx), n_trials=remaining, timeout=args.timeout,
-                               callbacks=[after_trial, stop_at_total], catch=(RuntimeError, ValueError))
+                study.optimize(Objective(ctx), timeout=args.timeout, callbacks=[after_trial, stop_at_total, failures],
+                               catch=(TrialFault,))
     except KeyboardInterrupt:
         status = "KILLED"
         log.warning("interrupted: finished trials are kept; re-run the same command to continue")
@@ -277,7 +209,9 @@ def run_sweep(args) -> SweepResult:
         update_best(ctx.tracker, ctx.parent_id, study)
         log_study_plots(ctx.tracker, ctx.parent_id, study)
         ctx.tracker.finish(ctx.parent_id, status)
-    return report(study, ctx, args, interrupted)
+    result = report(study, ctx, args, interrupted)
+    result.stopped_reason = failures.reason
+    return result
 
 
 def report(study: optuna.Study, ctx: Context, args, interrupted: bool) -> SweepResult:
@@ -315,8 +249,14 @@ def main(argv=None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before the first trial, or a second Ctrl-C while cleaning up
+        print("interrupted; nothing finished was lost. Run the same command again to continue.", file=sys.stderr)
+        return 130
     if result.interrupted:
         return 130
+    if result.stopped_reason:
+        print(f"error: sweep stopped: {result.stopped_reason}", file=sys.stderr)
+        return 1
     if result.best_value is None:
         print("error: no trial completed; see optuna.fail_reason on the trial runs", file=sys.stderr)
         return 1

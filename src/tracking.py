@@ -4,8 +4,9 @@ Conventions (kept stable; the README lists them too):
   experiment   one per sweep file (or --experiment)
   parent run   one per Optuna study; tags tlsweep.role=parent, optuna.study_name, best.*
   child run    one per trial, run name trial-<n>, nested under the parent; tags
-               tlsweep.role=trial, optuna.trial_number, optuna.state (COMPLETE|PRUNED|FAIL),
-               optuna.fail_reason
+               tlsweep.role=trial, optuna.trial_number, optuna.state (RUNNING|COMPLETE|PRUNED|
+               FAIL|INTERRUPTED), optuna.fail_reason, tlsweep.fail_kind, optuna.retry_of,
+               data.skipped_images
   metrics      train/loss train/acc valid/loss valid/acc lr/head lr/backbone at step = global
                epoch; phase1/epochs phase1/best_valid_acc phase2/... at the end of each phase;
                test/acc test/loss test/macro_f1 from final_test
@@ -99,14 +100,21 @@ class Tracker:
         self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
         return run.info.run_id
 
-    def end_run(self, run_id: str, state: str, reason: str | None = None) -> None:
-        """state is the Optuna state name; the MLflow status follows from it."""
-        tags = {"optuna.state": state}
+    def end_run(self, run_id: str, state: str, reason: str | None = None, status: str | None = None,
+                tags: dict | None = None) -> None:
+        """state is the Optuna state name; the MLflow status follows from it unless given."""
+        tags = {"optuna.state": state, **(tags or {})}
         if reason:
             tags["optuna.prune_reason" if state == "PRUNED" else "optuna.fail_reason"] = reason[:5000]
         self.set_tags(run_id, tags)
-        status = {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED"}.get(state, "KILLED")
+        status = status or {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED"}.get(state, "KILLED")
         self.client.set_terminated(run_id, status=status)
+
+    def run_status(self, run_id: str) -> str | None:
+        try:
+            return self.client.get_run(run_id).info.status
+        except MlflowException:
+            return None
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
@@ -157,6 +165,12 @@ class Tracker:
         except MlflowException as exc:
             raise UserError(f"run {run_id!r} was not found in tracking store {self.uri}. If the sweep "
                             f"logged elsewhere, pass the same --tracking-uri it printed.") from exc
+
+    def find_run(self, experiment_id: str, tags: dict) -> str | None:
+        """The id of the active run with all these tags, if any."""
+        where = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+        runs = self.client.search_runs([experiment_id], filter_string=where, max_results=1)
+        return runs[0].info.run_id if runs else None
 
     def children(self, parent_id: str) -> list:
         exp_id = self.client.get_run(parent_id).info.experiment_id

@@ -10,6 +10,7 @@ through `on_epoch(EpochResult)` and `on_phase_end(PhaseResult, model)`; an excep
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -17,6 +18,15 @@ import torch
 from torch import nn
 
 from . import model as M
+from .config import TrialFault
+
+FINITE_CHECK_EVERY = 25  # batches between checks for a NaN/inf loss (each check is a host sync)
+
+
+class Diverged(TrialFault):
+    """The training loss became NaN or infinite: the learning rate is too high for this trial."""
+
+    kind = "diverged"
 
 
 @dataclass(frozen=True)
@@ -120,7 +130,7 @@ def train_epoch(model: nn.Module, phase: int, loader, optimizer, device,
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
-    for images, labels in loader:
+    for batch, (images, labels) in enumerate(loader, 1):
         images, labels = to_device(images, labels, device)
         with _autocast(device, amp):
             logits = model(images).float()
@@ -131,6 +141,8 @@ def train_epoch(model: nn.Module, phase: int, loader, optimizer, device,
         loss_sum += loss.detach() * len(labels)
         correct += (logits.detach().argmax(1) == labels).sum()
         seen += len(labels)
+        if batch % FINITE_CHECK_EVERY == 0 and not torch.isfinite(loss_sum):
+            break  # diverged: no use finishing the epoch (the caller raises `Diverged`)
     seen = max(seen, 1)
     return loss_sum.item() / seen, correct.item() / seen
 
@@ -155,6 +167,10 @@ def fit_phase(model: nn.Module, phase: int, train_loader, valid_loader, *, head_
     best_state, since_best = None, 0
     for epoch in range(1, max_epochs + 1):
         train_loss, train_acc = train_epoch(model, phase, train_loader, optimizer, device, amp)
+        if not math.isfinite(train_loss):
+            lrs = ", ".join(f"{g['name']} {g['lr']:.3g}" for g in optimizer.param_groups)
+            raise Diverged(f"training loss became {train_loss} in phase {phase}, epoch {epoch} (lr {lrs}): "
+                           f"the learning rate is too high for this trial")
         ev = evaluate(model, valid_loader, device, amp)
         step = first_step + epoch - 1
         record = EpochResult(phase, epoch, step, train_loss, train_acc, ev.loss, ev.acc,

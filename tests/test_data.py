@@ -15,6 +15,7 @@ from PIL import Image
 
 from conftest import write_images
 from src import data as D
+from src import splits as S
 from src.config import UserError
 from src.data import (AUG_LEVELS, SPLIT_FILE, DataError, build_transform, cache_dir, demo_data_dir,
                       find_splits, load_rgb, make_loader)
@@ -78,7 +79,7 @@ def test_recorded_split_wins_over_a_different_seed(tmp_path):
 
 def test_read_only_data_dir_falls_back_to_the_cache_dir(tmp_path, monkeypatch):
     root = write_images(tmp_path / "flat", per_class=10)
-    real = D.write_json_atomic
+    real = S.write_json_atomic
     refused = []
 
     def no_write_in_data_dir(path, obj):
@@ -87,7 +88,7 @@ def test_read_only_data_dir_falls_back_to_the_cache_dir(tmp_path, monkeypatch):
             raise PermissionError(13, "Read-only file system", str(path))
         real(path, obj)
 
-    monkeypatch.setattr(D, "write_json_atomic", no_write_in_data_dir)
+    monkeypatch.setattr(S, "write_json_atomic", no_write_in_data_dir)
     first = find_splits(root, seed=0)
     assert refused == [root / SPLIT_FILE]
     assert not (root / SPLIT_FILE).exists()
@@ -106,7 +107,7 @@ def test_no_writable_place_for_the_split_is_a_data_error(tmp_path, monkeypatch):
     def refuse(path, obj):
         raise PermissionError(13, "Read-only file system", str(path))
 
-    monkeypatch.setattr(D, "write_json_atomic", refuse)
+    monkeypatch.setattr(S, "write_json_atomic", refuse)
     with pytest.raises(DataError, match=str(root)):
         find_splits(root)
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 import sys
 from pathlib import Path
 
@@ -53,7 +54,16 @@ def _artifacts(client, run_id, path):
     return sorted(Path(a.path).name for a in client.list_artifacts(run_id, path))
 
 
-def test_sweep_logs_every_trial_and_never_opens_test(in_tmp, flat_folder):
+def test_sweep_logs_every_trial_and_never_decodes_test(in_tmp, flat_folder, monkeypatch):
+    import PIL.Image
+
+    decoded, real_open = [], PIL.Image.open
+
+    def recording_open(fp, *args, **kwargs):
+        decoded.append(os.path.realpath(os.fsdecode(fp)))
+        return real_open(fp, *args, **kwargs)
+
+    monkeypatch.setattr(PIL.Image, "open", recording_open)
     _watch.update(on=True, paths=[])
     try:
         result = sweep.run_sweep(sweep.parse_args(_args(in_tmp, flat_folder)))
@@ -85,13 +95,18 @@ def test_sweep_logs_every_trial_and_never_opens_test(in_tmp, flat_folder):
         assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 2  # global, increasing
         lr_head = client.get_metric_history(run.info.run_id, "lr/head")
         assert {m.step for m in client.get_metric_history(run.info.run_id, "lr/backbone")} < {m.step for m in lr_head}
-    # The sweep listed the test files (names only) but opened none of them.
+    # The sweep listed the test files and read each once, to hash it when the split was made;
+    # it decoded none of them.
     split = json.loads((flat_folder / ".tlsweep-split.json").read_text())
     test_files = {os.path.realpath(flat_folder / rel) for rel, _ in split["test"]}
     train_files = {os.path.realpath(flat_folder / rel) for rel, _ in split["train"]}
-    opened = set(_watch["paths"])
-    assert train_files <= opened, "the audit hook saw no train reads: the check would prove nothing"
-    assert not (test_files & opened)
+    assert train_files <= set(decoded), "no train image was seen decoded: the check would prove nothing"
+    assert not (test_files & set(decoded))
+    opened = Counter(_watch["paths"])
+    assert all(opened[f] == 1 for f in test_files), {f: opened[f] for f in test_files}
+    recorded = client.download_artifacts(result.parent_run_id, "dataset/split.json", str(in_tmp))
+    assert json.loads(Path(recorded).read_text())["test_sha256"] == split["test_sha256"]
+    assert sorted(split["test_sha256"]) == sorted(rel for rel, _ in split["test"])
 
 
 def test_resume_by_name_and_final_test_once(in_tmp, split_folder, capsys):
@@ -202,28 +217,6 @@ def test_unusable_stores_are_named(in_tmp, flat_folder, capsys):
         assert f"--tracking-uri {uri}" in capsys.readouterr().err
         assert final_test.main(["--run-id", "abc", "--tracking-uri", uri]) == 2
         assert f"--tracking-uri {uri}" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("no_cache", [False, True])
-def test_unreadable_image_stops_the_sweep_naming_the_file(in_tmp, flat_folder, capsys, no_cache):
-    from src.data import find_splits
-
-    splits = find_splits(flat_folder)  # writes the split file the sweep will reuse
-    victims = [flat_folder / rel for rel, _ in splits.train]
-    for victim in victims:  # every train image truncated: the first batch must hit one
-        victim.write_bytes(victim.read_bytes()[:60])
-    assert sweep.main(_args(in_tmp, flat_folder, 1, *(["--no-cache"] if no_cache else []))) == 2
-    err = capsys.readouterr().err
-    victim = next(v for v in victims if str(v) in err)
-    if not no_cache:  # decoding once, before any trial: no trial, no MLflow run was started
-        study = optuna.load_study(study_name="s", storage=f"sqlite:///{in_tmp}/optuna.db")
-        assert study.trials == [] and "mlflow_parent_run_id" not in study.user_attrs
-        return
-    client = MlflowClient(f"sqlite:///{in_tmp}/mlflow.db")
-    study = optuna.load_study(study_name="s", storage=f"sqlite:///{in_tmp}/optuna.db")
-    run = client.get_run(study.trials[0].user_attrs["mlflow_run_id"])
-    assert run.info.status == "FAILED" and victim.name in run.data.tags["optuna.fail_reason"]
-    assert client.get_run(study.user_attrs["mlflow_parent_run_id"]).info.status == "FAILED"
 
 
 def test_pruned_trials_are_recorded_and_counted(in_tmp, flat_folder, monkeypatch):

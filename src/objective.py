@@ -1,0 +1,177 @@
+"""One trial of the study: sample, train both phases, log to the trial's MLflow run.
+
+How a trial can end, and what is recorded (`optuna.state` on the run, `tlsweep.fail_kind` on
+the Optuna trial):
+  COMPLETE      returns its best phase-2 validation accuracy;
+  PRUNED        the median pruner stopped it (`optuna.prune_reason`);
+  FAIL          a fault of this trial, the sweep goes on: `diverged` (NaN/inf loss),
+                `out_of_memory` (memory is freed first), `bad_images` (more than
+                --max-bad-fraction of a split unreadable), `error` (any other RuntimeError or
+                ValueError), with `optuna.fail_reason`;
+  INTERRUPTED   Ctrl-C/SIGTERM: the run is closed as KILLED, the trial is queued again on resume;
+A UserError inside a trial (something every trial would meet) stops the sweep.
+"""
+from __future__ import annotations
+
+import gc
+import tempfile
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import torch
+from tqdm import tqdm
+
+from . import figures, model as M, search_space
+from .config import TrialConfig, TrialFault, UserError
+from .pipeline import Pipeline
+from .recovery import FAIL_KIND_ATTR, WORKER_ATTR, original_number, worker_id
+from .study import derive_seed
+from .tracking import Tracker
+from .train import fit_two_phase
+
+
+@dataclass
+class Context:
+    """What every trial shares: data, model and settings (the pipeline), search space, logging."""
+    pipeline: Pipeline
+    search: dict
+    tracker: Tracker
+    parent_id: str
+    amp: torch.dtype | None = None  # phase-2 autocast dtype (None: fp32)
+
+
+class OutOfMemory(TrialFault):
+    kind = "out_of_memory"
+
+
+def as_fault(exc: Exception, device: torch.device, batch_size: int) -> TrialFault | None:
+    """The trial-ending fault an exception stands for; None if it should stop the sweep."""
+    if isinstance(exc, TrialFault):
+        return exc
+    text = str(exc).strip().splitlines()[0][:500] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower():
+        return OutOfMemory(f"out of memory on {device} at batch size {batch_size} ({text}); the trial's "
+                           f"memory was freed. If every trial runs out, lower --batch-size or --image-size")
+    if isinstance(exc, (RuntimeError, ValueError)):
+        return TrialFault(f"{type(exc).__name__}: {text}")
+    return None
+
+
+class Objective:
+    """One trial: sample, train both phases, log to the trial's MLflow run, return valid acc."""
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+
+    def config(self, trial) -> TrialConfig:
+        pipe = self.ctx.pipeline
+        f = pipe.fixed
+        sampled = search_space.sample(trial, self.ctx.search)
+        # A retry of a lost trial keeps the lost trial's seed: it trains what that trial would have.
+        seed = derive_seed(f.seed, original_number(trial.study, trial))
+        return TrialConfig(
+            backbone=f.backbone, weights=pipe.weights, image_size=f.image_size, batch_size=f.batch_size,
+            max_epochs_phase1=f.max_epochs_phase1, max_epochs_phase2=f.max_epochs_phase2,
+            phase2_head_lr_factor=f.phase2_head_lr_factor, seed=seed, classes=pipe.splits.classes, **sampled)
+
+    def __call__(self, trial) -> float:
+        tracker = self.ctx.tracker
+        trial.set_user_attr(WORKER_ATTR, worker_id())
+        cfg = self.config(trial)
+        params = {k: v for k, v in cfg.to_dict().items() if k != "classes"}
+        run_id = tracker.start_trial(self.ctx.parent_id, trial.number, params)
+        trial.set_user_attr("mlflow_run_id", run_id)
+        tags = {"weights.random_init": "true"} if cfg.weights == "none" else {}
+        retry_of = original_number(trial.study, trial)
+        if retry_of != trial.number:
+            tags["optuna.retry_of"] = retry_of
+        if tags:
+            tracker.set_tags(run_id, tags)
+        try:
+            value = self.train(trial, cfg, run_id)
+        except optuna.TrialPruned as exc:
+            self.end(run_id, "PRUNED", str(exc))
+            raise
+        except KeyboardInterrupt:
+            trial.set_user_attr(FAIL_KIND_ATTR, "interrupted")
+            self.end(run_id, "INTERRUPTED", "interrupted (Ctrl-C or SIGTERM); queued again when the sweep resumes")
+            raise
+        except Exception as exc:
+            fault = None if isinstance(exc, UserError) else as_fault(exc, self.ctx.pipeline.device, cfg.batch_size)
+            trial.set_user_attr(FAIL_KIND_ATTR, fault.kind if fault else "error")
+            self.end(run_id, "FAIL", str(fault or f"{type(exc).__name__}: {exc}"),
+                     {"tlsweep.fail_kind": fault.kind if fault else "error"})
+            if fault is None:
+                raise
+            raise fault from None  # the sweep catches faults: this trial ends, the sweep goes on
+        self.end(run_id, "COMPLETE")
+        return value
+
+    def end(self, run_id: str, state: str, reason: str | None = None, tags: dict | None = None) -> None:
+        """Close the trial's run, naming the unreadable files it skipped, if any."""
+        tags = dict(tags or {})
+        bad = self.ctx.pipeline.bad_images()
+        if bad:
+            tags["data.skipped_images"] = sum(len(files) for files in bad.values())
+            self.ctx.tracker.log_json(run_id, bad, "data/skipped_images.json")
+        self.ctx.tracker.end_run(run_id, state, reason, tags=tags)
+
+    def train(self, trial, cfg: TrialConfig, run_id: str) -> float:
+        ctx = self.ctx
+        model = ctx.pipeline.model(cfg.seed)
+        train_loader, valid_loader, phase1_inputs = ctx.pipeline.loaders(cfg, model)
+        try:
+            return self.fit(trial, cfg, run_id, model, train_loader, valid_loader, phase1_inputs)
+        except BaseException as exc:
+            # The traceback's frames hold the model, optimizer, batches and best state; Optuna keeps
+            # the exception, so clear them, or a failed (e.g. out-of-memory) or pruned trial's
+            # memory lives on into the next trial.
+            traceback.clear_frames(exc.__traceback__)
+            raise
+        finally:
+            del model, train_loader, valid_loader, phase1_inputs
+            gc.collect()
+            if ctx.pipeline.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def fit(self, trial, cfg: TrialConfig, run_id: str, model, train_loader, valid_loader, phase1_inputs):
+        ctx = self.ctx
+        total = cfg.max_epochs_phase1 + cfg.max_epochs_phase2
+        with tqdm(total=total, desc=f"trial {trial.number}", leave=False, unit="ep", disable=None) as bar:
+            def on_epoch(rec):
+                ctx.tracker.log_epoch(run_id, rec)
+                bar.update(1)
+                bar.set_postfix(phase=rec.phase, valid_acc=f"{rec.valid_acc:.3f}")
+                trial.report(rec.valid_acc, rec.step)
+                if trial.should_prune():
+                    raise optuna.TrialPruned(f"pruned at global epoch {rec.step} (valid/acc {rec.valid_acc:.4f})")
+
+            def on_phase_end(result, trained_model):
+                self.log_phase(run_id, cfg, result, trained_model)
+
+            _, phase2 = fit_two_phase(
+                model, train_loader, valid_loader, head_lr=cfg.head_lr, backbone_lr_ratio=cfg.backbone_lr_ratio,
+                patience=cfg.patience, max_epochs_phase1=cfg.max_epochs_phase1,
+                max_epochs_phase2=cfg.max_epochs_phase2, device=ctx.pipeline.device,
+                phase2_head_lr_factor=cfg.phase2_head_lr_factor, phase1_inputs=phase1_inputs,
+                on_epoch=on_epoch, on_phase_end=on_phase_end, amp=ctx.amp)
+        return phase2.best_valid_acc
+
+    def log_phase(self, run_id: str, cfg: TrialConfig, result, model) -> None:
+        """Best checkpoint and validation confusion matrix of a finished phase."""
+        tracker, p = self.ctx.tracker, result.phase
+        tracker.log_metrics(run_id, {f"phase{p}/epochs": result.epochs, f"phase{p}/best_epoch": result.best_epoch,
+                                     f"phase{p}/best_valid_acc": result.best_valid_acc,
+                                     f"phase{p}/best_valid_loss": result.best_valid_loss}, step=result.last_step)
+        with tempfile.TemporaryDirectory() as tmp:
+            pipe = self.ctx.pipeline
+            ckpt = M.make_checkpoint(model, {**cfg.to_dict(), "mean": pipe.mean, "std": pipe.std},
+                                     p, result.best_epoch, result.best_valid_acc)
+            path = M.save_checkpoint(ckpt, Path(tmp) / f"phase{p}_best.pt")
+            tracker.log_files(run_id, [path], "checkpoints")
+            cm = figures.confusion(result.valid_targets, result.valid_preds, len(cfg.classes))
+            files = figures.write_confusion(cm, cfg.classes, Path(tmp) / f"valid_phase{p}",
+                                            f"validation, phase {p} best (epoch {result.best_epoch})")
+            tracker.log_files(run_id, files, "confusion")
