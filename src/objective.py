@@ -26,7 +26,7 @@ from tqdm import tqdm
 from . import figures, model as M, search_space
 from .config import TrialConfig, TrialFault, UserError
 from .pipeline import Pipeline
-from .recovery import FAIL_KIND_ATTR, WORKER_ATTR, original_number, worker_id
+from .recovery import FAIL_KIND_ATTR, FAIL_REASON_ATTR, WORKER_ATTR, original_number, worker_id
 from .study import derive_seed
 from .tracking import Tracker
 from .train import fit_two_phase
@@ -89,6 +89,7 @@ class Objective:
             tags["optuna.retry_of"] = retry_of
         if tags:
             tracker.set_tags(run_id, tags)
+        fault = None
         try:
             value = self.train(trial, cfg, run_id)
         except optuna.TrialPruned as exc:
@@ -100,12 +101,18 @@ class Objective:
             raise
         except Exception as exc:
             fault = None if isinstance(exc, UserError) else as_fault(exc, self.ctx.pipeline.device, cfg.batch_size)
-            trial.set_user_attr(FAIL_KIND_ATTR, fault.kind if fault else "error")
-            self.end(run_id, "FAIL", str(fault or f"{type(exc).__name__}: {exc}"),
-                     {"tlsweep.fail_kind": fault.kind if fault else "error"})
+            kind, reason = (fault.kind if fault else "error"), str(fault or f"{type(exc).__name__}: {exc}")
+            trial.set_user_attr(FAIL_KIND_ATTR, kind)
+            trial.set_user_attr(FAIL_REASON_ATTR, reason[:1000])
+            self.end(run_id, "FAIL", reason, {FAIL_KIND_ATTR: kind})
             if fault is None:
                 raise
-            raise fault from None  # the sweep catches faults: this trial ends, the sweep goes on
+        if fault is not None:
+            # Raised here, not inside `except`: the fault must not chain the original exception,
+            # whose traceback reaches the trial's model (memory that must be freed now). The
+            # sweep catches faults: this trial ends, the sweep goes on.
+            fault.__traceback__, fault.__context__, fault.__cause__ = None, None, None
+            raise fault
         self.end(run_id, "COMPLETE")
         return value
 

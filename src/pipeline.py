@@ -51,6 +51,8 @@ class Pipeline:
         self.rows = {name: list(range(len(getattr(splits, name)))) for name in ("train", "valid")}
         self.bad_logs: dict[str, D.BadImageLog] = {}  # this trial's (or the decode pass's) unreadable files
         if use_cache:
+            for folder in ("images", "features"):  # what writers killed mid-write left behind
+                C.remove_dead_temps(D.cache_dir() / folder)
             self._decode_once()
             self.features = C.FeatureCache(
                 C.feature_extractor(self.base, self.head), self.model_key(),

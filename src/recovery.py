@@ -29,7 +29,8 @@ HEARTBEAT_INTERVAL_S = 10    # how often a running trial says it is alive
 GRACE_PERIOD_S = 60          # silence after which another worker may take the trial over
 MAX_RETRIES = 3              # a trial whose workers keep dying is not queued forever
 WORKER_ATTR = "tlsweep.worker"
-FAIL_KIND_ATTR = "tlsweep.fail_kind"   # diverged | out_of_memory | bad_images | error | interrupted | worker_lost
+FAIL_KIND_ATTR = "tlsweep.fail_kind"   # diverged | out_of_memory | bad_images | error | interrupted
+FAIL_REASON_ATTR = "tlsweep.fail_reason"
 LOST = ("the worker running this trial stopped (killed, crashed or lost) before it finished; "
         "its parameters were queued again")
 

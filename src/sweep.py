@@ -22,7 +22,7 @@ from . import model as M
 from .config import Fixed, TrialFault, UserError, load_sweep, resolve_fixed
 from .objective import Context, Objective
 from .pipeline import DEFAULT_MAX_BAD_FRACTION, Pipeline, initial_model
-from .recovery import FAIL_KIND_ATTR, LostTrials, recover
+from .recovery import FAIL_KIND_ATTR, FAIL_REASON_ATTR, LostTrials, recover
 from .study import (check_same_settings, finished, log_study_plots, open_parent, open_study,
                     pruning_savings, summary_table, update_best)
 from .tracking import Tracker
@@ -161,6 +161,9 @@ def prepare(args) -> tuple[Context, optuna.Study, str]:
             "weights.unavailable": str(fell_back).lower(), "train.device": str(device),
             "train.precision": "bf16" if amp is not None else "fp32", **{f"fixed.{k}": v for k, v in asdict(fixed).items()}}
     parent_id = open_parent(tracker, study, args.experiment or sweep.path.stem, splits, sweep, tags)
+    if splits.ignored_files:
+        log.warning("%d non-image file(s) under %s were ignored (counted in dataset/summary.json)",
+                    splits.ignored_files, splits.root)
     bad = pipeline.bad_images()  # found while decoding once; each trial run names them too
     tracker.set_tags(parent_id, {"data.skipped_images": sum(len(v) for v in bad.values())})
     if bad:
@@ -187,8 +190,11 @@ def run_sweep(args) -> SweepResult:
                 def after_trial(study, trial):
                     bar.update(1 if trial.state != optuna.trial.TrialState.FAIL else 0)
                     value = "-" if trial.value is None else f"{trial.value:.4f}"
-                    kind = trial.user_attrs.get(FAIL_KIND_ATTR, "") if trial.state.name == "FAIL" else ""
-                    tqdm.write(f"trial {trial.number}: {trial.state.name} {kind} valid_acc={value} {trial.params}")
+                    line = f"trial {trial.number}: {trial.state.name} valid_acc={value} {trial.params}"
+                    if trial.state == optuna.trial.TrialState.FAIL:
+                        line += (f"\n  failed ({trial.user_attrs.get(FAIL_KIND_ATTR, 'error')}): "
+                                 f"{trial.user_attrs.get(FAIL_REASON_ATTR, '')}")
+                    tqdm.write(line)
                     update_best(ctx.tracker, ctx.parent_id, study)
 
                 # No n_trials: failed trials do not count. The study stops at --trials finished ones in
@@ -241,7 +247,8 @@ def report(study: optuna.Study, ctx: Context, args, interrupted: bool) -> SweepR
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # ERROR: Optuna would log every failed trial with a traceback; the sweep prints one line instead.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)  # docker stop, CI timeouts: clean up like Ctrl-C
     try:
