@@ -21,6 +21,7 @@ from sklearn.metrics import f1_score
 from . import data as D
 from . import figures, model as M
 from .config import UserError
+from .pipeline import DEFAULT_MAX_BAD_FRACTION
 from .splits import changed_files
 from .sweep import pick_device
 from .tracking import MLFLOW_PARENT_RUN_ID, ROLE, Tracker
@@ -36,6 +37,7 @@ class TestResult:
     macro_f1: float
     n_images: int
     per_class: list
+    skipped: dict          # unreadable test files (relative path -> reason), not scored
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -46,6 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--force", action="store_true", help="score again although this sweep was scored (recorded)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | ... (default cpu)")
     p.add_argument("--batch-size", type=int, default=64, help="test batch size (default 64)")
+    p.add_argument("--max-bad-fraction", type=float, default=DEFAULT_MAX_BAD_FRACTION,
+                   help=f"unreadable test images that are skipped (and recorded) before it is an error "
+                        f"(default {DEFAULT_MAX_BAD_FRACTION})")
     return p.parse_args(argv)
 
 
@@ -80,7 +85,8 @@ def check_not_scored(tracker: Tracker, parent_id: str, force: bool) -> int:
     return earlier
 
 
-def score(model, config: dict, split: dict, device: torch.device, batch_size: int):
+def score(model, config: dict, split: dict, device: torch.device, batch_size: int,
+          max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION):
     classes = split["classes"]
     if list(config["classes"]) != list(classes):
         raise UserError(f"checkpoint classes {config['classes']} differ from the split's {classes}")
@@ -98,14 +104,20 @@ def score(model, config: dict, split: dict, device: torch.device, batch_size: in
     if changed:
         raise UserError(f"{len(changed)} test file(s) in {split['root']} changed since the split was made "
                         f"(their sha256 differs), e.g. {changed[:3]}; restore the original test files")
-    loader = D.make_loader(Path(split["root"]), entries, transform, batch_size, train=False)
-    return evaluate(model.to(device), loader, device)  # fp32 (no amp): the score of record, once
+    # An unreadable test file (as it was when the split was made: the hashes match) is skipped
+    # and recorded; more than `max_bad_fraction` of the test split is an error.
+    bad = D.BadImageLog("test", len(entries), max_bad_fraction, error=UserError, root=split["root"])
+    loader = D.skipping_loader(Path(split["root"]), entries, transform, batch_size, False, bad)
+    return evaluate(model.to(device), loader, device), bad  # fp32 (no amp): the score of record, once
 
 
 def run_final_test(run_id: str, tracking_uri: str | None = None, force: bool = False,
-                   device: str = "cpu", batch_size: int = 64) -> TestResult:
+                   device: str = "cpu", batch_size: int = 64,
+                   max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION) -> TestResult:
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: give at least 1")
+    if not 0 <= max_bad_fraction < 1:
+        raise UserError(f"--max-bad-fraction {max_bad_fraction}: give a fraction from 0 to below 1, e.g. 0.01")
     torch_device = pick_device(device)
     tracker = Tracker(tracking_uri)
     tracker.check_reachable()
@@ -115,12 +127,13 @@ def run_final_test(run_id: str, tracking_uri: str | None = None, force: bool = F
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = tracker.download(trial_id, "checkpoints/phase2_best.pt", Path(tmp))
         model, config = M.model_from_checkpoint(ckpt)
-    ev = score(model, config, split, torch_device, batch_size)
+    ev, bad = score(model, config, split, torch_device, batch_size, max_bad_fraction)
     classes = split["classes"]
     macro_f1 = float(f1_score(ev.targets, ev.preds, average="macro", labels=list(range(len(classes))),
                               zero_division=0))
     per_class = figures.per_class_report(ev.targets, ev.preds, classes)
-    result = TestResult(trial_id, parent_id, ev.acc, ev.loss, macro_f1, len(ev.targets), per_class)
+    result = TestResult(trial_id, parent_id, ev.acc, ev.loss, macro_f1, len(ev.targets), per_class,
+                        dict(bad.found))
     log_result(tracker, result, ev, classes, earlier, force)
     return result
 
@@ -128,7 +141,8 @@ def run_final_test(run_id: str, tracking_uri: str | None = None, force: bool = F
 def log_result(tracker: Tracker, r: TestResult, ev, classes, earlier: int, force: bool) -> None:
     metrics = {"test/acc": r.acc, "test/loss": r.loss, "test/macro_f1": r.macro_f1}
     tags = {"final_test.count": earlier + 1, "final_test.trial_run_id": r.trial_run_id,
-            "final_test.acc": f"{r.acc:.6f}", "final_test.forced": str(force and earlier > 0).lower()}
+            "final_test.acc": f"{r.acc:.6f}", "final_test.forced": str(force and earlier > 0).lower(),
+            "final_test.skipped_images": len(r.skipped)}
     with tempfile.TemporaryDirectory() as tmp:
         cm = figures.confusion(ev.targets, ev.preds, len(classes))
         cm_files = figures.write_confusion(cm, classes, Path(tmp) / "test", "test split (final)")
@@ -138,15 +152,21 @@ def log_result(tracker: Tracker, r: TestResult, ev, classes, earlier: int, force
             tracker.set_tags(run_id, tags)
             tracker.log_files(run_id, cm_files, "confusion")
             tracker.log_files(run_id, [report], "report")
+            if r.skipped:
+                tracker.log_json(run_id, r.skipped, "report/test_skipped_images.json")
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        r = run_final_test(args.run_id, args.tracking_uri, args.force, args.device, args.batch_size)
+        r = run_final_test(args.run_id, args.tracking_uri, args.force, args.device, args.batch_size,
+                           args.max_bad_fraction)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if r.skipped:
+        print(f"warning: {len(r.skipped)} unreadable test image(s) not scored (recorded on the runs): "
+              + "; ".join(f"{p} ({why})" for p, why in list(r.skipped.items())[:3]), file=sys.stderr)
     print(f"test split ({r.n_images} images), trial run {r.trial_run_id}:")
     print(f"  test/acc      {r.acc:.4f}\n  test/loss     {r.loss:.4f}\n  test/macro_f1 {r.macro_f1:.4f}")
     print(f"  {'class':<20} {'precision':>9} {'recall':>7} {'f1':>7} {'support':>7}")

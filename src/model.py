@@ -7,6 +7,7 @@ The head is the backbone's last `nn.Linear` (resnet `fc`, mobilenet/efficientnet
 """
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
@@ -169,9 +170,15 @@ def save_checkpoint(checkpoint: dict, path: Path) -> Path:
     """Write to a temp name, then rename: a crash never leaves a file that loads as valid."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(checkpoint, tmp)
-    tmp.replace(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename: not even a power cut leaves half a file
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

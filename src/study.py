@@ -100,7 +100,7 @@ def summary_table(study: optuna.Study, top: int = 5) -> str:
     # Only COMPLETE trials: a pruned trial's value is an intermediate (often phase-1) accuracy.
     done = sorted((t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE),
                   key=lambda t: -t.value)[:top]
-    keys = list(study.trials[0].params) if study.trials else []
+    keys = list(done[0].params) if done else []
     lines = [f"{'trial':>5}  {'valid_acc':>9}  {'epochs':>6}  " + "  ".join(f"{k:>17}" for k in keys)]
     for t in done:
         epochs = len(t.intermediate_values)

@@ -426,3 +426,47 @@ def test_non_image_files_and_small_images_are_counted_and_said(in_tmp, tmp_path,
     client = _client(in_tmp)
     path = client.download_artifacts(result.parent_run_id, "dataset/summary.json", str(in_tmp))
     assert json.loads(Path(path).read_text())["ignored_non_image_files"] == 2
+
+
+@pytest.mark.slow
+def test_an_unreadable_test_image_is_skipped_and_recorded_by_final_test(in_tmp, split_folder, capsys):
+    victim = sorted((split_folder / "test" / "cat").iterdir())[0]
+    _truncated_jpeg(victim)  # unreadable from the start: the sweep hashes it as it is
+    result = sweep.run_sweep(sweep.parse_args(_args(in_tmp, split_folder, 1)))
+    uri = f"sqlite:///{in_tmp}/mlflow.db"
+    assert final_test.main(["--run-id", result.parent_run_id, "--tracking-uri", uri]) == 2  # 1 of 9 > 0.01
+    assert str(victim) in capsys.readouterr().err
+    assert final_test.main(["--run-id", result.parent_run_id, "--tracking-uri", uri, "--max-bad-fraction", "0.2"]) == 0
+    out, err = capsys.readouterr()
+    assert "1 unreadable test image(s) not scored" in err and "test/cat/" in err
+    assert "(8 images)" in out
+    tags = _client(in_tmp).get_run(result.parent_run_id).data.tags
+    assert tags["final_test.skipped_images"] == "1" and tags["final_test.count"] == "1"
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # study.ask by hand, as a worker would
+def test_a_silent_worker_on_another_host_loses_its_trial_after_the_grace_period(in_tmp, monkeypatch):
+    """Optuna's heartbeat path: the trial is failed, queued again, and its MLflow run closed."""
+    from src import study as study_mod
+    from src.recovery import LostTrials, recover
+    from src.tracking import Tracker
+
+    monkeypatch.setattr(study_mod, "GRACE_PERIOD_S", 1)
+    tracker = Tracker(f"sqlite:///{in_tmp}/mlflow.db")
+    study = study_mod.open_study("s", f"sqlite:///{in_tmp}/optuna.db", 0, on_lost=LostTrials(tracker))
+    parent = tracker.create_parent(tracker.experiment_id("e"), "s", {})
+    trial = study.ask({"head_lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)})
+    trial.set_user_attr("tlsweep.worker", {"host": "elsewhere", "pid": 1, "start": None})
+    run_id = tracker.start_trial(parent, trial.number, {"head_lr": trial.params["head_lr"]})
+    trial.set_user_attr("mlflow_run_id", run_id)
+    study._storage.record_heartbeat(trial._trial_id)  # then silence
+    recover(study, tracker, parent)
+    assert study.trials[0].state == ALIVE  # within the grace period: still its worker's
+    time.sleep(2.1)
+    recover(study, tracker, parent)
+    trials = study.trials
+    assert trials[0].state == optuna.trial.TrialState.FAIL
+    assert trials[1].state == optuna.trial.TrialState.WAITING and trials[1].params == trials[0].params
+    assert trials[1].system_attrs["failed_trial"] == 0
+    run = tracker.client.get_run(run_id)
+    assert run.info.status == "KILLED" and "stopped" in run.data.tags["optuna.fail_reason"]
