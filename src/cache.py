@@ -36,6 +36,7 @@ import torchvision
 from torch import nn
 
 from . import data as D
+from .recovery import process_alive
 from .train import to_device
 
 log = logging.getLogger("tlsweep")
@@ -93,20 +94,10 @@ def remove_dead_temps(folder: Path) -> int:
             writer_host, pid = parts[-5], int(parts[-4])
         except (IndexError, ValueError):
             continue
-        if writer_host == host and not _alive(pid):
+        if writer_host == host and not process_alive(pid):
             tmp.unlink(missing_ok=True)
             removed += 1
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
 
 
 def _cached(path: Path, dtype, write, shape: tuple | None = None) -> tuple[np.ndarray, dict]:

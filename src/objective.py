@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import tempfile
+import threading
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,14 @@ from .recovery import FAIL_KIND_ATTR, FAIL_REASON_ATTR, WORKER_ATTR, original_nu
 from .study import derive_seed
 from .tracking import Tracker
 from .train import fit_two_phase
+
+
+STOP = threading.Event()  # set by the sweep's Ctrl-C/SIGTERM handler
+
+
+def raise_if_stopped() -> None:
+    if STOP.is_set():
+        raise KeyboardInterrupt("stop requested")
 
 
 @dataclass
@@ -154,6 +163,7 @@ class Objective:
                 trial.report(rec.valid_acc, rec.step)
                 if trial.should_prune():
                     raise optuna.TrialPruned(f"pruned at global epoch {rec.step} (valid/acc {rec.valid_acc:.4f})")
+                raise_if_stopped()
 
             def on_phase_end(result, trained_model):
                 self.log_phase(run_id, cfg, result, trained_model)

@@ -18,11 +18,13 @@ import os
 import socket
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from .tracking import Tracker
+if TYPE_CHECKING:
+    from .tracking import Tracker
 
 log = logging.getLogger("tlsweep")
 HEARTBEAT_INTERVAL_S = 10    # how often a running trial says it is alive
@@ -48,6 +50,17 @@ def worker_id() -> dict:
     return {"host": socket.gethostname(), "pid": pid, "start": _process_start(pid)}
 
 
+def process_alive(pid: int) -> bool:
+    """Whether a process of this host exists (someone else's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def worker_gone(worker: dict | None) -> bool:
     """True only when sure: the worker ran on this host and its process no longer exists."""
     if not worker or worker.get("host") != socket.gethostname():
@@ -55,12 +68,8 @@ def worker_gone(worker: dict | None) -> bool:
     pid = int(worker["pid"])
     if pid == os.getpid():
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not process_alive(pid):
         return True
-    except PermissionError:
-        pass  # alive, another user's
     start = _process_start(pid)
     return bool(worker.get("start") and start and start != worker["start"])  # pid reused
 

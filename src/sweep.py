@@ -20,7 +20,7 @@ from tqdm import tqdm
 from . import data as D
 from . import model as M
 from .config import Fixed, TrialFault, UserError, load_sweep, resolve_fixed
-from .objective import Context, Objective
+from .objective import STOP, Context, Objective, raise_if_stopped
 from .pipeline import DEFAULT_MAX_BAD_FRACTION, Pipeline, initial_model
 from .recovery import FAIL_KIND_ATTR, FAIL_REASON_ATTR, LostTrials, recover
 from .study import (check_same_settings, finished, log_study_plots, open_parent, open_study,
@@ -196,6 +196,7 @@ def run_sweep(args) -> SweepResult:
                                  f"{trial.user_attrs.get(FAIL_REASON_ATTR, '')}")
                     tqdm.write(line)
                     update_best(ctx.tracker, ctx.parent_id, study)
+                    raise_if_stopped()
 
                 # No n_trials: failed trials do not count. The study stops at --trials finished ones in
                 # total (whatever earlier runs or other workers did), or at too many failures in a row.
@@ -250,7 +251,10 @@ def main(argv=None) -> int:
     # ERROR: Optuna would log every failed trial with a traceback; the sweep prints one line instead.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)  # docker stop, CI timeouts: clean up like Ctrl-C
+    STOP.clear()
+    # Ctrl-C, and SIGTERM (docker stop, CI timeouts) the same way: see `_stop`.
+    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    unraisable, sys.unraisablehook = sys.unraisablehook, _quiet_stop(sys.unraisablehook)
     try:
         result = run_sweep(args)
     except UserError as exc:
@@ -259,6 +263,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:  # before the first trial, or a second Ctrl-C while cleaning up
         print("interrupted; nothing finished was lost. Run the same command again to continue.", file=sys.stderr)
         return 130
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        sys.unraisablehook = unraisable
     if result.interrupted:
         return 130
     if result.stopped_reason:
@@ -270,8 +278,20 @@ def main(argv=None) -> int:
     return 0
 
 
-def _terminate(signum, frame):
+def _stop(signum, frame):
+    """Stop now (KeyboardInterrupt wherever the sweep is), and remember it: Python drops an
+    exception raised inside a garbage-collector callback, so the sweep also checks STOP after
+    every epoch and every trial, and a stop request is never lost."""
+    STOP.set()
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _quiet_stop(hook):
+    """An unraisable-exception hook that stays quiet about a dropped stop (STOP has it)."""
+    def quiet(info):
+        if not (isinstance(info.exc_value, KeyboardInterrupt) and STOP.is_set()):
+            hook(info)
+    return quiet
 
 
 if __name__ == "__main__":

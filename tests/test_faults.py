@@ -470,3 +470,20 @@ def test_a_silent_worker_on_another_host_loses_its_trial_after_the_grace_period(
     assert trials[1].system_attrs["failed_trial"] == 0
     run = tracker.client.get_run(run_id)
     assert run.info.status == "KILLED" and "stopped" in run.data.tags["optuna.fail_reason"]
+
+
+@pytest.mark.slow
+def test_a_stop_request_python_dropped_still_stops_the_sweep(in_tmp, flat_folder):
+    """Python drops a KeyboardInterrupt raised inside a garbage-collector callback (SQLAlchemy has
+    such callbacks); the request stays set and the sweep stops after the epoch."""
+    from src.objective import STOP
+
+    STOP.set()  # as if the Ctrl-C's exception had been dropped
+    try:
+        result = sweep.run_sweep(sweep.parse_args(_args(in_tmp, flat_folder, 3)))
+    finally:
+        STOP.clear()
+    assert result.interrupted
+    trials = _study(in_tmp).trials
+    assert [t.state.name for t in trials] == ["FAIL"] and trials[0].user_attrs["tlsweep.fail_kind"] == "interrupted"
+    assert len(trials[0].intermediate_values) == 1  # its first epoch ran and was kept
