@@ -212,8 +212,16 @@ def demo_data_dir() -> Path:
     target = cache_dir() / "demo-digits"
     if (target / "9").is_dir():
         return target
+    import shutil
+
     from sklearn.datasets import load_digits
 
+    from .recovery import process_alive
+
+    for stale in target.parent.glob(".demo-digits.*.tmp"):  # a writer killed mid-way left it
+        pid = stale.name.split(".")[2]
+        if pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
     digits = load_digits()
     tmp = target.with_name(f".demo-digits.{os.getpid()}.tmp")
     for i, (pixels, label) in enumerate(zip(digits.images, digits.target)):

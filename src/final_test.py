@@ -143,6 +143,9 @@ def log_result(tracker: Tracker, r: TestResult, ev, classes, earlier: int, force
     tags = {"final_test.count": earlier + 1, "final_test.trial_run_id": r.trial_run_id,
             "final_test.acc": f"{r.acc:.6f}", "final_test.forced": str(force and earlier > 0).lower(),
             "final_test.skipped_images": len(r.skipped)}
+    # The parent's count first: once the score exists anywhere, a second scoring needs --force,
+    # even if this process is killed while it logs the rest.
+    tracker.set_tags(r.parent_run_id, tags)
     with tempfile.TemporaryDirectory() as tmp:
         cm = figures.confusion(ev.targets, ev.preds, len(classes))
         cm_files = figures.write_confusion(cm, classes, Path(tmp) / "test", "test split (final)")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -399,3 +401,16 @@ def test_demo_data_is_written_once(tmp_path):
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items() if p != files[0])
     assert len(list(root.rglob("*.png"))) == 1797
     assert not [p for p in cache_dir().iterdir() if p.name.endswith(".tmp")]  # no leftovers
+
+
+def test_a_killed_demo_writer_leaves_nothing_the_next_run_keeps(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    half = cache_dir() / f".demo-digits.{dead.pid}.tmp" / "3"
+    half.mkdir(parents=True)
+    (half / "0001.png").write_bytes(b"\x89PNG half")
+    live = cache_dir() / f".demo-digits.{os.getppid()}.tmp"  # a live process: a writer still at work
+    live.mkdir()
+    root = demo_data_dir()
+    assert len(list(root.rglob("*.png"))) == 1797
+    assert not half.parent.exists() and live.exists()
