@@ -82,12 +82,16 @@ def _load(path: Path, dtype, shape: tuple | None = None) -> tuple[np.ndarray, di
 def _temp_name(path: Path) -> Path:
     """A temp name no other process picks; it names this host and process, so a later run can
     tell the leftovers of a killed writer (`remove_dead_temps`) from a live writer's file."""
-    return path.with_name(f".{path.stem}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp.npy")
+    return path.with_name(f".{path.stem}.{_host()}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp.npy")
+
+
+def _host() -> str:
+    return socket.gethostname().replace(".", "-")  # dots would split the temp name wrongly
 
 
 def remove_dead_temps(folder: Path) -> int:
     """Delete temp files whose writer (a process on this host) is gone: what kill -9 leaves."""
-    host, removed = socket.gethostname(), 0
+    host, removed = _host(), 0
     for tmp in Path(folder).glob(".*.tmp.npy"):
         parts = tmp.name.split(".")
         try:

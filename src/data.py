@@ -53,8 +53,8 @@ def load_rgb(path: Path) -> Image.Image:
                 white = Image.new("RGBA", im.size, (255, 255, 255, 255))
                 im = Image.alpha_composite(white, im.convert("RGBA"))
             return im.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"cannot read image {path}: {exc}; replace or delete the file") from exc
+    except Exception as exc:  # PIL raises many types for a damaged file (OSError, DecompressionBombError, struct.error, ...)
+        raise DataError(f"cannot read image {path}: {type(exc).__name__}: {exc}; replace or delete the file") from exc
 
 
 def build_transform(level: str, image_size: int, mean, std, train: bool) -> T.Compose:
@@ -121,7 +121,8 @@ class ImageList(torch.utils.data.Dataset):
         except DataError as exc:
             if not self.skip_bad:
                 raise
-            return BadImage(rel, str(exc.__cause__ or exc))
+            cause = exc.__cause__
+            return BadImage(rel, f"{type(cause).__name__}: {cause}" if cause else str(exc))
         out = apply_transform(self.transform, image, self.view_seed, self.epoch, i)
         return (out, label, image.size) if self.with_size else (out, label)
 

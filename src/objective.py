@@ -8,8 +8,10 @@ the Optuna trial):
                 `out_of_memory` (memory is freed first), `bad_images` (more than
                 --max-bad-fraction of a split unreadable), `error` (any other RuntimeError or
                 ValueError), with `optuna.fail_reason`;
-  INTERRUPTED   Ctrl-C/SIGTERM: the run is closed as KILLED, the trial is queued again on resume;
+  INTERRUPTED   Ctrl-C/SIGTERM: the run is closed as KILLED, the trial is queued again;
 A UserError inside a trial (something every trial would meet) stops the sweep.
+The run is closed after Optuna has recorded the trial (`Objective.close_run`), so MLflow never
+says a trial finished that Optuna does not know of.
 """
 from __future__ import annotations
 
@@ -27,13 +29,40 @@ from tqdm import tqdm
 from . import figures, model as M, search_space
 from .config import TrialConfig, TrialFault, UserError
 from .pipeline import Pipeline
-from .recovery import FAIL_KIND_ATTR, FAIL_REASON_ATTR, WORKER_ATTR, original_number, worker_id
+from .recovery import (FAIL_KIND_ATTR, FAIL_REASON_ATTR, PRUNE_REASON_ATTR, WORKER_ATTR, original_number,
+                       worker_id)
 from .study import derive_seed
 from .tracking import Tracker
 from .train import fit_two_phase
 
 
 STOP = threading.Event()  # set by the sweep's Ctrl-C/SIGTERM handler
+_computing = threading.local()
+
+
+def stop_now() -> bool:
+    """Whether a Ctrl-C may raise where it lands: while a trial computes (or before the study
+    runs), yes; while Optuna or MLflow write a trial's state, no: STOP is checked right after."""
+    return getattr(_computing, "on", True)
+
+
+class _Computing:
+    def __init__(self, on: bool):
+        self.on = on
+
+    def __enter__(self):
+        self.before, _computing.on = stop_now(), self.on
+
+    def __exit__(self, *exc):
+        _computing.on = self.before
+
+
+def computing() -> _Computing:
+    return _Computing(True)
+
+
+def writing() -> _Computing:
+    return _Computing(False)
 
 
 def raise_if_stopped() -> None:
@@ -73,6 +102,8 @@ class Objective:
 
     def __init__(self, ctx: Context):
         self.ctx = ctx
+        self.interrupted: int | None = None   # number of the trial Ctrl-C stopped
+        self.taken_over: int | None = None    # number of a trial another worker took over
 
     def config(self, trial) -> TrialConfig:
         pipe = self.ctx.pipeline
@@ -86,6 +117,8 @@ class Objective:
             phase2_head_lr_factor=f.phase2_head_lr_factor, seed=seed, classes=pipe.splits.classes, **sampled)
 
     def __call__(self, trial) -> float:
+        """Train; the run is closed by `close_run` after Optuna records the outcome (or here,
+        when the sweep stops: interrupted, or a user error)."""
         tracker = self.ctx.tracker
         trial.set_user_attr(WORKER_ATTR, worker_id())
         cfg = self.config(trial)
@@ -100,21 +133,30 @@ class Objective:
             tracker.set_tags(run_id, tags)
         fault = None
         try:
-            value = self.train(trial, cfg, run_id)
+            with computing():
+                value = self.train(trial, cfg, run_id)
         except optuna.TrialPruned as exc:
-            self.end(run_id, "PRUNED", str(exc))
+            trial.set_user_attr(PRUNE_REASON_ATTR, str(exc))
+            raise
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # Another worker found this trial's heartbeat stale and queued it again: step aside.
+            self.taken_over = trial.number
+            self.end(run_id, "FAIL", "taken over by another worker (this one's heartbeat was late)", status="KILLED")
             raise
         except KeyboardInterrupt:
-            trial.set_user_attr(FAIL_KIND_ATTR, "interrupted")
-            self.end(run_id, "INTERRUPTED", "interrupted (Ctrl-C or SIGTERM); queued again when the sweep resumes")
+            # Optuna records it as FAIL; this worker queues it again (`run_sweep`), no other does.
+            with writing():
+                trial.set_user_attr(FAIL_KIND_ATTR, "interrupted")
+                self.interrupted = trial.number
+                self.end(run_id, "INTERRUPTED", "interrupted (Ctrl-C or SIGTERM); queued again")
             raise
         except Exception as exc:
             fault = None if isinstance(exc, UserError) else as_fault(exc, self.ctx.pipeline.device, cfg.batch_size)
             kind, reason = (fault.kind if fault else "error"), str(fault or f"{type(exc).__name__}: {exc}")
             trial.set_user_attr(FAIL_KIND_ATTR, kind)
-            trial.set_user_attr(FAIL_REASON_ATTR, reason[:1000])
-            self.end(run_id, "FAIL", reason, {FAIL_KIND_ATTR: kind})
-            if fault is None:
+            trial.set_user_attr(FAIL_REASON_ATTR, reason[:5000])
+            if fault is None:  # the sweep stops: no callback will close the run
+                self.end(run_id, "FAIL", reason, {FAIL_KIND_ATTR: kind})
                 raise
         if fault is not None:
             # Raised here, not inside `except`: the fault must not chain the original exception,
@@ -122,20 +164,35 @@ class Objective:
             # sweep catches faults: this trial ends, the sweep goes on.
             fault.__traceback__, fault.__context__, fault.__cause__ = None, None, None
             raise fault
-        self.end(run_id, "COMPLETE")
         return value
 
-    def end(self, run_id: str, state: str, reason: str | None = None, tags: dict | None = None) -> None:
+    def close_run(self, study: optuna.Study, trial) -> None:
+        """Optuna callback: close the trial's run once Optuna has recorded the trial, so a kill in
+        between leaves a RUNNING run that the next start closes from Optuna's record, never a
+        closed run that disagrees with Optuna."""
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if run_id is None:
+            return
+        with writing():
+            if trial.state == optuna.trial.TrialState.FAIL:
+                kind = trial.user_attrs.get(FAIL_KIND_ATTR, "error")
+                self.end(run_id, "FAIL", trial.user_attrs.get(FAIL_REASON_ATTR), {FAIL_KIND_ATTR: kind})
+            else:
+                self.end(run_id, trial.state.name, trial.user_attrs.get(PRUNE_REASON_ATTR))
+
+    def end(self, run_id: str, state: str, reason: str | None = None, tags: dict | None = None,
+            status: str | None = None) -> None:
         """Close the trial's run, naming the unreadable files it skipped, if any."""
         tags = dict(tags or {})
         bad = self.ctx.pipeline.bad_images()
         if bad:
             tags["data.skipped_images"] = sum(len(files) for files in bad.values())
             self.ctx.tracker.log_json(run_id, bad, "data/skipped_images.json")
-        self.ctx.tracker.end_run(run_id, state, reason, tags=tags)
+        self.ctx.tracker.end_run(run_id, state, reason, status=status, tags=tags)
 
     def train(self, trial, cfg: TrialConfig, run_id: str) -> float:
         ctx = self.ctx
+        raise_if_stopped()  # a stop that came while Optuna was starting this trial
         model = ctx.pipeline.model(cfg.seed)
         train_loader, valid_loader, phase1_inputs = ctx.pipeline.loaders(cfg, model)
         try:
@@ -157,16 +214,20 @@ class Objective:
         total = cfg.max_epochs_phase1 + cfg.max_epochs_phase2
         with tqdm(total=total, desc=f"trial {trial.number}", leave=False, unit="ep", disable=None) as bar:
             def on_epoch(rec):
-                ctx.tracker.log_epoch(run_id, rec)
-                bar.update(1)
-                bar.set_postfix(phase=rec.phase, valid_acc=f"{rec.valid_acc:.3f}")
-                trial.report(rec.valid_acc, rec.step)
-                if trial.should_prune():
-                    raise optuna.TrialPruned(f"pruned at global epoch {rec.step} (valid/acc {rec.valid_acc:.4f})")
+                with writing():
+                    ctx.tracker.log_epoch(run_id, rec)
+                    bar.update(1)
+                    bar.set_postfix(phase=rec.phase, valid_acc=f"{rec.valid_acc:.3f}")
+                    trial.report(rec.valid_acc, rec.step)
+                    prune = trial.should_prune()
                 raise_if_stopped()
+                if prune:
+                    raise optuna.TrialPruned(f"pruned at global epoch {rec.step} (valid/acc {rec.valid_acc:.4f})")
 
             def on_phase_end(result, trained_model):
-                self.log_phase(run_id, cfg, result, trained_model)
+                with writing():
+                    self.log_phase(run_id, cfg, result, trained_model)
+                raise_if_stopped()
 
             _, phase2 = fit_two_phase(
                 model, train_loader, valid_loader, head_lr=cfg.head_lr, backbone_lr_ratio=cfg.backbone_lr_ratio,

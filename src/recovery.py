@@ -5,9 +5,11 @@
 - A RUNNING trial whose worker is gone is failed and its parameters are queued again, as a
   WAITING trial carrying Optuna's retry attributes (`failed_trial`, `retry_history`, read by
   `RetryHeartbeatStaleTrialCallback.retried_trial_number`). Gone means: on this host, the process
-  is dead (seen at once); elsewhere, no heartbeat for GRACE_PERIOD_S (Optuna checks that before
-  each trial, so another worker picks the trial up mid-sweep).
-- A trial stopped by Ctrl-C (`tlsweep.fail_kind` = interrupted) is queued again the same way.
+  is dead (seen at once; "this host" means the same hostname, boot id and pid namespace);
+  elsewhere, no heartbeat for GRACE_PERIOD_S (Optuna checks that before each trial, so another
+  worker picks the trial up mid-sweep). Exactly one worker wins the FAIL and queues the retry.
+- A trial stopped by Ctrl-C (`tlsweep.fail_kind` = interrupted) is queued again the same way,
+  by its own worker as it stops (so no two workers queue it).
 - MLflow trial runs still RUNNING although their trial is over are closed as KILLED.
 A retry keeps its original trial's seed, so it trains exactly what the lost trial would have.
 """
@@ -17,6 +19,7 @@ import logging
 import os
 import socket
 import warnings
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,6 +36,7 @@ MAX_RETRIES = 3              # a trial whose workers keep dying is not queued fo
 WORKER_ATTR = "tlsweep.worker"
 FAIL_KIND_ATTR = "tlsweep.fail_kind"   # diverged | out_of_memory | bad_images | error | interrupted
 FAIL_REASON_ATTR = "tlsweep.fail_reason"
+PRUNE_REASON_ATTR = "tlsweep.prune_reason"
 LOST = ("the worker running this trial stopped (killed, crashed or lost) before it finished; "
         "its parameters were queued again")
 
@@ -45,9 +49,22 @@ def _process_start(pid: int) -> str | None:
         return None
 
 
+def _namespace() -> dict:
+    """What tells this machine's process table apart from another's with the same hostname
+    (containers sharing a hostname, a reboot): the boot id and the pid namespace (Linux)."""
+    ns = {}
+    for key, read in (("boot", lambda: Path("/proc/sys/kernel/random/boot_id").read_text().strip()),
+                      ("pidns", lambda: os.stat("/proc/self/ns/pid").st_ino)):
+        try:
+            ns[key] = read()
+        except OSError:
+            ns[key] = None
+    return ns
+
+
 def worker_id() -> dict:
     pid = os.getpid()
-    return {"host": socket.gethostname(), "pid": pid, "start": _process_start(pid)}
+    return {"host": socket.gethostname(), **_namespace(), "pid": pid, "start": _process_start(pid)}
 
 
 def process_alive(pid: int) -> bool:
@@ -65,8 +82,9 @@ def process_alive(pid: int) -> bool:
 
 
 def worker_gone(worker: dict | None) -> bool:
-    """True only when sure: the worker ran on this host and its process no longer exists."""
-    if not worker or worker.get("host") != socket.gethostname():
+    """True only when sure: the worker ran in this process table and its process is gone."""
+    here = {"host": socket.gethostname(), **_namespace()}
+    if not worker or any(worker.get(k) != v for k, v in here.items()):
         return False
     pid = int(worker["pid"])
     if pid == os.getpid():
@@ -84,22 +102,26 @@ def original_number(study: optuna.Study, trial) -> int:
     return int(history[0])
 
 
-def queue_retry(study: optuna.Study, trial: FrozenTrial) -> None:
+def queue_retry(study: optuna.Study, trial: FrozenTrial, count: bool = True) -> None:
     """Queue the trial's parameters again (what Optuna's RetryHeartbeatStaleTrialCallback does,
-    without copying the lost trial's user attributes: its run id and failure are not the retry's)."""
+    without copying the lost trial's user attributes: its run id and failure are not the retry's).
+    `count`: a lost worker counts toward MAX_RETRIES; a Ctrl-C does not."""
     history = [*trial.system_attrs.get("retry_history", []), trial.number]
-    if len(history) > MAX_RETRIES:
-        log.warning("trial %d was lost %d times; not queued again", history[0], len(history))
+    lost = trial.system_attrs.get("tlsweep.times_lost", 0) + (1 if count else 0)
+    if lost > MAX_RETRIES:
+        log.warning("trial %d was lost %d times; not queued again", history[0], lost)
         return
     study.add_trial(optuna.trial.create_trial(
         state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
-        system_attrs={**trial.system_attrs, "failed_trial": history[0], "retry_history": history}))
+        system_attrs={**trial.system_attrs, "failed_trial": history[0], "retry_history": history,
+                      "tlsweep.times_lost": lost}))
     log.info("trial %d (%s) queued again with the same parameters", trial.number,
              trial.user_attrs.get(FAIL_KIND_ATTR, "lost"))
 
 
 class LostTrials:
-    """The storage's heartbeat-stale callback: queue the trial again and close its MLflow run."""
+    """The storage's heartbeat-stale callback: queue the trial again and close its MLflow run
+    (also a run already closed: Optuna's record is the truth, and it says the trial was lost)."""
 
     def __init__(self, tracker: Tracker):
         self.tracker = tracker
@@ -107,33 +129,44 @@ class LostTrials:
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         queue_retry(study, trial)
         run_id = trial.user_attrs.get("mlflow_run_id")
-        if run_id and self.tracker.run_status(run_id) == "RUNNING":
+        if run_id and self.tracker.run_status(run_id) is not None:
             self.tracker.end_run(run_id, "FAIL", LOST, status="KILLED")
 
 
+def _lost(study: optuna.Study, trial: FrozenTrial) -> bool:
+    """A RUNNING trial whose worker is surely gone: its process on this machine has exited, or it
+    never said who it was (killed right after Optuna created it) and is older than the grace period."""
+    worker = trial.user_attrs.get(WORKER_ATTR)
+    if worker is not None:
+        return worker_gone(worker)
+    started = trial.datetime_start
+    return started is not None and (datetime.now() - started).total_seconds() > GRACE_PERIOD_S
+
+
 def recover(study: optuna.Study, tracker: Tracker, parent_id: str) -> None:
-    """Fail trials whose worker is gone and queue them again, queue interrupted trials again,
-    and close the MLflow runs of trials that are over."""
+    """Fail the trials whose worker is gone and queue them again, and close the MLflow runs of
+    trials that are over. (An interrupted trial was queued again by its own worker.)"""
     lost = LostTrials(tracker)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)  # heartbeat-stale, any host: calls `lost` via the storage
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if worker_gone(t.user_attrs.get(WORKER_ATTR)):
-            study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
-            log.warning("trial %d: its worker (pid %s) is gone; marked failed", t.number, t.user_attrs[WORKER_ATTR]["pid"])
+        if not _lost(study, t):
+            continue
+        try:  # True for exactly one worker: only that one queues the trial again
+            claimed = study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            claimed = False
+        if claimed:
+            log.warning("trial %d: its worker is gone; marked failed", t.number)
             lost(study, study._storage.get_trial(t._trial_id))
-    trials = study.get_trials(deepcopy=False)
-    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
-    for t in trials:
-        if (t.state == TrialState.FAIL and t.user_attrs.get(FAIL_KIND_ATTR) == "interrupted"
-                and t.number not in retried):
-            queue_retry(study, t)
     close_orphan_runs(study, tracker, parent_id)
 
 
 def close_orphan_runs(study: optuna.Study, tracker: Tracker, parent_id: str) -> None:
-    """Trial runs still RUNNING whose trial is over (or that no trial owns) are closed as KILLED."""
+    """Trial runs still RUNNING whose trial is over are closed as Optuna recorded it (a kill came
+    between Optuna's record and the run's closing), or as KILLED when the trial was lost or no
+    trial owns the run."""
     by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
     for run in tracker.children(parent_id):
         if run.info.status != "RUNNING":
@@ -141,9 +174,14 @@ def close_orphan_runs(study: optuna.Study, tracker: Tracker, parent_id: str) -> 
         trial = by_number.get(int(run.data.tags.get("optuna.trial_number", -1)))
         if trial is not None and not trial.state.is_finished():
             continue  # still running (another worker) or waiting
-        if trial is not None and trial.state != TrialState.FAIL and trial.user_attrs.get("mlflow_run_id") == run.info.run_id:
-            tracker.end_run(run.info.run_id, trial.state.name)  # stopped between its two last writes
-            continue
-        tracker.end_run(run.info.run_id, "FAIL", LOST, status="KILLED")
-        log.info("closed MLflow run %s of trial %s, left running by a stopped worker",
+        own = trial is not None and trial.user_attrs.get("mlflow_run_id") == run.info.run_id
+        kind = trial.user_attrs.get(FAIL_KIND_ATTR) if own else None
+        if own and trial.state != TrialState.FAIL:
+            tracker.end_run(run.info.run_id, trial.state.name, trial.user_attrs.get(PRUNE_REASON_ATTR))
+        elif own and kind is not None:  # a fault of the trial, recorded before the kill
+            tracker.end_run(run.info.run_id, "FAIL", trial.user_attrs.get(FAIL_REASON_ATTR),
+                            tags={FAIL_KIND_ATTR: kind})
+        else:
+            tracker.end_run(run.info.run_id, "FAIL", LOST, status="KILLED")
+        log.info("closed MLflow run %s of trial %s, left open by a stopped worker",
                  run.info.run_id, run.data.tags.get("optuna.trial_number"))

@@ -181,7 +181,13 @@ def _split_file_candidates(root: Path) -> list[Path]:
 def write_json_atomic(path: Path, obj) -> None:
     """Write to a temp name in the same folder, flush it to disk, then rename: a crash (even a
     power cut) never leaves a half-written file under the real name."""
+    from .recovery import process_alive
+
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # a writer killed mid-way left it
+        pid = stale.name[len(path.name) + 2:-len(".tmp")]
+        if pid.isdigit() and not process_alive(int(pid)):
+            stale.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "w") as f:

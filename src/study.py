@@ -48,11 +48,21 @@ def open_parent(tracker: Tracker, study: optuna.Study, experiment: str, splits: 
         parent_id = tracker.create_parent(exp_id, study.study_name,
                                           {"dataset.fingerprint": data_fp, STUDY_UID_ATTR: uid, **tags})
     study.set_user_attr("mlflow_parent_run_id", parent_id)
-    if "split.json" not in tracker.artifact_names(parent_id, "dataset"):  # new, or killed before
+    if not _has_split_record(tracker, parent_id):  # new, or a kill came before or while it was logged
         tracker.log_files(parent_id, [sweep.path], "sweep")
         tracker.log_json(parent_id, splits.summary(), "dataset/summary.json")
         tracker.log_json(parent_id, splits.record(), "dataset/split.json")  # last: marks it complete
     return parent_id
+
+
+def _has_split_record(tracker: Tracker, parent_id: str) -> bool:
+    """Whether the parent has a complete, readable dataset/split.json (what final_test reads)."""
+    if "split.json" not in tracker.artifact_names(parent_id, "dataset"):
+        return False
+    try:
+        return "test_fingerprint" in tracker.load_json(parent_id, "dataset/split.json")
+    except UserError:
+        return False
 
 
 def finished(study: optuna.Study) -> list:

@@ -10,6 +10,7 @@ import gc
 import logging
 import signal
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,9 +21,9 @@ from tqdm import tqdm
 from . import data as D
 from . import model as M
 from .config import Fixed, TrialFault, UserError, load_sweep, resolve_fixed
-from .objective import STOP, Context, Objective, raise_if_stopped
+from .objective import STOP, Context, Objective, raise_if_stopped, stop_now, writing
 from .pipeline import DEFAULT_MAX_BAD_FRACTION, Pipeline, initial_model
-from .recovery import FAIL_KIND_ATTR, FAIL_REASON_ATTR, LostTrials, recover
+from .recovery import FAIL_KIND_ATTR, FAIL_REASON_ATTR, LostTrials, queue_retry, recover
 from .study import (check_same_settings, finished, log_study_plots, open_parent, open_study,
                     pruning_savings, summary_table, update_best)
 from .tracking import Tracker
@@ -173,12 +174,13 @@ def prepare(args) -> tuple[Context, optuna.Study, str]:
 
 
 def run_sweep(args) -> SweepResult:
+    STOP.clear()  # a stop belongs to one sweep
     ctx, study, study_name = prepare(args)
     done = len(finished(study))
     remaining = max(args.trials - done, 0)
     log.info("study %r: %d finished, running up to %d more; tracking %s, parent run %s",
              study_name, done, remaining, ctx.tracker.uri, ctx.parent_id)
-    status, interrupted, failures = "FINISHED", False, StopOnFailures()
+    status, interrupted, failures, objective = "FINISHED", False, StopOnFailures(), Objective(ctx)
     # What start-up built (modules, stores, caches, the starting model) lives all sweep: freeze it
     # out of the collector, so the collection that frees each trial scans only the trial's objects
     # (0.4 s a trial otherwise, with torch, MLflow and Optuna loaded).
@@ -186,28 +188,12 @@ def run_sweep(args) -> SweepResult:
     gc.freeze()
     try:
         if remaining:
-            with tqdm(total=args.trials, initial=done, desc="trials", unit="trial", disable=None) as bar:
-                def after_trial(study, trial):
-                    bar.update(1 if trial.state != optuna.trial.TrialState.FAIL else 0)
-                    value = "-" if trial.value is None else f"{trial.value:.4f}"
-                    line = f"trial {trial.number}: {trial.state.name} valid_acc={value} {trial.params}"
-                    if trial.state == optuna.trial.TrialState.FAIL:
-                        line += (f"\n  failed ({trial.user_attrs.get(FAIL_KIND_ATTR, 'error')}): "
-                                 f"{trial.user_attrs.get(FAIL_REASON_ATTR, '')}")
-                    tqdm.write(line)
-                    update_best(ctx.tracker, ctx.parent_id, study)
-                    raise_if_stopped()
-
-                # No n_trials: failed trials do not count. The study stops at --trials finished ones in
-                # total (whatever earlier runs or other workers did), or at too many failures in a row.
-                stop_at_total = optuna.study.MaxTrialsCallback(
-                    args.trials, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
-                study.optimize(Objective(ctx), timeout=args.timeout, callbacks=[after_trial, stop_at_total, failures],
-                               catch=(TrialFault,))
+            optimize(study, objective, ctx, args, failures)
     except KeyboardInterrupt:
-        status = "KILLED"
+        status, interrupted = "KILLED", True
         log.warning("interrupted: finished trials are kept; re-run the same command to continue")
-        interrupted = True
+        if objective.interrupted is not None:
+            queue_retry(study, study.trials[objective.interrupted], count=False)
     except BaseException:
         status = "FAILED"
         raise
@@ -219,6 +205,39 @@ def run_sweep(args) -> SweepResult:
     result = report(study, ctx, args, interrupted)
     result.stopped_reason = failures.reason
     return result
+
+
+def optimize(study: optuna.Study, objective: Objective, ctx: Context, args, failures: StopOnFailures) -> None:
+    """Run trials until the study has --trials finished ones (whatever earlier runs or other
+    workers did; failed trials do not count), --timeout passes, or too many fail in a row."""
+    done = len(finished(study))
+    with tqdm(total=args.trials, initial=done, desc="trials", unit="trial", disable=None) as bar:
+        def after_trial(study, trial):
+            bar.update(1 if trial.state != optuna.trial.TrialState.FAIL else 0)
+            value = "-" if trial.value is None else f"{trial.value:.4f}"
+            line = f"trial {trial.number}: {trial.state.name} valid_acc={value} {trial.params}"
+            if trial.state == optuna.trial.TrialState.FAIL:
+                line += (f"\n  failed ({trial.user_attrs.get(FAIL_KIND_ATTR, 'error')}): "
+                         f"{trial.user_attrs.get(FAIL_REASON_ATTR, '')}")
+            tqdm.write(line)
+            update_best(ctx.tracker, ctx.parent_id, study)
+            raise_if_stopped()
+
+        stop_at_total = optuna.study.MaxTrialsCallback(
+            args.trials, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
+        deadline = None if args.timeout is None else time.monotonic() + args.timeout
+        while True:
+            timeout = None if deadline is None else max(deadline - time.monotonic(), 0.001)
+            try:
+                with writing():  # Ctrl-C raises at once only while a trial computes
+                    study.optimize(objective, timeout=timeout, catch=(TrialFault,),
+                                   callbacks=[objective.close_run, after_trial, stop_at_total, failures])
+                return
+            except ValueError:  # "Cannot tell a FAIL trial": another worker took ours over
+                if objective.taken_over is None:
+                    raise
+                log.warning("trial %d was taken over by another worker; going on", objective.taken_over)
+                objective.taken_over = None
 
 
 def report(study: optuna.Study, ctx: Context, args, interrupted: bool) -> SweepResult:
@@ -251,7 +270,6 @@ def main(argv=None) -> int:
     # ERROR: Optuna would log every failed trial with a traceback; the sweep prints one line instead.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     args = parse_args(argv)
-    STOP.clear()
     # Ctrl-C, and SIGTERM (docker stop, CI timeouts) the same way: see `_stop`.
     previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     unraisable, sys.unraisablehook = sys.unraisablehook, _quiet_stop(sys.unraisablehook)
@@ -267,6 +285,7 @@ def main(argv=None) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         sys.unraisablehook = unraisable
+        STOP.clear()
     if result.interrupted:
         return 130
     if result.stopped_reason:
@@ -279,11 +298,14 @@ def main(argv=None) -> int:
 
 
 def _stop(signum, frame):
-    """Stop now (KeyboardInterrupt wherever the sweep is), and remember it: Python drops an
-    exception raised inside a garbage-collector callback, so the sweep also checks STOP after
-    every epoch and every trial, and a stop request is never lost."""
+    """Ctrl-C/SIGTERM: remember the stop (STOP, checked after every epoch and trial), and raise
+    KeyboardInterrupt at once while a trial computes; not while Optuna or MLflow write a trial's
+    state, which must not be cut in half. A second signal raises wherever it lands. (Python also
+    drops an exception raised inside a garbage-collector callback: STOP keeps that one too.)"""
+    again = STOP.is_set()
     STOP.set()
-    raise KeyboardInterrupt(f"signal {signum}")
+    if again or stop_now():
+        raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _quiet_stop(hook):

@@ -155,7 +155,11 @@ class Tracker:
 
     def load_json(self, run_id: str, artifact_path: str) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
-            return json.loads(self.download(run_id, artifact_path, Path(tmp)).read_text())
+            try:
+                return json.loads(self.download(run_id, artifact_path, Path(tmp)).read_text())
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise UserError(f"artifact {artifact_path} of run {run_id} in {self.uri} is damaged ({exc}); "
+                                f"re-run the sweep's command once (it logs it again) or restore it") from exc
 
     # -- lookups ----------------------------------------------------------------------------
     def get_run(self, run_id: str):

@@ -24,12 +24,15 @@ from PIL import Image
 from conftest import write_images
 from src import final_test, sweep
 from src import splits as S
+from src import cache as C
 from src.cache import remove_dead_temps
 from src.data import SPLIT_FILE, cache_dir, find_splits
 from src.pipeline import Pipeline
+from src.recovery import worker_id, worker_gone
 from src.study import derive_seed
 
 REPO = Path(__file__).resolve().parents[1]
+HOST = socket.gethostname().replace(".", "-")  # as cache temp names spell it
 ALIVE = optuna.trial.TrialState.RUNNING
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
@@ -146,6 +149,7 @@ def test_ctrl_c_closes_runs_prints_the_summary_and_the_trial_is_retried(in_tmp, 
     run = client.get_run(stopped.user_attrs["mlflow_run_id"])
     assert run.info.status == "KILLED" and run.data.tags["optuna.state"] == "INTERRUPTED"
     assert client.get_run(study.user_attrs["mlflow_parent_run_id"]).info.status == "KILLED"
+    assert study.trials[2].state == optuna.trial.TrialState.WAITING  # queued again by its own worker
 
     assert sweep.main(args) == 0
     study = _study(in_tmp)
@@ -161,7 +165,7 @@ def test_a_trial_left_running_by_a_dead_process_is_failed_and_queued_at_once(in_
     dead.wait()
     study = optuna.create_study(study_name="s", storage=f"sqlite:///{in_tmp}/optuna.db", direction="maximize")
     trial = study.ask({"head_lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)})
-    trial.set_user_attr("tlsweep.worker", {"host": socket.gethostname(), "pid": dead.pid, "start": None})
+    trial.set_user_attr("tlsweep.worker", {**worker_id(), "pid": dead.pid, "start": None})
     assert sweep.main(_args(in_tmp, flat_folder, 1)) == 0
     study = _study(in_tmp)
     assert study.trials[0].state == optuna.trial.TrialState.FAIL
@@ -279,14 +283,21 @@ def test_too_many_unreadable_images_mid_epoch_fail_the_trial(in_tmp, flat_folder
 @pytest.mark.slow
 def test_half_written_cache_files_are_rebuilt_and_change_nothing(in_tmp, flat_folder, caplog):
     first = sweep.run_sweep(sweep.parse_args(_args(in_tmp, flat_folder, 1)))
-    entries = sorted((cache_dir() / "features").glob("*.npy")) + sorted((cache_dir() / "images").glob("*.npy"))
-    assert entries
-    for entry in entries:  # as if the machine died mid-write (the json marker says complete)
+    features = sorted((cache_dir() / "features").glob("*.npy"))
+    images = sorted((cache_dir() / "images").glob("*.npy"))
+    assert features and images
+    for entry in features:  # as if the machine died mid-write (the json marker says complete)
         entry.write_bytes(entry.read_bytes()[: entry.stat().st_size // 2])
-    planted = cache_dir() / "images" / f".x.{socket.gethostname()}.999999999.abcd.tmp.npy"
+    for entry in images:  # same size, one byte changed: only the CRC can tell
+        data = bytearray(entry.read_bytes())
+        data[-7] ^= 0x5A
+        entry.write_bytes(bytes(data))
+    C._verified.clear()  # as a new process: this one already checked these entries
+    planted = cache_dir() / "images" / f".x.{HOST}.999999999.abcd.tmp.npy"
     planted.write_bytes(b"\x93NUMPY half")  # a temp file a killed writer left
     second = sweep.run_sweep(sweep.parse_args(_args(in_tmp, flat_folder, 1, "--study-name", "s2")))
     assert "corrupt or partial; rebuilding it" in caplog.text
+    assert all(f"{entry} is corrupt" in caplog.text for entry in images)  # the CRC caught the flip
     assert not planted.exists()
     client = _client(in_tmp)
     history = [[m.value for m in client.get_metric_history(r.best_run_id, "valid/acc")] for r in (first, second)]
@@ -294,8 +305,8 @@ def test_half_written_cache_files_are_rebuilt_and_change_nothing(in_tmp, flat_fo
 
 
 def test_remove_dead_temps_keeps_a_live_writers_file(tmp_path):
-    live = tmp_path / f".e.{socket.gethostname()}.{os.getpid()}.ab.tmp.npy"
-    dead = tmp_path / f".e.{socket.gethostname()}.999999999.cd.tmp.npy"
+    live = tmp_path / f".e.{HOST}.{os.getpid()}.ab.tmp.npy"
+    dead = tmp_path / f".e.{HOST}.999999999.cd.tmp.npy"
     other_host = tmp_path / ".e.elsewhere.999999999.ef.tmp.npy"
     for f in (live, dead, other_host):
         f.write_bytes(b"x")
@@ -473,17 +484,112 @@ def test_a_silent_worker_on_another_host_loses_its_trial_after_the_grace_period(
 
 
 @pytest.mark.slow
-def test_a_stop_request_python_dropped_still_stops_the_sweep(in_tmp, flat_folder):
+def test_a_stop_request_python_dropped_still_stops_the_sweep(in_tmp, flat_folder, monkeypatch):
     """Python drops a KeyboardInterrupt raised inside a garbage-collector callback (SQLAlchemy has
-    such callbacks); the request stays set and the sweep stops after the epoch."""
+    such callbacks); the request stays set and the sweep stops at the next check (here: as the
+    first trial starts)."""
     from src.objective import STOP
 
-    STOP.set()  # as if the Ctrl-C's exception had been dropped
+    real_prepare = sweep.prepare
+
+    def prepare_then_ctrl_c(args):
+        prepared = real_prepare(args)
+        STOP.set()  # as if a Ctrl-C's exception had been dropped
+        return prepared
+
+    monkeypatch.setattr(sweep, "prepare", prepare_then_ctrl_c)
     try:
         result = sweep.run_sweep(sweep.parse_args(_args(in_tmp, flat_folder, 3)))
     finally:
         STOP.clear()
     assert result.interrupted
     trials = _study(in_tmp).trials
-    assert [t.state.name for t in trials] == ["FAIL"] and trials[0].user_attrs["tlsweep.fail_kind"] == "interrupted"
-    assert len(trials[0].intermediate_values) == 1  # its first epoch ran and was kept
+    assert [t.state.name for t in trials] == ["FAIL", "WAITING"]  # stopped, and queued again
+    assert trials[0].user_attrs["tlsweep.fail_kind"] == "interrupted" and not trials[0].intermediate_values
+    assert trials[1].system_attrs["failed_trial"] == 0 and trials[1].params == trials[0].params
+
+
+# Kills at the unlucky moments: after Optuna recorded a trial and before its run was closed.
+_DIE_BEFORE_CLOSING = ("import os, sys; from src.objective import Objective; "
+                       "Objective.close_run = lambda self, study, trial: os._exit(137); "
+                       "from src.sweep import main; sys.exit(main(sys.argv[1:]))")
+
+
+@pytest.mark.slow
+def test_a_kill_after_optuna_recorded_the_trial_closes_its_run_as_recorded(in_tmp, flat_folder):
+    args = _args(in_tmp, flat_folder, 2)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    child = subprocess.run([sys.executable, "-c", _DIE_BEFORE_CLOSING, *args], cwd=in_tmp, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert child.returncode == 137, child.stderr
+    first = _study(in_tmp).trials[0]
+    assert first.state == optuna.trial.TrialState.COMPLETE
+    client = _client(in_tmp)
+    assert client.get_run(first.user_attrs["mlflow_run_id"]).info.status == "RUNNING"
+    assert sweep.main(args) == 0
+    run = client.get_run(first.user_attrs["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["optuna.state"] == "COMPLETE"  # as Optuna recorded
+    study = _study(in_tmp)
+    assert not [t for t in study.trials if t.system_attrs.get("failed_trial") == 0]  # not retried
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_optuna_records_a_trial_waits_for_the_record(in_tmp, flat_folder, monkeypatch, capsys, caplog):
+    from optuna.study import _optimize
+
+    real_tell, calls = _optimize._tell_with_warning, []
+
+    def tell_under_ctrl_c(*args, **kwargs):
+        if not calls:
+            os.kill(os.getpid(), signal.SIGINT)  # lands in the middle of the bookkeeping
+        calls.append(1)
+        return real_tell(*args, **kwargs)
+
+    monkeypatch.setattr(_optimize, "_tell_with_warning", tell_under_ctrl_c)
+    assert sweep.main(_args(in_tmp, flat_folder, 3)) == 130
+    assert "Traceback" not in capsys.readouterr().err and "re-run the same command" in caplog.text
+    study = _study(in_tmp)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"]  # recorded whole, then stopped
+    run = _client(in_tmp).get_run(study.trials[0].user_attrs["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["optuna.state"] == "COMPLETE"
+
+
+def test_a_worker_in_another_pid_namespace_is_never_declared_dead(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    here = {**worker_id(), "pid": dead.pid}
+    assert worker_gone(here)
+    assert not worker_gone({**here, "pidns": -1})     # a container with the same hostname
+    assert not worker_gone({**here, "boot": "other"})  # another boot (or machine)
+    assert not worker_gone({**here, "host": "elsewhere"})
+    assert not worker_gone(worker_id())                # this very process
+
+
+@pytest.mark.slow
+def test_a_damaged_split_record_on_the_parent_is_logged_again_on_resume(in_tmp, flat_folder, capsys):
+    args = _args(in_tmp, flat_folder, 1)
+    result = sweep.run_sweep(sweep.parse_args(args))
+    client = _client(in_tmp)
+    local = Path(client.get_run(result.parent_run_id).info.artifact_uri.removeprefix("file://")) / "dataset" / "split.json"
+    local.write_text(local.read_text()[:100])  # a kill while MLflow copied it
+    uri = f"sqlite:///{in_tmp}/mlflow.db"
+    assert final_test.main(["--run-id", result.parent_run_id, "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err
+    assert "dataset/split.json" in err and "is damaged" in err and "Traceback" not in err
+    assert sweep.main(args) == 0  # resuming logs it again
+    assert json.loads(local.read_text())["test_fingerprint"]
+    assert final_test.main(["--run-id", result.parent_run_id, "--tracking-uri", uri]) == 0
+
+
+def test_a_corrupt_header_of_any_kind_is_an_unreadable_image(tmp_path):
+    from src.data import BadImage, ImageList, build_transform
+
+    path = tmp_path / "bomb.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(path)
+    data = bytearray(path.read_bytes())
+    data[16:24] = (0x7FFF0000).to_bytes(4, "big") * 2  # IHDR width and height: a "decompression bomb"
+    path.write_bytes(bytes(data))
+    item = ImageList(tmp_path, [("bomb.png", 0)], build_transform("none", 8, [0.5] * 3, [0.5] * 3, False),
+                     skip_bad=True)[0]
+    assert isinstance(item, BadImage) and item.path == "bomb.png" and "Error" in item.reason
