@@ -10,10 +10,14 @@ scoring of the same sweep is refused unless --force, which is recorded.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+if __name__ == "__main__":  # Ctrl-C while the libraries load: nothing has started, leave quietly
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
 
 import torch
 from sklearn.metrics import f1_score
@@ -161,12 +165,16 @@ def log_result(tracker: Tracker, r: TestResult, ev, classes, earlier: int, force
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # KeyboardInterrupt from here on
     try:
         r = run_final_test(args.run_id, args.tracking_uri, args.force, args.device, args.batch_size,
                            args.max_bad_fraction)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted; if the score was recorded, scoring again needs --force", file=sys.stderr)
+        return 130
     if r.skipped:
         print(f"warning: {len(r.skipped)} unreadable test image(s) not scored (recorded on the runs): "
               + "; ".join(f"{p} ({why})" for p, why in list(r.skipped.items())[:3]), file=sys.stderr)

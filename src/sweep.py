@@ -14,6 +14,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+if __name__ == "__main__":  # Ctrl-C while the libraries load: nothing has started, leave quietly
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
+
 import optuna
 import torch
 from tqdm import tqdm
