@@ -195,8 +195,9 @@ def run_sweep(args) -> SweepResult:
     except KeyboardInterrupt:
         status, interrupted = "KILLED", True
         log.warning("interrupted: finished trials are kept; re-run the same command to continue")
-        if objective.interrupted is not None:
-            queue_retry(study, study.trials[objective.interrupted], count=False)
+        stopped = None if objective.interrupted is None else study.trials[objective.interrupted]
+        if stopped is not None and stopped.state == optuna.trial.TrialState.FAIL:  # else recovery takes it
+            queue_retry(study, stopped, count=False)
     except BaseException:
         status = "FAILED"
         raise
