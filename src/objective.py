@@ -16,6 +16,7 @@ says a trial finished that Optuna does not know of.
 from __future__ import annotations
 
 import gc
+import os
 import tempfile
 import threading
 import traceback
@@ -30,13 +31,15 @@ from . import figures, model as M, search_space
 from .config import TrialConfig, TrialFault, UserError
 from .pipeline import Pipeline
 from .recovery import (FAIL_KIND_ATTR, FAIL_REASON_ATTR, PRUNE_REASON_ATTR, WORKER_ATTR, original_number,
-                       worker_id)
+                       queue_retry, worker_id)
 from .study import derive_seed
 from .tracking import Tracker
 from .train import fit_two_phase
 
 
 STOP = threading.Event()  # set by the sweep's Ctrl-C/SIGTERM handler
+# Progress bars: tqdm's own choice (off when not a terminal), always off in a --workers child.
+BARS = True if os.environ.get("TLSWEEP_WORKER") else None
 _computing = threading.local()
 
 
@@ -78,10 +81,17 @@ class Context:
     tracker: Tracker
     parent_id: str
     amp: torch.dtype | None = None  # phase-2 autocast dtype (None: fp32)
+    trials: int | None = None       # finished trials the study should have (--trials): the cap
 
 
 class OutOfMemory(TrialFault):
     kind = "out_of_memory"
+
+
+class Surplus(TrialFault):
+    """Started by a worker that raced another for the last place: the study is full without it."""
+
+    kind = "surplus"
 
 
 def as_fault(exc: Exception, device: torch.device, batch_size: int) -> TrialFault | None:
@@ -121,6 +131,7 @@ class Objective:
         when the sweep stops: interrupted, or a user error)."""
         tracker = self.ctx.tracker
         trial.set_user_attr(WORKER_ATTR, worker_id())
+        self.check_room(trial)
         cfg = self.config(trial)
         params = {k: v for k, v in cfg.to_dict().items() if k != "classes"}
         run_id = tracker.start_trial(self.ctx.parent_id, trial.number, params)
@@ -165,6 +176,24 @@ class Objective:
             fault.__traceback__, fault.__context__, fault.__cause__ = None, None, None
             raise fault
         return value
+
+    def check_room(self, trial) -> None:
+        """Workers that start at once may overshoot --trials: the trials finished, and those
+        running with a smaller number, go first; a trial without room ends before it starts
+        (FAIL, `surplus`, no run), and a retry it carried is queued again."""
+        if self.ctx.trials is None:
+            return
+        done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+        ahead = sum(1 for t in trial.study.get_trials(deepcopy=False)
+                    if t.state in done or (t.state == optuna.trial.TrialState.RUNNING and t.number < trial.number))
+        if ahead < self.ctx.trials:
+            return
+        frozen = trial.study._storage.get_trial(trial._trial_id)
+        if frozen.system_attrs.get("failed_trial") is not None:
+            queue_retry(trial.study, frozen, count=False)
+        trial.set_user_attr(FAIL_KIND_ATTR, Surplus.kind)
+        trial.set_user_attr(FAIL_REASON_ATTR, "another worker took the last place")
+        raise Surplus(f"the study has its {self.ctx.trials} trials without this one")
 
     def close_run(self, study: optuna.Study, trial) -> None:
         """Optuna callback: close the trial's run once Optuna has recorded the trial, so a kill in
@@ -212,7 +241,7 @@ class Objective:
     def fit(self, trial, cfg: TrialConfig, run_id: str, model, train_loader, valid_loader, phase1_inputs):
         ctx = self.ctx
         total = cfg.max_epochs_phase1 + cfg.max_epochs_phase2
-        with tqdm(total=total, desc=f"trial {trial.number}", leave=False, unit="ep", disable=None) as bar:
+        with tqdm(total=total, desc=f"trial {trial.number}", leave=False, unit="ep", disable=BARS) as bar:
             def on_epoch(rec):
                 with writing():
                     ctx.tracker.log_epoch(run_id, rec)

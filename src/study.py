@@ -2,10 +2,12 @@
 record the best trial, plots and pruning savings, and print the summary table."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-import uuid
+import re
 import warnings
+from pathlib import Path
 
 import optuna
 
@@ -28,10 +30,8 @@ def open_parent(tracker: Tracker, study: optuna.Study, experiment: str, splits: 
                 sweep: SweepFile, tags: dict) -> str:
     """The study's parent run: reused when the study already has one in this store (also when a
     kill came between creating it and recording its id: it is found by the study's uid tag)."""
-    uid = study.user_attrs.get(STUDY_UID_ATTR)
-    if uid is None:
-        uid = uuid.uuid4().hex
-        study.set_user_attr(STUDY_UID_ATTR, uid)
+    uid = study.user_attrs.get(STUDY_UID_ATTR) or study_uid(study)
+    study.set_user_attr(STUDY_UID_ATTR, uid)  # every worker writes the same value
     exp_id = tracker.experiment_id(experiment)
     parent_id = study.user_attrs.get("mlflow_parent_run_id")
     if not tracker.run_exists(parent_id):
@@ -45,14 +45,27 @@ def open_parent(tracker: Tracker, study: optuna.Study, experiment: str, splits: 
         tracker.reopen(parent_id)
         log.info("resuming study %r, parent run %s", study.study_name, parent_id)
     else:
-        parent_id = tracker.create_parent(exp_id, study.study_name,
-                                          {"dataset.fingerprint": data_fp, STUDY_UID_ATTR: uid, **tags})
+        mine = tracker.create_parent(exp_id, study.study_name,
+                                     {"dataset.fingerprint": data_fp, STUDY_UID_ATTR: uid, **tags})
+        # Workers starting together may each create one: all keep the oldest, the others go.
+        parent_id = tracker.find_run(exp_id, {STUDY_UID_ATTR: uid, "tlsweep.role": "parent"})
+        if parent_id != mine:
+            tracker.client.delete_run(mine)
     study.set_user_attr("mlflow_parent_run_id", parent_id)
     if not _has_split_record(tracker, parent_id):  # new, or a kill came before or while it was logged
         tracker.log_files(parent_id, [sweep.path], "sweep")
         tracker.log_json(parent_id, splits.summary(), "dataset/summary.json")
         tracker.log_json(parent_id, splits.record(), "dataset/split.json")  # last: marks it complete
     return parent_id
+
+
+def study_uid(study: optuna.Study) -> str:
+    """The same for every worker of a study (the storage's study id and name), unlike a random id
+    two workers could both draw and write."""
+    storage = study._storage
+    url = getattr(storage, "url", None) or getattr(getattr(storage, "_backend", None), "_file_path", "") or ""
+    url = re.sub(r"//[^@/]*@", "//", str(url))  # no credentials in a tag
+    return hashlib.sha256(f"{url}|{study._study_id}|{study.study_name}".encode()).hexdigest()[:24]
 
 
 def _has_split_record(tracker: Tracker, parent_id: str) -> bool:
@@ -130,6 +143,12 @@ def make_pruner(enabled: bool = True) -> optuna.pruners.BasePruner:
 def make_storage(url: str, on_lost=None):
     """An RDB URL (sqlite, postgresql, mysql) becomes a storage with Optuna's heartbeat: a trial
     whose worker goes silent is failed and handed to `on_lost` (see src/recovery.py)."""
+    if url.startswith("journal://"):  # one file, safe for several processes on one machine
+        from optuna.storages.journal import JournalFileBackend
+
+        path = Path(url.removeprefix("journal://")).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
     if "://" not in url:
         return url  # let Optuna say what it makes of it
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None  # heartbeat thread writes too

@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import os
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -24,7 +26,7 @@ from tqdm import tqdm
 from . import data as D
 from . import model as M
 from .config import Fixed, TrialFault, UserError, load_sweep, resolve_fixed
-from .objective import STOP, Context, Objective, raise_if_stopped, stop_now, writing
+from .objective import BARS, STOP, Context, Objective, raise_if_stopped, stop_now, writing
 from .pipeline import DEFAULT_MAX_BAD_FRACTION, Pipeline, initial_model
 from .recovery import FAIL_KIND_ATTR, FAIL_REASON_ATTR, LostTrials, queue_retry, recover
 from .study import (check_same_settings, finished, log_study_plots, open_parent, open_study,
@@ -60,8 +62,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="fine-tuning and validation arithmetic: auto = bf16 autocast where the hardware does "
                         "bf16 natively (recent GPUs; CPUs with AVX512-BF16 or AMX), else fp32 (default auto)")
-    p.add_argument("--workers", type=int, default=None,
-                   help="DataLoader worker processes (default: 0 on CPU, cores-1 up to 8 on CUDA)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="sweep processes on this machine sharing the study (default 1); more than 1 needs a "
+                        "storage for concurrent writers: postgresql://... or journal:///PATH")
+    p.add_argument("--loader-workers", type=int, default=None,
+                   help="DataLoader worker processes per sweep process (default: 0 on CPU, cores-1 up to 8 on CUDA)")
     p.add_argument("--max-bad-fraction", type=float, default=DEFAULT_MAX_BAD_FRACTION,
                    help="unreadable images of a split that are skipped (and named on the runs) before it is "
                         f"an error (default {DEFAULT_MAX_BAD_FRACTION})")
@@ -73,6 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--trials {args.trials}: give at least 1 (the total of finished trials the study should have)")
     if not 0 <= args.max_bad_fraction < 1:
         p.error(f"--max-bad-fraction {args.max_bad_fraction}: give a fraction from 0 to below 1, e.g. 0.01")
+    if args.workers < 1:
+        p.error(f"--workers {args.workers}: give at least 1")
     if args.timeout is not None and args.timeout <= 0:
         p.error(f"--timeout {args.timeout}: give a positive number of seconds")
     return args
@@ -88,6 +95,8 @@ class StopOnFailures:
         self.limit, self.in_a_row, self.reason = limit, 0, None
 
     def __call__(self, study: optuna.Study, trial) -> None:
+        if trial.user_attrs.get(FAIL_KIND_ATTR) == "surplus":
+            return  # not a failure: another worker took the last place
         if trial.state == optuna.trial.TrialState.FAIL:
             self.in_a_row += 1
         elif trial.state.is_finished():
@@ -158,7 +167,7 @@ def prepare(args) -> tuple[Context, optuna.Study, str]:
     check_same_settings(study, {**asdict(fixed), "weights": weights, "search": {
         n: asdict(spec) for n, spec in sweep.search.items()}})
     # Decoding every image once happens here: after the cheap checks, before any training.
-    pipeline = Pipeline(splits, fixed, weights, mean, std, device, args.workers, not args.no_cache, base,
+    pipeline = Pipeline(splits, fixed, weights, mean, std, device, args.loader_workers, not args.no_cache, base,
                         args.max_bad_fraction)
     tags = {"optuna.storage": args.storage, "data.dir": str(splits.root), "data.demo": str(on_demo).lower(),
             "weights.requested": fixed.weights, "weights.effective": weights,
@@ -173,7 +182,7 @@ def prepare(args) -> tuple[Context, optuna.Study, str]:
     if bad:
         tracker.log_json(parent_id, bad, "dataset/skipped_images.json")
     recover(study, tracker, parent_id)  # what a killed or interrupted earlier run left behind
-    return Context(pipeline, sweep.search, tracker, parent_id, amp), study, study_name
+    return Context(pipeline, sweep.search, tracker, parent_id, amp, args.trials), study, study_name
 
 
 def run_sweep(args) -> SweepResult:
@@ -211,13 +220,19 @@ def run_sweep(args) -> SweepResult:
     return result
 
 
+POLL_S = 2.0  # how often a worker with nothing to start looks whether another worker's trial failed
+
+
 def optimize(study: optuna.Study, objective: Objective, ctx: Context, args, failures: StopOnFailures) -> None:
-    """Run trials until the study has --trials finished ones (whatever earlier runs or other
-    workers did; failed trials do not count), --timeout passes, or too many fail in a row."""
-    done = len(finished(study))
-    with tqdm(total=args.trials, initial=done, desc="trials", unit="trial", disable=None) as bar:
+    """Run trials, one at a time, until the study has --trials finished ones (whatever earlier
+    runs or other workers did; failed trials do not count), --timeout passes, or too many fail in
+    a row. When the trials other workers are running would complete the count, wait: if one of
+    them fails, this worker runs its replacement. Before each trial, take up what dead workers left."""
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
+    with tqdm(total=args.trials, initial=len(finished(study)), desc="trials", unit="trial", disable=BARS) as bar:
         def after_trial(study, trial):
-            bar.update(1 if trial.state != optuna.trial.TrialState.FAIL else 0)
+            if trial.user_attrs.get(FAIL_KIND_ATTR) == "surplus":
+                return
             value = "-" if trial.value is None else f"{trial.value:.4f}"
             line = f"trial {trial.number}: {trial.state.name} valid_acc={value} {trial.params}"
             if trial.state == optuna.trial.TrialState.FAIL:
@@ -227,16 +242,22 @@ def optimize(study: optuna.Study, objective: Objective, ctx: Context, args, fail
             update_best(ctx.tracker, ctx.parent_id, study)
             raise_if_stopped()
 
-        stop_at_total = optuna.study.MaxTrialsCallback(
-            args.trials, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
-        deadline = None if args.timeout is None else time.monotonic() + args.timeout
-        while True:
-            timeout = None if deadline is None else max(deadline - time.monotonic(), 0.001)
+        while failures.reason is None and (deadline is None or time.monotonic() < deadline):
+            raise_if_stopped()
+            recover(study, ctx.tracker, ctx.parent_id)
+            done = len(finished(study))
+            bar.n = done
+            bar.refresh()
+            if done >= args.trials:
+                return
+            running = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
+            if done + running >= args.trials:
+                time.sleep(POLL_S)
+                continue
             try:
                 with writing():  # Ctrl-C raises at once only while a trial computes
-                    study.optimize(objective, timeout=timeout, catch=(TrialFault,),
-                                   callbacks=[objective.close_run, after_trial, stop_at_total, failures])
-                return
+                    study.optimize(objective, n_trials=1, catch=(TrialFault,),
+                                   callbacks=[objective.close_run, after_trial, failures])
             except ValueError:  # "Cannot tell a FAIL trial": another worker took ours over
                 if objective.taken_over is None:
                     raise
@@ -269,6 +290,36 @@ def report(study: optuna.Study, ctx: Context, args, interrupted: bool) -> SweepR
                        len(finished(study)), spent, interrupted)
 
 
+def check_storage_for_workers(storage: str, workers: int) -> None:
+    if workers > 1 and storage.startswith("sqlite"):
+        raise UserError(f"--workers {workers} with --storage {storage}: SQLite takes one writer at a time. Use "
+                        f"--storage journal:///path/to/optuna-journal.log on one machine, or PostgreSQL "
+                        f"(python -m src.stack start prints a --storage and --tracking-uri)")
+
+
+def launch(args, argv: list[str]) -> int:
+    """--workers N: N sweep processes on one study. Start-up (checks, decoding, study and parent
+    run) runs once here first, so the workers find everything made; then they share the trials."""
+    check_storage_for_workers(args.storage, args.workers)
+    ready = parse_args([*argv, "--workers", "1", "--trials", "1"])
+    ctx, study, _ = prepare(ready)  # fails fast, with the message, before any worker starts
+    one = [a for i, a in enumerate(argv) if a != "--workers" and (i == 0 or argv[i - 1] != "--workers")
+           and not a.startswith("--workers=")]
+    procs = [subprocess.Popen([sys.executable, "-m", "src.sweep", *one, "--workers", "1"],
+                              env={**os.environ, "TLSWEEP_WORKER": str(i)}) for i in range(args.workers)]
+    log.info("started %d workers: pids %s", args.workers, [p.pid for p in procs])
+    try:
+        codes = [p.wait() for p in procs]
+    except KeyboardInterrupt:  # the workers got the Ctrl-C too (same process group); let them clean up
+        for p in procs:
+            p.send_signal(signal.SIGINT)
+        codes = [p.wait() for p in procs]
+        return 130
+    study = open_study(study.study_name, args.storage, ctx.pipeline.fixed.seed)
+    report(study, ctx, args, interrupted=False)
+    return max(codes) if any(codes) else 0
+
+
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     # ERROR: Optuna would log every failed trial with a traceback; the sweep prints one line instead.
@@ -278,6 +329,8 @@ def main(argv=None) -> int:
     previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     unraisable, sys.unraisablehook = sys.unraisablehook, _quiet_stop(sys.unraisablehook)
     try:
+        if args.workers > 1:
+            return launch(args, list(sys.argv[1:] if argv is None else argv))
         result = run_sweep(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -85,8 +85,9 @@ class Tracker:
             return False
 
     def create_parent(self, experiment_id: str, study_name: str, tags: dict) -> str:
+        tags = {ROLE: "parent", "optuna.study_name": study_name, **tags}
         run = self.client.create_run(experiment_id, run_name=study_name,
-                                     tags={ROLE: "parent", "optuna.study_name": study_name, **tags})
+                                     tags={k: str(v) for k, v in tags.items()})  # a server takes strings only
         return run.info.run_id
 
     def reopen(self, run_id: str) -> None:
@@ -171,10 +172,10 @@ class Tracker:
                             f"logged elsewhere, pass the same --tracking-uri it printed.") from exc
 
     def find_run(self, experiment_id: str, tags: dict) -> str | None:
-        """The id of the active run with all these tags, if any."""
+        """The id of the oldest active run with all these tags (ties: the smallest id), if any."""
         where = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-        runs = self.client.search_runs([experiment_id], filter_string=where, max_results=1)
-        return runs[0].info.run_id if runs else None
+        runs = self.client.search_runs([experiment_id], filter_string=where, max_results=100)
+        return min(runs, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id if runs else None
 
     def children(self, parent_id: str) -> list:
         exp_id = self.client.get_run(parent_id).info.experiment_id

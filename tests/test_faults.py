@@ -486,18 +486,18 @@ def test_a_silent_worker_on_another_host_loses_its_trial_after_the_grace_period(
 @pytest.mark.slow
 def test_a_stop_request_python_dropped_still_stops_the_sweep(in_tmp, flat_folder, monkeypatch):
     """Python drops a KeyboardInterrupt raised inside a garbage-collector callback (SQLAlchemy has
-    such callbacks); the request stays set and the sweep stops at the next check (here: as the
-    first trial starts)."""
+    such callbacks); the request stays set and the sweep stops at the next check (here: right
+    after the epoch whose logging the Ctrl-C hit)."""
     from src.objective import STOP
+    from src.tracking import Tracker
 
-    real_prepare = sweep.prepare
+    real_log_epoch = Tracker.log_epoch
 
-    def prepare_then_ctrl_c(args):
-        prepared = real_prepare(args)
+    def log_epoch_under_dropped_ctrl_c(self, run_id, record):
+        real_log_epoch(self, run_id, record)
         STOP.set()  # as if a Ctrl-C's exception had been dropped
-        return prepared
 
-    monkeypatch.setattr(sweep, "prepare", prepare_then_ctrl_c)
+    monkeypatch.setattr(Tracker, "log_epoch", log_epoch_under_dropped_ctrl_c)
     try:
         result = sweep.run_sweep(sweep.parse_args(_args(in_tmp, flat_folder, 3)))
     finally:
@@ -505,7 +505,7 @@ def test_a_stop_request_python_dropped_still_stops_the_sweep(in_tmp, flat_folder
     assert result.interrupted
     trials = _study(in_tmp).trials
     assert [t.state.name for t in trials] == ["FAIL", "WAITING"]  # stopped, and queued again
-    assert trials[0].user_attrs["tlsweep.fail_kind"] == "interrupted" and not trials[0].intermediate_values
+    assert trials[0].user_attrs["tlsweep.fail_kind"] == "interrupted" and len(trials[0].intermediate_values) == 1
     assert trials[1].system_attrs["failed_trial"] == 0 and trials[1].params == trials[0].params
 
 
