@@ -20,6 +20,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -40,6 +41,19 @@ def _as_pg_user(cmd: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
 
 
+def _pg_home(folder: Path) -> Path:
+    """PostgreSQL's data and socket folder: under `folder`, or, as root, a folder of its own
+    that the `postgres` user can reach (the first start writes down where)."""
+    if os.geteuid() != 0:
+        return folder / "pg"
+    where = folder / "pg-home.txt"
+    if not where.is_file():
+        where.write_text(tempfile.mkdtemp(prefix="tlsweep-pg-"))
+    home = Path(where.read_text().strip())
+    home.mkdir(parents=True, exist_ok=True)
+    return home
+
+
 def urls(pg_port: int, mlflow_port: int) -> dict:
     return {"storage": f"postgresql://{USER}@127.0.0.1:{pg_port}/optuna",
             "tracking_uri": f"http://127.0.0.1:{mlflow_port}",
@@ -49,18 +63,17 @@ def urls(pg_port: int, mlflow_port: int) -> dict:
 def start(folder: Path, pg_port: int = 55432, mlflow_port: int = 55000, timeout_s: float = 120) -> dict:
     folder = Path(folder).resolve()
     folder.mkdir(parents=True, exist_ok=True)
-    pg_data, sock = folder / "pg", folder / "sock"
+    pg_home = _pg_home(folder)
+    pg_data, sock = pg_home / "data", pg_home / "sock"
     found = urls(pg_port, mlflow_port)
+    sock.mkdir(parents=True, exist_ok=True)
     if os.geteuid() == 0:
-        for d in (folder, sock):
-            d.mkdir(exist_ok=True)
-        shutil.chown(folder, "postgres")
-        shutil.chown(sock, "postgres")
-    sock.mkdir(exist_ok=True)
+        for d in (pg_home, sock):
+            shutil.chown(d, "postgres")
     if not (pg_data / "PG_VERSION").is_file():
         subprocess.run(_as_pg_user([_pg_bin("initdb"), "-D", str(pg_data), "-U", USER, "--auth=trust",
                                     "--encoding=UTF8"]), check=True, stdout=subprocess.DEVNULL)
-    subprocess.run(_as_pg_user([_pg_bin("pg_ctl"), "-D", str(pg_data), "-l", str(folder / "postgres.log"), "-w",
+    subprocess.run(_as_pg_user([_pg_bin("pg_ctl"), "-D", str(pg_data), "-l", str(pg_home / "postgres.log"), "-w",
                                 "-o", f"-p {pg_port} -k {sock} -c listen_addresses=127.0.0.1", "start"]),
                    check=True, stdout=subprocess.DEVNULL)
     for db in DATABASES:
@@ -101,8 +114,9 @@ def stop(folder: Path) -> None:
         except ProcessLookupError:
             pass
         pid_file.unlink()
-    if (folder / "pg" / "postmaster.pid").is_file():
-        subprocess.run(_as_pg_user([_pg_bin("pg_ctl"), "-D", str(folder / "pg"), "-m", "fast", "-w", "stop"]),
+    pg_data = _pg_home(folder) / "data"
+    if (pg_data / "postmaster.pid").is_file():
+        subprocess.run(_as_pg_user([_pg_bin("pg_ctl"), "-D", str(pg_data), "-m", "fast", "-w", "stop"]),
                        check=False, stdout=subprocess.DEVNULL)
 
 

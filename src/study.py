@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
+import socket
 import warnings
 from pathlib import Path
 
@@ -168,7 +170,14 @@ def open_study(name: str, storage: str, seed: int, prune: bool = True, on_lost=N
                         f"{str(exc).splitlines()[0][:300]}); check the URL, that the server is up, "
                         f"and that its driver is installed") from exc
     # Seeded by the trial count too: a resumed study must not replay its first random trials.
-    study.sampler = optuna.samplers.TPESampler(seed=derive_seed(seed, len(study.trials)))
+    sampler_seed = derive_seed(seed, len(study.trials))
+    shared = not storage.startswith("sqlite")  # storages that several workers write at once
+    if shared:
+        # Workers starting together see the same trial count: each also draws from its own
+        # identity, or they would sample the same parameters; the constant liar keeps TPE from
+        # proposing what a running trial already tries. (SQLite, one worker: fully reproducible.)
+        sampler_seed = derive_seed(sampler_seed, (os.getpid() * 7919 + hash(socket.gethostname())) % 1_000_003)
+    study.sampler = optuna.samplers.TPESampler(seed=sampler_seed, constant_liar=shared)
     return study
 
 

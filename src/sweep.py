@@ -268,6 +268,10 @@ def optimize(study: optuna.Study, objective: Objective, ctx: Context, args, fail
 def report(study: optuna.Study, ctx: Context, args, interrupted: bool) -> SweepResult:
     completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     best = max(completed, key=lambda t: t.value) if completed else None
+    if os.environ.get("TLSWEEP_WORKER"):  # a --workers child: the launcher prints the summary
+        return SweepResult(study.study_name, ctx.parent_id, best.value if best else None,
+                           best.user_attrs.get("mlflow_run_id") if best else None,
+                           best.number if best else None, len(finished(study)), 0, interrupted)
     print(f"\nstudy {study.study_name!r}: {len(finished(study))} finished trials "
           f"({len(completed)} complete), parent run {ctx.parent_id}")
     print(summary_table(study))
@@ -293,8 +297,8 @@ def report(study: optuna.Study, ctx: Context, args, interrupted: bool) -> SweepR
 def check_storage_for_workers(storage: str, workers: int) -> None:
     if workers > 1 and storage.startswith("sqlite"):
         raise UserError(f"--workers {workers} with --storage {storage}: SQLite takes one writer at a time. Use "
-                        f"--storage journal:///path/to/optuna-journal.log on one machine, or PostgreSQL "
-                        f"(python -m src.stack start prints a --storage and --tracking-uri)")
+                        f"--storage journal:///path/to/optuna-journal.log on one machine, or PostgreSQL: --storage "
+                        f"postgresql://USER@HOST/DB (python -m src.stack start prints one, and a --tracking-uri)")
 
 
 def launch(args, argv: list[str]) -> int:

@@ -1,0 +1,167 @@
+"""Scale out, for real: PostgreSQL and an `mlflow server` on 127.0.0.1 (started by src/stack.py,
+as without Docker), several worker processes on one study, one of them killed mid-trial; the
+journal storage with --workers; and docker-compose.yml checked against the README."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from src import final_test, stack, sweep
+from src.study import make_storage
+
+REPO = Path(__file__).resolve().parents[1]
+DONE = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _have_postgres() -> bool:
+    try:
+        stack._pg_bin("initdb")
+        return True
+    except SystemExit:
+        return False
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    if not _have_postgres():
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL is not installed; .ci/run installs it (apt-get install postgresql)")
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+    folder = tmp_path_factory.mktemp("stack")
+    found = stack.start(folder, _free_port(), _free_port())
+    yield found
+    stack.stop(folder)
+
+
+# Each epoch sleeps a little in the workers, so the test can kill one in the middle of a trial.
+_SLOW_WORKER = ("import sys, time; import src.train as T; f = T.train_epoch; "
+                "T.train_epoch = lambda *a, **k: (time.sleep(0.5), f(*a, **k))[1]; "
+                "from src.sweep import main; sys.exit(main(sys.argv[1:]))")
+
+
+def _worker(tmp_path, args, code=_SLOW_WORKER):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-c", code, *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _args(data, storage, tracking, trials, study):
+    return ["--data", str(data), "--trials", str(trials), "--weights", "none", "--image-size", "16",
+            "--batch-size", "8", "--max-epochs", "2", "--storage", storage, "--tracking-uri", tracking,
+            "--study-name", study]
+
+
+@pytest.mark.slow
+def test_three_workers_one_study_one_killed_and_final_test_on_the_server(tmp_path, flat_folder, servers):
+    n = 5
+    args = _args(flat_folder, servers["storage"], servers["tracking_uri"], n, "scale")
+    workers = [_worker(tmp_path, args) for _ in range(3)]
+    victim = workers[0]
+    deadline, lost = time.time() + 240, None
+    while lost is None and time.time() < deadline:  # a trial of the first worker, mid-way
+        time.sleep(0.2)
+        try:
+            trials = optuna.load_study(study_name="scale", storage=servers["storage"]).trials
+        except KeyError:
+            continue
+        lost = next((t for t in trials if t.state == optuna.trial.TrialState.RUNNING and t.intermediate_values
+                     and t.user_attrs.get("tlsweep.worker", {}).get("pid") == victim.pid), None)
+    assert lost is not None, "the first worker never got a trial going"
+    victim.send_signal(signal.SIGKILL)
+    for w in workers[1:]:
+        out, err = w.communicate(timeout=300)
+        assert w.returncode == 0, err[-3000:]
+
+    study = optuna.load_study(study_name="scale", storage=servers["storage"])
+    numbers = [t.number for t in study.trials]
+    assert len(numbers) == len(set(numbers))
+    assert len([t for t in study.trials if t.state in DONE]) == n  # the cap is the study's, not a worker's
+    assert study.trials[lost.number].state == optuna.trial.TrialState.FAIL
+    retry = next(t for t in study.trials if t.system_attrs.get("failed_trial") == lost.number)
+    assert retry.params == lost.params and retry.state in DONE
+    assert retry.user_attrs["tlsweep.worker"]["pid"] != victim.pid  # taken up by another worker
+
+    client = MlflowClient(servers["tracking_uri"])
+    parent_id = study.user_attrs["mlflow_parent_run_id"]
+    exp = client.get_run(parent_id).info.experiment_id
+    parents = client.search_runs([exp], "tags.`tlsweep.role` = 'parent' and tags.`optuna.study_name` = 'scale'")
+    assert [p.info.run_id for p in parents] == [parent_id]  # created once, found by the others
+    children = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=100)
+    with_runs = [t for t in study.trials if t.user_attrs.get("tlsweep.fail_kind") != "surplus"]
+    assert sorted(int(r.data.tags["optuna.trial_number"]) for r in children) == [t.number for t in with_runs]
+    assert not [r for r in children if r.info.status == "RUNNING"]
+    for r in children:
+        if r.data.tags["optuna.state"] == "COMPLETE":
+            names = [a.path for a in client.list_artifacts(r.info.run_id, "checkpoints")]
+            assert "checkpoints/phase2_best.pt" in names
+    assert client.get_run(lost.user_attrs["mlflow_run_id"]).info.status == "KILLED"
+
+    assert final_test.main(["--run-id", parent_id, "--tracking-uri", servers["tracking_uri"]]) == 0
+    assert 0 <= client.get_run(parent_id).data.metrics["test/acc"] <= 1
+
+
+@pytest.mark.slow
+def test_workers_flag_on_a_journal_file(tmp_path, flat_folder, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = _args(flat_folder, f"journal://{tmp_path}/journal.log", f"sqlite:///{tmp_path}/mlflow.db", 4, "j")
+    assert sweep.main([*args, "--workers", "2"]) == 0
+    assert "4 finished trials" in capsys.readouterr().out
+    study = optuna.load_study(study_name="j", storage=make_storage(f"journal://{tmp_path}/journal.log"))
+    done = [t for t in study.trials if t.state in DONE]
+    assert len(done) == 4
+    assert len({t.user_attrs["tlsweep.worker"]["pid"] for t in done}) == 2  # both worked
+    assert len({tuple(sorted(t.params.items())) for t in done}) == 4  # no worker repeats another's draw
+
+
+def test_workers_on_sqlite_are_refused(tmp_path, flat_folder, capsys):
+    args = _args(flat_folder, f"sqlite:///{tmp_path}/o.db", f"sqlite:///{tmp_path}/m.db", 2, "s")
+    assert sweep.main([*args, "--workers", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "SQLite takes one writer" in err and "journal://" in err and "postgresql" in err
+    assert not (tmp_path / "o.db").exists()
+
+
+def test_docker_compose_matches_the_readme():
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert set(services) >= {"postgres", "mlflow", "worker"}
+    readme = (REPO / "README.md").read_text()
+    for name, service in services.items():
+        for port in service.get("ports", []):
+            assert str(port) in readme, f"{name} port {port} is not in the README"
+    assert "docker compose up --scale worker=" in readme
+    # the worker reaches both through the compose network, by service name
+    command = " ".join(services["worker"]["command"])
+    assert "postgresql+psycopg://" in command or "postgresql://" in command
+    assert "@postgres:5432/" in command and "http://mlflow:5000" in command
+    assert "mlflow" in services["worker"]["depends_on"] and "postgres" in services["mlflow"]["depends_on"]
+    volumes = set(compose["volumes"])
+    for name, service in services.items():
+        for v in service.get("volumes", []):
+            source = v.split(":")[0]
+            assert source.startswith((".", "/")) or source in volumes, f"{name}: volume {source} is not declared"
+    assert any("artifacts" in v for v in services["mlflow"]["volumes"])
+    assert "--serve-artifacts" in " ".join(services["mlflow"]["command"])
+    gpu = services["worker"].get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices")
+    assert gpu is None or gpu[0]["capabilities"] == ["gpu"]
+    assert "gpu" in readme.lower() and "docker-compose.gpu.yml" in readme
+    gpu_file = yaml.safe_load((REPO / "docker-compose.gpu.yml").read_text())
+    assert gpu_file["services"]["worker"]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    assert shutil.which("docker") is None or True  # Docker itself is not needed to check the file
