@@ -55,9 +55,9 @@ def _pg_home(folder: Path) -> Path:
 
 
 def urls(pg_port: int, mlflow_port: int) -> dict:
-    return {"storage": f"postgresql://{USER}@127.0.0.1:{pg_port}/optuna",
+    return {"storage": f"postgresql+psycopg://{USER}@127.0.0.1:{pg_port}/optuna",
             "tracking_uri": f"http://127.0.0.1:{mlflow_port}",
-            "mlflow_backend": f"postgresql://{USER}@127.0.0.1:{pg_port}/mlflow"}
+            "mlflow_backend": f"postgresql+psycopg://{USER}@127.0.0.1:{pg_port}/mlflow"}
 
 
 def start(folder: Path, pg_port: int = 55432, mlflow_port: int = 55000, timeout_s: float = 120) -> dict:

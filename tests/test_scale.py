@@ -4,7 +4,6 @@ journal storage with --workers; and docker-compose.yml checked against the READM
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -146,7 +145,7 @@ def test_docker_compose_matches_the_readme():
     for name, service in services.items():
         for port in service.get("ports", []):
             assert str(port) in readme, f"{name} port {port} is not in the README"
-    assert "docker compose up --scale worker=" in readme
+    assert "docker compose up --build --scale worker=" in readme
     # the worker reaches both through the compose network, by service name
     command = " ".join(services["worker"]["command"])
     assert "postgresql+psycopg://" in command or "postgresql://" in command
@@ -155,8 +154,9 @@ def test_docker_compose_matches_the_readme():
     volumes = set(compose["volumes"])
     for name, service in services.items():
         for v in service.get("volumes", []):
-            source = v.split(":")[0]
-            assert source.startswith((".", "/")) or source in volumes, f"{name}: volume {source} is not declared"
+            source = v.rsplit(":", 2)[0] if v.count(":") >= 2 else v.split(":")[0]
+            bind = source.startswith((".", "/", "${"))  # a host path (DATA_DIR: a variable with a default)
+            assert bind or source in volumes, f"{name}: volume {source} is not declared"
     assert any("artifacts" in v for v in services["mlflow"]["volumes"])
     assert "--serve-artifacts" in " ".join(services["mlflow"]["command"])
     gpu = services["worker"].get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices")
@@ -164,4 +164,3 @@ def test_docker_compose_matches_the_readme():
     assert "gpu" in readme.lower() and "docker-compose.gpu.yml" in readme
     gpu_file = yaml.safe_load((REPO / "docker-compose.gpu.yml").read_text())
     assert gpu_file["services"]["worker"]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
-    assert shutil.which("docker") is None or True  # Docker itself is not needed to check the file

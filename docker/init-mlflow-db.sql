@@ -1,0 +1,2 @@
+-- The postgres image creates the Optuna database (POSTGRES_DB); MLflow gets its own.
+CREATE DATABASE mlflow;
