@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,14 +20,14 @@ if __name__ == "__main__":  # Ctrl-C while the libraries load: nothing has start
 
 import optuna
 import torch
-from tqdm import tqdm
 
 from . import data as D
 from . import model as M
-from .config import Fixed, TrialFault, UserError, load_sweep, resolve_fixed
-from .objective import BARS, STOP, Context, Objective, raise_if_stopped, stop_now, writing
+from .config import Fixed, UserError, load_sweep, resolve_fixed
+from .objective import STOP, Context, Objective, stop_now
+from .scheduler import StopOnFailures, optimize
 from .pipeline import DEFAULT_MAX_BAD_FRACTION, Pipeline, initial_model
-from .recovery import FAIL_KIND_ATTR, FAIL_REASON_ATTR, LostTrials, queue_retry, recover
+from .recovery import LostTrials, queue_retry, recover
 from .study import (check_same_settings, finished, log_study_plots, open_parent, open_study,
                     pruning_savings, summary_table, update_best)
 from .tracking import Tracker
@@ -83,28 +82,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.timeout is not None and args.timeout <= 0:
         p.error(f"--timeout {args.timeout}: give a positive number of seconds")
     return args
-
-
-MAX_FAILED_IN_A_ROW = 5  # failed trials in a row that stop the sweep: the cause is not the parameters
-
-
-class StopOnFailures:
-    """Optuna callback: stop after MAX_FAILED_IN_A_ROW failed trials in a row."""
-
-    def __init__(self, limit: int = MAX_FAILED_IN_A_ROW):
-        self.limit, self.in_a_row, self.reason = limit, 0, None
-
-    def __call__(self, study: optuna.Study, trial) -> None:
-        if trial.user_attrs.get(FAIL_KIND_ATTR) == "surplus":
-            return  # not a failure: another worker took the last place
-        if trial.state == optuna.trial.TrialState.FAIL:
-            self.in_a_row += 1
-        elif trial.state.is_finished():
-            self.in_a_row = 0
-        if self.in_a_row >= self.limit:
-            self.reason = (f"{self.in_a_row} trials in a row failed (the last: trial {trial.number}, "
-                           f"{trial.user_attrs.get(FAIL_KIND_ATTR, 'error')}); see optuna.fail_reason on their runs")
-            study.stop()
 
 
 def pick_device(name: str) -> torch.device:
@@ -218,51 +195,6 @@ def run_sweep(args) -> SweepResult:
     result = report(study, ctx, args, interrupted)
     result.stopped_reason = failures.reason
     return result
-
-
-POLL_S = 2.0  # how often a worker with nothing to start looks whether another worker's trial failed
-
-
-def optimize(study: optuna.Study, objective: Objective, ctx: Context, args, failures: StopOnFailures) -> None:
-    """Run trials, one at a time, until the study has --trials finished ones (whatever earlier
-    runs or other workers did; failed trials do not count), --timeout passes, or too many fail in
-    a row. When the trials other workers are running would complete the count, wait: if one of
-    them fails, this worker runs its replacement. Before each trial, take up what dead workers left."""
-    deadline = None if args.timeout is None else time.monotonic() + args.timeout
-    with tqdm(total=args.trials, initial=len(finished(study)), desc="trials", unit="trial", disable=BARS) as bar:
-        def after_trial(study, trial):
-            if trial.user_attrs.get(FAIL_KIND_ATTR) == "surplus":
-                return
-            value = "-" if trial.value is None else f"{trial.value:.4f}"
-            line = f"trial {trial.number}: {trial.state.name} valid_acc={value} {trial.params}"
-            if trial.state == optuna.trial.TrialState.FAIL:
-                line += (f"\n  failed ({trial.user_attrs.get(FAIL_KIND_ATTR, 'error')}): "
-                         f"{trial.user_attrs.get(FAIL_REASON_ATTR, '')}")
-            tqdm.write(line)
-            update_best(ctx.tracker, ctx.parent_id, study)
-            raise_if_stopped()
-
-        while failures.reason is None and (deadline is None or time.monotonic() < deadline):
-            raise_if_stopped()
-            recover(study, ctx.tracker, ctx.parent_id)
-            done = len(finished(study))
-            bar.n = done
-            bar.refresh()
-            if done >= args.trials:
-                return
-            running = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
-            if done + running >= args.trials:
-                time.sleep(POLL_S)
-                continue
-            try:
-                with writing():  # Ctrl-C raises at once only while a trial computes
-                    study.optimize(objective, n_trials=1, catch=(TrialFault,),
-                                   callbacks=[objective.close_run, after_trial, failures])
-            except ValueError:  # "Cannot tell a FAIL trial": another worker took ours over
-                if objective.taken_over is None:
-                    raise
-                log.warning("trial %d was taken over by another worker; going on", objective.taken_over)
-                objective.taken_over = None
 
 
 def report(study: optuna.Study, ctx: Context, args, interrupted: bool) -> SweepResult:

@@ -16,7 +16,6 @@ import torch
 from PIL import Image
 
 from conftest import write_images
-from src import data as D
 from src import splits as S
 from src.config import UserError
 from src.data import (AUG_LEVELS, SPLIT_FILE, DataError, build_transform, cache_dir, demo_data_dir,
