@@ -241,15 +241,18 @@ def launch(args, argv: list[str]) -> int:
     ctx, study, _ = prepare(ready)  # fails fast, with the message, before any worker starts
     one = [a for i, a in enumerate(argv) if a != "--workers" and (i == 0 or argv[i - 1] != "--workers")
            and not a.startswith("--workers=")]
+    # Each worker in its own session: a Ctrl-C (or SIGTERM) reaches them once, forwarded from here.
     procs = [subprocess.Popen([sys.executable, "-m", "src.sweep", *one, "--workers", "1"],
-                              env={**os.environ, "TLSWEEP_WORKER": str(i)}) for i in range(args.workers)]
+                              env={**os.environ, "TLSWEEP_WORKER": str(i)}, start_new_session=True)
+             for i in range(args.workers)]
     log.info("started %d workers: pids %s", args.workers, [p.pid for p in procs])
     try:
         codes = [p.wait() for p in procs]
-    except KeyboardInterrupt:  # the workers got the Ctrl-C too (same process group); let them clean up
+    except KeyboardInterrupt:
         for p in procs:
-            p.send_signal(signal.SIGINT)
-        codes = [p.wait() for p in procs]
+            p.send_signal(signal.SIGINT)  # each cleans up: trial interrupted, queued again, runs closed
+        for p in procs:
+            p.wait()
         return 130
     study = open_study(study.study_name, args.storage, ctx.pipeline.fixed.seed)
     report(study, ctx, args, interrupted=False)
