@@ -23,6 +23,19 @@ def write_images(root, classes=("cat", "dog", "owl"), per_class=9, size=20, seed
     return root
 
 
+def sweep_args(tmp_path, data, trials=2, *extra):
+    """A tiny, fast sweep (random init, 16 px, 2 epochs per phase) on SQLite stores in tmp_path."""
+    return ["--data", str(data), "--trials", str(trials), "--weights", "none", "--image-size", "16",
+            "--batch-size", "8", "--max-epochs", "2", "--storage", f"sqlite:///{tmp_path}/optuna.db",
+            "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--study-name", "s", *extra]
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # MLflow's default artifact root ./mlruns lands in tmp
+    return tmp_path
+
+
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path, monkeypatch):
     """Demo data, split fallbacks and torch hub live under the test's tmp dir."""

@@ -21,6 +21,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from conftest import sweep_args as _args
 from conftest import write_images
 from src import final_test, sweep
 from src import splits as S
@@ -35,18 +36,6 @@ REPO = Path(__file__).resolve().parents[1]
 HOST = socket.gethostname().replace(".", "-")  # as cache temp names spell it
 ALIVE = optuna.trial.TrialState.RUNNING
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-
-
-def _args(tmp_path, data, trials=2, *extra):
-    return ["--data", str(data), "--trials", str(trials), "--weights", "none", "--image-size", "16",
-            "--batch-size", "8", "--max-epochs", "2", "--storage", f"sqlite:///{tmp_path}/optuna.db",
-            "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--study-name", "s", *extra]
-
-
-@pytest.fixture
-def in_tmp(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # MLflow's default artifact root ./mlruns lands in tmp
-    return tmp_path
 
 
 def _study(tmp_path):

@@ -12,6 +12,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from conftest import sweep_args as _args
 from src import final_test, sweep
 from src import study as study_mod
 from src import model as M
@@ -31,18 +32,6 @@ def _audit(event, args):
 
 
 sys.addaudithook(_audit)
-
-
-def _args(tmp_path, data, trials=2, *extra):
-    return ["--data", str(data), "--trials", str(trials), "--weights", "none", "--image-size", "16",
-            "--batch-size", "8", "--max-epochs", "2", "--storage", f"sqlite:///{tmp_path}/optuna.db",
-            "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--study-name", "s", *extra]
-
-
-@pytest.fixture
-def in_tmp(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # MLflow's default artifact root ./mlruns lands in tmp
-    return tmp_path
 
 
 def _children(client, parent_id):
