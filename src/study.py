@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import socket
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -119,6 +120,22 @@ def log_study_plots(tracker: Tracker, parent_id: str, study: optuna.Study) -> No
             fig.tight_layout()
             tracker.log_figure(parent_id, fig, f"study/{name}.png")
             plt.close(fig)
+
+
+def log_trials_table(tracker: Tracker, parent_id: str, study: optuna.Study) -> None:
+    """Every trial as one row (Optuna's trials_dataframe: number, value, state, times, params,
+    user attrs) on the parent run: `study/trials.csv` to load, `study/trials.html` to read."""
+    frame = study.trials_dataframe(attrs=("number", "value", "state", "datetime_start", "duration",
+                                          "params", "user_attrs"))
+    if frame.empty:
+        return
+    frame = frame.drop(columns=[c for c in frame.columns if c == "user_attrs_tlsweep.worker"])
+    with tempfile.TemporaryDirectory() as tmp:
+        csv_path, html_path = Path(tmp) / "trials.csv", Path(tmp) / "trials.html"
+        frame.to_csv(csv_path, index=False)
+        html_path.write_text(f"<h1>Trials of study {study.study_name}</h1>\n"
+                             + frame.to_html(index=False, na_rep="", float_format=lambda v: f"{v:.4g}"))
+        tracker.log_files(parent_id, [csv_path, html_path], "study")
 
 
 def summary_table(study: optuna.Study, top: int = 5) -> str:

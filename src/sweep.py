@@ -28,7 +28,7 @@ from .objective import STOP, Context, Objective, stop_now
 from .scheduler import StopOnFailures, optimize
 from .pipeline import DEFAULT_MAX_BAD_FRACTION, Pipeline, initial_model
 from .recovery import LostTrials, queue_retry, recover
-from .study import (check_same_settings, finished, log_study_plots, open_parent, open_study,
+from .study import (check_same_settings, finished, log_study_plots, log_trials_table, open_parent, open_study,
                     pruning_savings, summary_table, update_best)
 from .tracking import Tracker
 from .train import PRECISIONS, amp_dtype
@@ -191,6 +191,7 @@ def run_sweep(args) -> SweepResult:
         gc.unfreeze()
         update_best(ctx.tracker, ctx.parent_id, study)
         log_study_plots(ctx.tracker, ctx.parent_id, study)
+        log_trials_table(ctx.tracker, ctx.parent_id, study)
         ctx.tracker.finish(ctx.parent_id, status)
     result = report(study, ctx, args, interrupted)
     result.stopped_reason = failures.reason

@@ -12,7 +12,7 @@ Conventions (kept stable; the README lists them too):
                test/acc test/loss test/macro_f1 from final_test
   artifacts    checkpoints/phase{1,2}_best.pt, confusion/valid_phase{1,2}.{png,csv},
                confusion/test.{png,csv}, report/test_per_class.csv; parent: sweep/<file>,
-               dataset/summary.json, dataset/split.json, study/*.png
+               dataset/summary.json, dataset/split.json, study/*.png, study/trials.{csv,html}
 """
 from __future__ import annotations
 

@@ -68,7 +68,13 @@ def test_sweep_logs_every_trial_and_never_decodes_test(in_tmp, flat_folder, monk
     assert parent.data.tags["train.device"] == "cpu"
     assert _artifacts(client, parent.info.run_id, "sweep") == ["default.toml"]
     assert _artifacts(client, parent.info.run_id, "dataset") == ["split.json", "summary.json"]
-    assert "optimization_history.png" in _artifacts(client, parent.info.run_id, "study")
+    assert {"optimization_history.png", "trials.csv", "trials.html"} <= set(_artifacts(client, parent.info.run_id, "study"))
+    import pandas as pd
+
+    table = pd.read_csv(client.download_artifacts(parent.info.run_id, "study/trials.csv", str(in_tmp)))
+    assert list(table["number"]) == [0, 1] and list(table["state"]) == ["COMPLETE", "COMPLETE"]
+    assert {"value", "params_head_lr", "params_aug_strength", "user_attrs_mlflow_run_id"} <= set(table.columns)
+    assert "user_attrs_tlsweep.worker" not in table.columns
     runs = _children(client, result.parent_run_id)
     assert sorted(r.info.run_name for r in runs) == ["trial-0", "trial-1"]
     study = optuna.load_study(study_name="s", storage=f"sqlite:///{in_tmp}/optuna.db")
