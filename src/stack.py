@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import argparse
 import glob
+import hashlib
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -42,16 +43,12 @@ def _as_pg_user(cmd: list[str]) -> list[str]:
 
 
 def _pg_home(folder: Path) -> Path:
-    """PostgreSQL's data and socket folder: under `folder`, or, as root, a folder of its own
-    that the `postgres` user can reach (the first start writes down where)."""
+    """PostgreSQL's data and socket folder: under `folder`, or, as root (PostgreSQL runs as the
+    `postgres` user, who may not reach `folder`), under that user's home, one per `folder`."""
     if os.geteuid() != 0:
         return folder / "pg"
-    where = folder / "pg-home.txt"
-    if not where.is_file():
-        where.write_text(tempfile.mkdtemp(prefix="tlsweep-pg-"))
-    home = Path(where.read_text().strip())
-    home.mkdir(parents=True, exist_ok=True)
-    return home
+    key = hashlib.sha256(str(folder).encode()).hexdigest()[:12]
+    return Path(os.path.expanduser("~postgres")) / f"tlsweep-{key}"  # persistent, unlike /tmp
 
 
 def urls(pg_port: int, mlflow_port: int) -> dict:
@@ -63,6 +60,12 @@ def urls(pg_port: int, mlflow_port: int) -> dict:
 def start(folder: Path, pg_port: int = 55432, mlflow_port: int = 55000, timeout_s: float = 120) -> dict:
     folder = Path(folder).resolve()
     folder.mkdir(parents=True, exist_ok=True)
+    stop(folder)  # a start on a running stack restarts it
+    for port in (pg_port, mlflow_port):
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                raise SystemExit(f"port {port} on 127.0.0.1 is in use (another stack?); pick another with "
+                                 f"--pg-port/--mlflow-port, or stop it")
     pg_home = _pg_home(folder)
     pg_data, sock = pg_home / "data", pg_home / "sock"
     found = urls(pg_port, mlflow_port)
@@ -96,7 +99,8 @@ def start(folder: Path, pg_port: int = 55432, mlflow_port: int = 55000, timeout_
             raise SystemExit(f"mlflow server exited ({server.returncode}); see {folder / 'mlflow.log'}")
         try:
             urllib.request.urlopen(found["tracking_uri"] + "/health", timeout=2).close()
-            break
+            if server.poll() is None:  # ours answered, not someone else's on the port
+                break
         except OSError:
             time.sleep(0.5)
     else:
@@ -105,19 +109,40 @@ def start(folder: Path, pg_port: int = 55432, mlflow_port: int = 55000, timeout_
     return found
 
 
-def stop(folder: Path) -> None:
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def stop(folder: Path, remove: bool = False) -> None:
+    """Stop both servers (data kept; `remove`: also delete it, e.g. after a test)."""
     folder = Path(folder).resolve()
+    if not folder.is_dir():
+        return
     pid_file = folder / "mlflow.pid"
     if pid_file.is_file():
-        try:
-            os.killpg(int(pid_file.read_text()), signal.SIGTERM)  # the server and its workers
-        except ProcessLookupError:
-            pass
+        group = int(pid_file.read_text())
+        for sig, wait_s in ((signal.SIGTERM, 20), (signal.SIGKILL, 5)):  # the server and its workers
+            try:
+                os.killpg(group, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.time() + wait_s
+            while time.time() < deadline and _group_alive(group):
+                time.sleep(0.2)
+            if not _group_alive(group):
+                break
         pid_file.unlink()
     pg_data = _pg_home(folder) / "data"
     if (pg_data / "postmaster.pid").is_file():
         subprocess.run(_as_pg_user([_pg_bin("pg_ctl"), "-D", str(pg_data), "-m", "fast", "-w", "stop"]),
-                       check=False, stdout=subprocess.DEVNULL)
+                       check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if remove:
+        shutil.rmtree(pg_data.parent, ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def main(argv=None) -> int:

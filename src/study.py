@@ -9,6 +9,7 @@ import os
 import re
 import socket
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -30,7 +31,7 @@ def derive_seed(study_seed: int, trial_number: int) -> int:
     return (study_seed * 1_000_003 + trial_number) % (2**31)
 
 def open_parent(tracker: Tracker, study: optuna.Study, experiment: str, splits: D.Splits,
-                sweep: SweepFile, tags: dict) -> str:
+                sweep: SweepFile, tags: dict, settle_s: float = 0.0) -> str:
     """The study's parent run: reused when the study already has one in this store (also when a
     kill came between creating it and recording its id: it is found by the study's uid tag)."""
     uid = study.user_attrs.get(STUDY_UID_ATTR) or study_uid(study)
@@ -51,6 +52,8 @@ def open_parent(tracker: Tracker, study: optuna.Study, experiment: str, splits: 
         mine = tracker.create_parent(exp_id, study.study_name,
                                      {"dataset.fingerprint": data_fp, STUDY_UID_ATTR: uid, **tags})
         # Workers starting together may each create one: all keep the oldest, the others go.
+        # `settle_s` (shared storages) lets every worker see the others' parents before choosing.
+        time.sleep(settle_s)
         parent_id = tracker.find_run(exp_id, {STUDY_UID_ATTR: uid, "tlsweep.role": "parent"})
         if parent_id != mine:
             tracker.client.delete_run(mine)

@@ -37,6 +37,7 @@ log = logging.getLogger("tlsweep")
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SWEEP = REPO / "sweeps" / "default.toml"
 DEFAULT_STORAGE = f"sqlite:///{REPO / 'optuna.db'}"  # in the repo, whatever the working directory
+PARENT_SETTLE_S = 3.0  # on a shared storage, wait this long after creating a parent before electing one
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -150,7 +151,8 @@ def prepare(args) -> tuple[Context, optuna.Study, str]:
             "weights.requested": fixed.weights, "weights.effective": weights,
             "weights.unavailable": str(fell_back).lower(), "train.device": str(device),
             "train.precision": "bf16" if amp is not None else "fp32", **{f"fixed.{k}": v for k, v in asdict(fixed).items()}}
-    parent_id = open_parent(tracker, study, args.experiment or sweep.path.stem, splits, sweep, tags)
+    settle_s = 0.0 if args.storage.startswith("sqlite") else PARENT_SETTLE_S
+    parent_id = open_parent(tracker, study, args.experiment or sweep.path.stem, splits, sweep, tags, settle_s)
     if splits.ignored_files:
         log.warning("%d non-image file(s) under %s were ignored (counted in dataset/summary.json)",
                     splits.ignored_files, splits.root)
@@ -257,7 +259,8 @@ def launch(args, argv: list[str]) -> int:
         return 130
     study = open_study(study.study_name, args.storage, ctx.pipeline.fixed.seed)
     report(study, ctx, args, interrupted=False)
-    return max(codes) if any(codes) else 0
+    codes = [128 - c if c < 0 else c for c in codes]  # killed by signal N: 128 + N, as a shell says
+    return max(codes)
 
 
 def main(argv=None) -> int:

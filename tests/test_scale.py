@@ -46,7 +46,7 @@ def servers(tmp_path_factory):
     folder = tmp_path_factory.mktemp("stack")
     found = stack.start(folder, _free_port(), _free_port())
     yield found
-    stack.stop(folder)
+    stack.stop(folder, remove=True)
 
 
 # Each epoch sleeps a little in the workers, so the test can kill one in the middle of a trial.
@@ -150,7 +150,12 @@ def test_docker_compose_matches_the_readme():
     command = " ".join(services["worker"]["command"])
     assert "postgresql+psycopg://" in command or "postgresql://" in command
     assert "@postgres:5432/" in command and "http://mlflow:5000" in command
-    assert "mlflow" in services["worker"]["depends_on"] and "postgres" in services["mlflow"]["depends_on"]
+    # workers start only once both servers answer (a worker probes the tracking server once, at start)
+    assert services["worker"]["depends_on"] == {"postgres": {"condition": "service_healthy"},
+                                                "mlflow": {"condition": "service_healthy"}}
+    assert services["mlflow"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert "/health" in " ".join(services["mlflow"]["healthcheck"]["test"])
+    assert "-h 127.0.0.1" in " ".join(services["postgres"]["healthcheck"]["test"])
     volumes = set(compose["volumes"])
     for name, service in services.items():
         for v in service.get("volumes", []):
@@ -159,8 +164,7 @@ def test_docker_compose_matches_the_readme():
             assert bind or source in volumes, f"{name}: volume {source} is not declared"
     assert any("artifacts" in v for v in services["mlflow"]["volumes"])
     assert "--serve-artifacts" in " ".join(services["mlflow"]["command"])
-    gpu = services["worker"].get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices")
-    assert gpu is None or gpu[0]["capabilities"] == ["gpu"]
+    assert "deploy" not in services["worker"]  # the base file runs anywhere; GPUs come from the override
     assert "gpu" in readme.lower() and "docker-compose.gpu.yml" in readme
     gpu_file = yaml.safe_load((REPO / "docker-compose.gpu.yml").read_text())
     assert gpu_file["services"]["worker"]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
