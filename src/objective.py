@@ -115,12 +115,13 @@ class Objective:
         self.interrupted: int | None = None   # number of the trial Ctrl-C stopped
         self.taken_over: int | None = None    # number of a trial another worker took over
 
-    def config(self, trial) -> TrialConfig:
+    def config(self, trial, origin: int) -> TrialConfig:
+        """`origin`: the trial number this one stands for (its own, or the lost trial it retries)."""
         pipe = self.ctx.pipeline
         f = pipe.fixed
         sampled = search_space.sample(trial, self.ctx.search)
         # A retry of a lost trial keeps the lost trial's seed: it trains what that trial would have.
-        seed = derive_seed(f.seed, original_number(trial.study, trial))
+        seed = derive_seed(f.seed, origin)
         return TrialConfig(
             backbone=f.backbone, weights=pipe.weights, image_size=f.image_size, batch_size=f.batch_size,
             max_epochs_phase1=f.max_epochs_phase1, max_epochs_phase2=f.max_epochs_phase2,
@@ -132,12 +133,12 @@ class Objective:
         tracker = self.ctx.tracker
         trial.set_user_attr(WORKER_ATTR, worker_id())
         self.check_room(trial)
-        cfg = self.config(trial)
+        retry_of = original_number(trial.study, trial)
+        cfg = self.config(trial, retry_of)
         params = {k: v for k, v in cfg.to_dict().items() if k != "classes"}
         run_id = tracker.start_trial(self.ctx.parent_id, trial.number, params)
         trial.set_user_attr("mlflow_run_id", run_id)
         tags = {"weights.random_init": "true"} if cfg.weights == "none" else {}
-        retry_of = original_number(trial.study, trial)
         if retry_of != trial.number:
             tags["optuna.retry_of"] = retry_of
         if tags:

@@ -242,10 +242,9 @@ def launch(args, argv: list[str]) -> int:
     check_storage_for_workers(args.storage, args.workers)
     ready = parse_args([*argv, "--workers", "1", "--trials", "1"])
     ctx, study, _ = prepare(ready)  # fails fast, with the message, before any worker starts
-    one = [a for i, a in enumerate(argv) if a != "--workers" and (i == 0 or argv[i - 1] != "--workers")
-           and not a.startswith("--workers=")]
     # Each worker in its own session: a Ctrl-C (or SIGTERM) reaches them once, forwarded from here.
-    procs = [subprocess.Popen([sys.executable, "-m", "src.sweep", *one, "--workers", "1"],
+    # The appended "--workers 1" wins over the user's (argparse keeps the last).
+    procs = [subprocess.Popen([sys.executable, "-m", "src.sweep", *argv, "--workers", "1"],
                               env={**os.environ, "TLSWEEP_WORKER": str(i)}, start_new_session=True)
              for i in range(args.workers)]
     log.info("started %d workers: pids %s", args.workers, [p.pid for p in procs])

@@ -74,10 +74,11 @@ def test_three_workers_one_study_one_killed_and_final_test_on_the_server(tmp_pat
     workers = [_worker(tmp_path, args) for _ in range(3)]
     victim = workers[0]
     deadline, lost = time.time() + 240, None
+    storage = optuna.storages.RDBStorage(servers["storage"])  # one pool: a new one per poll exhausts the server
     while lost is None and time.time() < deadline:  # a trial of the first worker, mid-way
         time.sleep(0.2)
         try:
-            trials = optuna.load_study(study_name="scale", storage=servers["storage"]).trials
+            trials = optuna.load_study(study_name="scale", storage=storage).trials
         except KeyError:
             continue
         lost = next((t for t in trials if t.state == optuna.trial.TrialState.RUNNING and t.intermediate_values
@@ -88,7 +89,7 @@ def test_three_workers_one_study_one_killed_and_final_test_on_the_server(tmp_pat
         out, err = w.communicate(timeout=300)
         assert w.returncode == 0, err[-3000:]
 
-    study = optuna.load_study(study_name="scale", storage=servers["storage"])
+    study = optuna.load_study(study_name="scale", storage=storage)
     numbers = [t.number for t in study.trials]
     assert len(numbers) == len(set(numbers))
     assert len([t for t in study.trials if t.state in DONE]) == n  # the cap is the study's, not a worker's
