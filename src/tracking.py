@@ -70,10 +70,24 @@ class Tracker:
             raise UserError(f"MLflow experiment {name!r} in {self.uri} was deleted; restore it "
                             f"(mlflow experiments restore --experiment-id {exp.experiment_id}) or pass "
                             f"--experiment with another name")
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(name)
-        if not exp or EXPERIMENT_KIND not in exp.tags:
-            # Without this MLflow 3's UI may open the experiment on its GenAI/traces page.
+        if exp is None:
+            try:
+                return self._tag_kind(self.client.create_experiment(name))
+            except MlflowException as exc:  # workers starting together race to create it
+                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+                exp = self.client.get_experiment_by_name(name)
+        if EXPERIMENT_KIND not in exp.tags:
+            self._tag_kind(exp.experiment_id)
+        return exp.experiment_id
+
+    def _tag_kind(self, exp_id: str) -> str:
+        """Without this tag MLflow 3's UI may open the experiment on its GenAI/traces page."""
+        try:
             self.client.set_experiment_tag(exp_id, EXPERIMENT_KIND, "custom_model_development")
+        except MlflowException as exc:  # another worker set it in the same instant
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
         return exp_id
 
     def run_exists(self, run_id: str | None) -> bool:

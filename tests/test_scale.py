@@ -117,6 +117,36 @@ def test_three_workers_one_study_one_killed_and_final_test_on_the_server(tmp_pat
     assert 0 <= client.get_run(parent_id).data.metrics["test/acc"] <= 1
 
 
+def test_workers_starting_together_share_one_experiment(servers):
+    """Many workers create the experiment in the same instant; the losers of the insert use the
+    winner's (this race failed a CI run with RESOURCE_ALREADY_EXISTS)."""
+    import threading
+
+    from src.tracking import EXPERIMENT_KIND, Tracker
+
+    for attempt in range(5):  # each attempt is a fresh name, so a fresh race
+        name, n = f"race-{attempt}", 8
+        gate, found, errors = threading.Barrier(n), [], []
+
+        def join():
+            tracker = Tracker(servers["tracking_uri"])
+            gate.wait()
+            try:
+                found.append(tracker.experiment_id(name))
+            except Exception as exc:  # noqa: BLE001 - collected for the assert
+                errors.append(exc)
+
+        threads = [threading.Thread(target=join) for _ in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        assert len(set(found)) == 1 and len(found) == n
+        exp = MlflowClient(servers["tracking_uri"]).get_experiment(found[0])
+        assert exp.name == name and exp.tags[EXPERIMENT_KIND] == "custom_model_development"
+
+
 @pytest.mark.slow
 def test_workers_flag_on_a_journal_file(tmp_path, flat_folder, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
