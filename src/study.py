@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 import re
 import socket
 import tempfile
@@ -14,6 +15,7 @@ import warnings
 from pathlib import Path
 
 import optuna
+import sqlalchemy.exc
 
 from . import data as D
 from .config import Fixed, SweepFile, UserError
@@ -23,6 +25,7 @@ from .tracking import Tracker
 log = logging.getLogger("tlsweep")
 PRUNER_STARTUP_TRIALS = 5   # never prune before this many trials finished: the median needs a base
 PRUNER_WARMUP_STEPS = 2     # never prune in a trial's first global epochs: too noisy to judge
+STORAGE_CREATE_TRIES = 6   # workers racing to create the tables of an empty RDB storage
 STUDY_UID_ATTR = "tlsweep.study_uid"  # ties a study to its parent run, whatever the store
 
 
@@ -174,8 +177,16 @@ def make_storage(url: str, on_lost=None):
     if "://" not in url:
         return url  # let Optuna say what it makes of it
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None  # heartbeat thread writes too
-    return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_INTERVAL_S,
-                                      grace_period=GRACE_PERIOD_S, heartbeat_stale_trial_callback=on_lost)
+    for attempt in range(STORAGE_CREATE_TRIES):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_INTERVAL_S,
+                                              grace_period=GRACE_PERIOD_S, heartbeat_stale_trial_callback=on_lost)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            # Workers starting together on an empty database all create Optuna's tables; on
+            # PostgreSQL the losers fail on the catalog (pg_type) and find the tables made on retry.
+            if attempt == STORAGE_CREATE_TRIES - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1) + random.random() * 0.3)
 
 
 def open_study(name: str, storage: str, seed: int, prune: bool = True, on_lost=None) -> optuna.Study:

@@ -117,32 +117,52 @@ def test_three_workers_one_study_one_killed_and_final_test_on_the_server(tmp_pat
     assert 0 <= client.get_run(parent_id).data.metrics["test/acc"] <= 1
 
 
+def _race(n, fn):
+    """Run fn() in n threads released at the same instant; the exceptions they raised."""
+    import threading
+
+    gate, errors = threading.Barrier(n), []
+
+    def one():
+        gate.wait()
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 - collected for the assert
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
+
+
+def test_workers_starting_together_on_an_empty_database_all_open_the_storage(servers):
+    """Optuna creates its tables on first use; on PostgreSQL concurrent creators collide on the
+    catalog (pg_type). Each attempt is a new empty database (this failed every time unfixed)."""
+    import psycopg
+
+    base = servers["storage"].rsplit("/", 1)[0]
+    for attempt in range(3):
+        db = f"empty{attempt}"
+        with psycopg.connect(base.replace("+psycopg", "") + "/postgres", autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {db}")
+            conn.execute(f"CREATE DATABASE {db}")
+        assert _race(6, lambda: make_storage(f"{base}/{db}")) == []
+        assert optuna.get_all_study_summaries(make_storage(f"{base}/{db}")) == []
+
+
 def test_workers_starting_together_share_one_experiment(servers):
     """Many workers create the experiment in the same instant; the losers of the insert use the
     winner's (this race failed a CI run with RESOURCE_ALREADY_EXISTS)."""
-    import threading
-
     from src.tracking import EXPERIMENT_KIND, Tracker
 
+    tracker = Tracker(servers["tracking_uri"])
     for attempt in range(5):  # each attempt is a fresh name, so a fresh race
-        name, n = f"race-{attempt}", 8
-        gate, found, errors = threading.Barrier(n), [], []
-
-        def join():
-            tracker = Tracker(servers["tracking_uri"])
-            gate.wait()
-            try:
-                found.append(tracker.experiment_id(name))
-            except Exception as exc:  # noqa: BLE001 - collected for the assert
-                errors.append(exc)
-
-        threads = [threading.Thread(target=join) for _ in range(n)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert not errors, errors
-        assert len(set(found)) == 1 and len(found) == n
+        name, found = f"race-{attempt}", []
+        assert _race(8, lambda: found.append(tracker.experiment_id(name))) == []
+        assert len(set(found)) == 1 and len(found) == 8
         exp = MlflowClient(servers["tracking_uri"]).get_experiment(found[0])
         assert exp.name == name and exp.tags[EXPERIMENT_KIND] == "custom_model_development"
 
