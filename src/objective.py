@@ -37,6 +37,7 @@ from .tracking import Tracker
 from .train import fit_two_phase
 
 
+MISTAKES_SHOWN = 16  # most confidently misclassified validation images drawn per trial (4 x 4)
 STOP = threading.Event()  # set by the sweep's Ctrl-C/SIGTERM handler
 # Progress bars: tqdm's own choice (off when not a terminal), always off in a --workers child.
 BARS = True if os.environ.get("TLSWEEP_WORKER") else None
@@ -254,9 +255,14 @@ class Objective:
                 if prune:
                     raise optuna.TrialPruned(f"pruned at global epoch {rec.step} (valid/acc {rec.valid_acc:.4f})")
 
+            history = []  # both phases' epochs, for the training curves
+
             def on_phase_end(result, trained_model):
+                history.extend(result.history)
                 with writing():
                     self.log_phase(run_id, cfg, result, trained_model)
+                    if result.phase == 2:
+                        self.log_figures(run_id, cfg, result, history, trial.number)
                 raise_if_stopped()
 
             _, phase2 = fit_two_phase(
@@ -264,7 +270,7 @@ class Objective:
                 patience=cfg.patience, max_epochs_phase1=cfg.max_epochs_phase1,
                 max_epochs_phase2=cfg.max_epochs_phase2, device=ctx.pipeline.device,
                 phase2_head_lr_factor=cfg.phase2_head_lr_factor, phase1_inputs=phase1_inputs,
-                on_epoch=on_epoch, on_phase_end=on_phase_end, amp=ctx.amp)
+                on_epoch=on_epoch, on_phase_end=on_phase_end, amp=ctx.amp, keep_mistakes=MISTAKES_SHOWN)
         return phase2.best_valid_acc
 
     def log_phase(self, run_id: str, cfg: TrialConfig, result, model) -> None:
@@ -283,3 +289,21 @@ class Objective:
             files = figures.write_confusion(cm, cfg.classes, Path(tmp) / f"valid_phase{p}",
                                             f"validation, phase {p} best (epoch {result.best_epoch})")
             tracker.log_files(run_id, files, "confusion")
+
+    def log_figures(self, run_id: str, cfg: TrialConfig, result, history: list, number: int) -> None:
+        """What a user looks at on a trial that finished phase 2 (see src/figures.py): per-class
+        scores, training curves of both phases, the most confidently misclassified images."""
+        pipe, classes = self.ctx.pipeline, cfg.classes
+        where = f"trial {number}, validation, phase 2 best (epoch {result.best_epoch})"
+        rows = figures.per_class_report(result.valid_targets, result.valid_preds, classes)
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            files = [figures.write_report(rows, tmp / "per_class_valid.csv"),
+                     figures.save(figures.per_class_figure(rows, where), tmp / "per_class_valid.png"),
+                     figures.save(figures.training_curves_figure(history, f"trial {number}: training curves"),
+                                  tmp / "training_curves.png")]
+            if result.valid_mistakes is not None:
+                fig = figures.misclassified_figure(result.valid_mistakes, classes, pipe.mean, pipe.std,
+                                                   f"{where}: most confidently misclassified")
+                files.append(figures.save(fig, tmp / "misclassified_valid.png"))
+            self.ctx.tracker.log_files(run_id, files, "figures")

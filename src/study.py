@@ -9,7 +9,6 @@ import os
 import random
 import re
 import socket
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -103,59 +102,6 @@ def update_best(tracker: Tracker, parent_id: str, study: optuna.Study) -> None:
     tags.update({f"best.{k}": v for k, v in best.params.items()})
     tracker.set_tags(parent_id, tags)
     tracker.log_metrics(parent_id, {"best/valid_acc": best.value}, step=len(study.trials))
-
-
-def log_study_plots(tracker: Tracker, parent_id: str, study: optuna.Study) -> None:
-    """Optuna's own plots (matplotlib flavour) as PNGs on the parent run."""
-    import matplotlib.pyplot as plt
-    from optuna.visualization import matplotlib as vis
-
-    plots = {"optimization_history": vis.plot_optimization_history,
-             "param_importances": vis.plot_param_importances,
-             "parallel_coordinate": vis.plot_parallel_coordinate}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the matplotlib backend is flagged experimental
-        for name, plot in plots.items():
-            try:
-                ax = plot(study)
-            except (ValueError, RuntimeError) as exc:  # e.g. importances need 2+ completed trials
-                log.info("skipped study plot %s: %s", name, exc)
-                continue
-            fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
-            fig.set_size_inches(10, 6)
-            fig.tight_layout()
-            tracker.log_figure(parent_id, fig, f"study/{name}.png")
-            plt.close(fig)
-
-
-def log_trials_table(tracker: Tracker, parent_id: str, study: optuna.Study) -> None:
-    """Every trial as one row (Optuna's trials_dataframe: number, value, state, times, params,
-    user attrs) on the parent run: `study/trials.csv` to load, `study/trials.html` to read."""
-    frame = study.trials_dataframe(attrs=("number", "value", "state", "datetime_start", "duration",
-                                          "params", "user_attrs"))
-    if frame.empty:
-        return
-    frame = frame.drop(columns=[c for c in frame.columns if c == "user_attrs_tlsweep.worker"])
-    with tempfile.TemporaryDirectory() as tmp:
-        csv_path, html_path = Path(tmp) / "trials.csv", Path(tmp) / "trials.html"
-        frame.to_csv(csv_path, index=False)
-        html_path.write_text(f"<h1>Trials of study {study.study_name}</h1>\n"
-                             + frame.to_html(index=False, na_rep="", float_format=lambda v: f"{v:.4g}"))
-        tracker.log_files(parent_id, [csv_path, html_path], "study")
-
-
-def summary_table(study: optuna.Study, top: int = 5) -> str:
-    # Only COMPLETE trials: a pruned trial's value is an intermediate (often phase-1) accuracy.
-    done = sorted((t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE),
-                  key=lambda t: -t.value)[:top]
-    keys = list(done[0].params) if done else []
-    lines = [f"{'trial':>5}  {'valid_acc':>9}  {'epochs':>6}  " + "  ".join(f"{k:>17}" for k in keys)]
-    for t in done:
-        epochs = len(t.intermediate_values)
-        vals = "  ".join(f"{t.params.get(k, ''):>17.4g}" if isinstance(t.params.get(k), float)
-                         else f"{str(t.params.get(k, '')):>17}" for k in keys)
-        lines.append(f"{t.number:>5}  {t.value:>9.4f}  {epochs:>6}  {vals}")
-    return "\n".join(lines)
 
 
 def make_pruner(enabled: bool = True) -> optuna.pruners.BasePruner:

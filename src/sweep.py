@@ -28,8 +28,8 @@ from .objective import STOP, Context, Objective, stop_now
 from .scheduler import StopOnFailures, optimize
 from .pipeline import DEFAULT_MAX_BAD_FRACTION, Pipeline, initial_model
 from .recovery import LostTrials, queue_retry, recover
-from .study import (check_same_settings, finished, log_study_plots, log_trials_table, open_parent, open_study,
-                    pruning_savings, summary_table, update_best)
+from .report import log_report, next_commands, summary_table
+from .study import check_same_settings, finished, open_parent, open_study, pruning_savings, update_best
 from .tracking import Tracker
 from .train import PRECISIONS, amp_dtype
 
@@ -192,8 +192,7 @@ def run_sweep(args) -> SweepResult:
     finally:
         gc.unfreeze()
         update_best(ctx.tracker, ctx.parent_id, study)
-        log_study_plots(ctx.tracker, ctx.parent_id, study)
-        log_trials_table(ctx.tracker, ctx.parent_id, study)
+        log_report(ctx.tracker, ctx.parent_id, study, ctx.pipeline.fixed, commands(ctx, args))
         ctx.tracker.finish(ctx.parent_id, status)
     result = report(study, ctx, args, interrupted)
     result.stopped_reason = failures.reason
@@ -210,23 +209,23 @@ def report(study: optuna.Study, ctx: Context, args, interrupted: bool) -> SweepR
     print(f"\nstudy {study.study_name!r}: {len(finished(study))} finished trials "
           f"({len(completed)} complete), parent run {ctx.parent_id}")
     print(summary_table(study))
-    uri = f" --tracking-uri {args.tracking_uri}" if args.tracking_uri else ""
-    if args.tracking_uri and args.tracking_uri.startswith("http"):
-        browse = f"open {args.tracking_uri} in a browser"
-    else:
-        exp_id = ctx.tracker.get_run(ctx.parent_id).info.experiment_id
-        browse = ("mlflow ui" + (f" --backend-store-uri {args.tracking_uri}" if args.tracking_uri else "")
-                  + f"   # then open http://127.0.0.1:5000/#/experiments/{exp_id}/runs")
-    if best is not None:
-        print(f"\nbest: trial {best.number}, valid_acc {best.value:.4f}. Next:\n  {browse}\n"
-              f"  python -m src.final_test --run-id {ctx.parent_id}{uri}")
     spent, pruned_max = pruning_savings(study, ctx.pipeline.fixed)
     print(f"epochs spent: {spent}; pruned trials could have run up to {pruned_max} more without pruning")
+    if best is not None:
+        print(f"\nbest: trial {best.number}, valid_acc {best.value:.4f} (run {best.user_attrs.get('mlflow_run_id')}). "
+              f"Next:")
+        for what, cmd in commands(ctx, args).items():
+            print(f"  # {what}\n  {cmd}")
     ctx.tracker.log_metrics(ctx.parent_id, {"sweep/epochs_spent": spent,
                                             "sweep/epochs_saved_by_pruning_max": pruned_max})
     return SweepResult(study.study_name, ctx.parent_id, best.value if best else None,
                        best.user_attrs.get("mlflow_run_id") if best else None, best.number if best else None,
                        len(finished(study)), spent, interrupted)
+
+
+def commands(ctx: Context, args) -> dict:
+    exp_id = ctx.tracker.get_run(ctx.parent_id).info.experiment_id
+    return next_commands(ctx.parent_id, args.tracking_uri, args.storage, exp_id)
 
 
 def check_storage_for_workers(storage: str, workers: int) -> None:

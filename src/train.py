@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -50,11 +51,50 @@ class PhaseResult:
     best_valid_loss: float = float("inf")
     valid_preds: list[int] = field(default_factory=list)    # best epoch's validation predictions
     valid_targets: list[int] = field(default_factory=list)
+    valid_mistakes: Mistakes | None = None                  # best epoch's, when asked for
     last_step: int = 0
 
     @property
     def epochs(self) -> int:
         return len(self.history)
+
+
+@dataclass
+class Mistakes:
+    """The most confidently wrong predictions of an evaluation, most confident first: the images
+    as the model saw them (N, 3, H, W, normalized), true and predicted classes, and the predicted
+    class's probability."""
+    images: np.ndarray
+    targets: list[int]
+    preds: list[int]
+    confidences: list[float]
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+
+class _WorstMistakes:
+    """Keeps the `keep` most confident wrong predictions seen so far, on the device: no host
+    sync per batch, and at most `keep` + one batch of images held."""
+
+    def __init__(self, keep: int):
+        self.keep, self.images, self.conf, self.targets, self.preds = keep, None, None, None, None
+
+    def add(self, images, labels, logits) -> None:
+        conf, preds = logits.softmax(1).max(1)
+        conf = torch.where(preds != labels, conf, torch.full_like(conf, -1.0))  # right ones never win
+        if self.images is not None:
+            images, conf = torch.cat([self.images, images]), torch.cat([self.conf, conf])
+            labels, preds = torch.cat([self.targets, labels]), torch.cat([self.preds, preds])
+        top = conf.topk(min(self.keep, len(conf))).indices
+        self.images, self.conf, self.targets, self.preds = images[top], conf[top], labels[top], preds[top]
+
+    def result(self) -> Mistakes:
+        if self.images is None:
+            return Mistakes(np.zeros((0, 3, 1, 1), np.float32), [], [], [])
+        wrong = (self.conf >= 0).cpu()
+        return Mistakes(self.images.float().cpu()[wrong].contiguous().numpy(), self.targets.cpu()[wrong].tolist(),
+                        self.preds.cpu()[wrong].tolist(), self.conf.cpu()[wrong].tolist())
 
 
 @dataclass(frozen=True)
@@ -63,6 +103,7 @@ class Evaluation:
     acc: float
     preds: list[int]
     targets: list[int]
+    mistakes: Mistakes | None = None  # when `evaluate(keep_mistakes=...)` asked for them
 
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -103,12 +144,15 @@ def to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device):
     return images.to(device, non_blocking=True, memory_format=layout), labels.to(device, non_blocking=True)
 
 
-def evaluate(model: nn.Module, loader, device: torch.device, amp: torch.dtype | None = None) -> Evaluation:
+def evaluate(model: nn.Module, loader, device: torch.device, amp: torch.dtype | None = None,
+             keep_mistakes: int = 0) -> Evaluation:
     """Mean loss, accuracy and predictions over a loader, in eval mode, without gradients
-    (under autocast to `amp` when given)."""
+    (under autocast to `amp` when given); with `keep_mistakes`, also that many of the most
+    confidently wrong predictions with their images."""
     model.eval()
     loss_sum = torch.zeros((), device=device)
     preds, targets = [], []
+    worst = _WorstMistakes(keep_mistakes) if keep_mistakes else None
     with torch.inference_mode(), _autocast(device, amp):
         for images, labels in loader:
             images, labels = to_device(images, labels, device)
@@ -116,10 +160,12 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: torch.dtype | 
             loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum")
             preds.append(logits.argmax(1))
             targets.append(labels)
+            if worst is not None:
+                worst.add(images, labels, logits)
     preds_t, targets_t = torch.cat(preds).cpu(), torch.cat(targets).cpu()
     n = max(len(targets_t), 1)
     return Evaluation(loss_sum.item() / n, (preds_t == targets_t).float().mean().item(),
-                      preds_t.tolist(), targets_t.tolist())
+                      preds_t.tolist(), targets_t.tolist(), worst.result() if worst is not None else None)
 
 
 def train_epoch(model: nn.Module, phase: int, loader, optimizer, device,
@@ -159,8 +205,9 @@ def make_optimizer(groups: list[dict]) -> torch.optim.Optimizer:
 def fit_phase(model: nn.Module, phase: int, train_loader, valid_loader, *, head_lr: float,
               backbone_lr: float, max_epochs: int, patience: int, device: torch.device,
               first_step: int = 1, on_epoch: Callable[[EpochResult], None] | None = None,
-              amp: torch.dtype | None = None) -> PhaseResult:
-    """Train one phase with early stopping on validation accuracy; the best state is restored."""
+              amp: torch.dtype | None = None, keep_mistakes: int = 0) -> PhaseResult:
+    """Train one phase with early stopping on validation accuracy; the best state is restored
+    (with its validation predictions and, if asked, its `keep_mistakes` worst mistakes)."""
     M.set_trainable(model, phase)
     optimizer = make_optimizer(M.param_groups(model, phase, head_lr, backbone_lr))
     result = PhaseResult(phase)
@@ -171,7 +218,7 @@ def fit_phase(model: nn.Module, phase: int, train_loader, valid_loader, *, head_
             lrs = ", ".join(f"{g['name']} {g['lr']:.3g}" for g in optimizer.param_groups)
             raise Diverged(f"training loss became {train_loss} in phase {phase}, epoch {epoch} (lr {lrs}): "
                            f"the learning rate is too high for this trial")
-        ev = evaluate(model, valid_loader, device, amp)
+        ev = evaluate(model, valid_loader, device, amp, keep_mistakes)
         step = first_step + epoch - 1
         record = EpochResult(phase, epoch, step, train_loss, train_acc, ev.loss, ev.acc,
                              {g["name"]: g["lr"] for g in optimizer.param_groups})
@@ -179,7 +226,7 @@ def fit_phase(model: nn.Module, phase: int, train_loader, valid_loader, *, head_
         result.last_step = step
         if ev.acc > result.best_valid_acc:
             result.best_epoch, result.best_valid_acc, result.best_valid_loss = epoch, ev.acc, ev.loss
-            result.valid_preds, result.valid_targets = ev.preds, ev.targets
+            result.valid_preds, result.valid_targets, result.valid_mistakes = ev.preds, ev.targets, ev.mistakes
             best_state, since_best = copy.deepcopy(model.state_dict()), 0
         else:
             since_best += 1
@@ -196,12 +243,15 @@ def fit_two_phase(model: nn.Module, train_loader, valid_loader, *, head_lr: floa
                   backbone_lr_ratio: float, patience: int, max_epochs_phase1: int,
                   max_epochs_phase2: int, device: torch.device, phase2_head_lr_factor: float = 1.0,
                   phase1_inputs: tuple | None = None, on_epoch=None, on_phase_end=None,
-                  amp: torch.dtype | None = None) -> tuple[PhaseResult, PhaseResult]:
+                  amp: torch.dtype | None = None, keep_mistakes: int = 0) -> tuple[PhaseResult, PhaseResult]:
     """The recipe: fit the head on a frozen backbone, then fine-tune everything.
 
     `phase1_inputs=(head, feature_train_loader, feature_valid_loader)` trains phase 1 on cached
     backbone features instead of images: same result, since the frozen eval-mode backbone is a
     pure function of its input, and `head` is the model's own classifier module.
+
+    `keep_mistakes` (phase 2 only: phase 1 may see features, not images) keeps that many of the
+    best epoch's most confidently wrong validation predictions with their images.
 
     `amp` (see `amp_dtype`) applies to phase 2 only. Phase 1 always runs in fp32: its cached
     features are fp32, so cached and recomputed phase 1 agree on every device, and a linear
@@ -217,7 +267,7 @@ def fit_two_phase(model: nn.Module, train_loader, valid_loader, *, head_lr: floa
         result = fit_phase(module, phase, train_data, valid_data, head_lr=lr,
                            backbone_lr=head_lr * backbone_lr_ratio, max_epochs=max_epochs,
                            patience=patience, device=device, first_step=step, on_epoch=on_epoch,
-                           amp=amp if phase == 2 else None)
+                           amp=amp if phase == 2 else None, keep_mistakes=keep_mistakes if phase == 2 else 0)
         if on_phase_end is not None:
             on_phase_end(result, model)
         results.append(result)

@@ -43,7 +43,7 @@ def _artifacts(client, run_id, path):
     return sorted(Path(a.path).name for a in client.list_artifacts(run_id, path))
 
 
-def test_sweep_logs_every_trial_and_never_decodes_test(in_tmp, flat_folder, monkeypatch):
+def test_sweep_logs_every_trial_and_never_decodes_test(in_tmp, flat_folder, monkeypatch, capsys):
     import PIL.Image
 
     decoded, real_open = [], PIL.Image.open
@@ -68,7 +68,24 @@ def test_sweep_logs_every_trial_and_never_decodes_test(in_tmp, flat_folder, monk
     assert parent.data.tags["train.device"] == "cpu"
     assert _artifacts(client, parent.info.run_id, "sweep") == ["default.toml"]
     assert _artifacts(client, parent.info.run_id, "dataset") == ["split.json", "summary.json"]
-    assert {"optimization_history.png", "trials.csv", "trials.html"} <= set(_artifacts(client, parent.info.run_id, "study"))
+    assert set(_artifacts(client, parent.info.run_id, "study")) >= {
+        "trials.csv", "trials.html", "best_params.json", "optuna_plots.html", "optimization_history.png",
+        "intermediate_values.png", "parallel_coordinate.png", "slice.png", "timeline.png"}
+    assert "summary.html" in _artifacts(client, parent.info.run_id, "")
+    exp_id = parent.info.experiment_id
+    assert f"(#/experiments/{exp_id}/runs/{result.best_run_id})" in parent.data.tags["mlflow.note.content"]
+    best_params = json.loads(Path(client.download_artifacts(parent.info.run_id, "study/best_params.json",
+                                                             str(in_tmp))).read_text())
+    assert best_params["mlflow_run_id"] == result.best_run_id
+    # The terminal: one line per trial, no progress bars (not a TTY), the top trials, what to run next.
+    out, err = capsys.readouterr()
+    assert "\r" not in out + err and "it/s" not in out + err and "ep/s" not in out + err
+    assert [line.split(":")[0] for line in out.splitlines() if line.startswith("trial ") and ":" in line][:2] == [
+        "trial 0", "trial 1"]
+    assert "trial  valid_acc     state  epochs" in out
+    assert f"python -m src.final_test --run-id {result.parent_run_id} --tracking-uri sqlite:///{in_tmp}/mlflow.db" in out
+    assert f"mlflow ui --port 5000 --backend-store-uri sqlite:///{in_tmp}/mlflow.db" in out
+    assert f"optuna-dashboard sqlite:///{in_tmp}/optuna.db" in out
     import pandas as pd
 
     table = pd.read_csv(client.download_artifacts(parent.info.run_id, "study/trials.csv", str(in_tmp)))
@@ -86,6 +103,8 @@ def test_sweep_logs_every_trial_and_never_decodes_test(in_tmp, flat_folder, monk
         assert _artifacts(client, run.info.run_id, "checkpoints") == ["phase1_best.pt", "phase2_best.pt"]
         assert _artifacts(client, run.info.run_id, "confusion") == [
             "valid_phase1.csv", "valid_phase1.png", "valid_phase2.csv", "valid_phase2.png"]
+        assert _artifacts(client, run.info.run_id, "figures") == [
+            "misclassified_valid.png", "per_class_valid.csv", "per_class_valid.png", "training_curves.png"]
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "valid/acc")]
         assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 2  # global, increasing
         lr_head = client.get_metric_history(run.info.run_id, "lr/head")
@@ -255,3 +274,40 @@ def test_phase1_on_cached_features_leaves_the_backbone_as_initialized(in_tmp, fl
     for k in backbone:  # weights AND BatchNorm running stats
         assert torch.equal(before[k], after[k]), k
     assert not torch.equal(before["fc.weight"], after["fc.weight"])
+
+
+def test_progress_bars_in_a_terminal(in_tmp, flat_folder):
+    """In a terminal (a real pseudo-terminal here) there is a bar for trials and one for the
+    epochs of the running trial; the log-file case (no TTY) is checked in the first test."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import subprocess
+    import termios
+
+    main, child = pty.openpty()
+    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # 40 rows, 120 columns
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "src.sweep", *_args(in_tmp, flat_folder)], cwd=in_tmp, env=env,
+                            stdin=subprocess.DEVNULL, stdout=child, stderr=child)
+    os.close(child)
+    seen = b""
+    while True:
+        ready, _, _ = select.select([main], [], [], 120)
+        if not ready:
+            break
+        try:
+            chunk = os.read(main, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(main)
+    assert proc.wait(timeout=60) == 0, seen.decode(errors="replace")[-3000:]
+    text = seen.decode(errors="replace")
+    bars = [part for part in text.split("\r") if "%|" in part]  # tqdm redraws a bar after a carriage return
+    assert any(b.startswith("trials: 100%|") and "2/2" in b for b in bars), bars
+    assert any(b.startswith("trial 0:") and "/4 [" in b for b in bars), bars  # epochs of trial 0: 2 + 2
+    assert any(b.startswith("trial 1:") for b in bars), bars
