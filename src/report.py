@@ -36,6 +36,7 @@ PLOTS = {
     "slice": ("Slice plots: the objective against each parameter", False),
     "timeline": ("Timeline of the trials (per state; workers overlap)", False),
 }
+MLFLOW_UI = "http://127.0.0.1:5000"  # `mlflow ui --port 5000`
 DESCRIPTION_MAX = 7500  # MLflow keeps tag values up to 8000 characters
 
 
@@ -82,21 +83,28 @@ def summary_table(study: optuna.Study, top: int = 5) -> str:
     return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(r, widths)) for r in [header, *rows])
 
 
+def ui_base(tracking_uri: str | None) -> str:
+    """Where the MLflow UI is: the tracking server itself, or what `mlflow ui --port 5000` serves."""
+    return tracking_uri.rstrip("/") if tracking_uri and tracking_uri.startswith("http") else MLFLOW_UI
+
+
 def next_commands(parent_id: str, tracking_uri: str | None, storage: str, experiment_id: str) -> dict:
     """The exact commands a user runs next: score the winner, browse runs, browse the study."""
     uri = f" --tracking-uri {tracking_uri}" if tracking_uri else ""
+    runs = f"{ui_base(tracking_uri)}/#/experiments/{experiment_id}/runs"
     if tracking_uri and tracking_uri.startswith("http"):
-        browse = f"open {tracking_uri.rstrip('/')}/#/experiments/{experiment_id} in a browser"
+        browse = f"open {runs} in a browser"
     else:
         browse = ("mlflow ui --port 5000" + (f" --backend-store-uri {tracking_uri}" if tracking_uri else "")
-                  + f"   # then open http://127.0.0.1:5000/#/experiments/{experiment_id}")
+                  + f"   # then open {runs}")
     return {"score the best trial on the test split (once)": f"python -m src.final_test --run-id {parent_id}{uri}",
             "browse the runs": browse,
             "browse the study": f"optuna-dashboard {storage}   # pip install optuna-dashboard"}
 
 
 # -- parent artifacts ------------------------------------------------------------------------
-def log_report(tracker: Tracker, parent_id: str, study: optuna.Study, fixed: Fixed, commands: dict) -> None:
+def log_report(tracker: Tracker, parent_id: str, study: optuna.Study, fixed: Fixed, commands: dict,
+               ui: str = MLFLOW_UI) -> None:
     """Everything a user looks at on the parent run (see the module docstring)."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -104,7 +112,7 @@ def log_report(tracker: Tracker, parent_id: str, study: optuna.Study, fixed: Fix
         if files:
             tracker.log_files(parent_id, files, "study")
         exp_id = tracker.get_run(parent_id).info.experiment_id
-        markdown, page = summary(study, fixed, exp_id, commands)
+        markdown, page = summary(study, fixed, exp_id, commands, ui)
         (tmp / "summary.html").write_text(page)
         tracker.log_files(parent_id, [tmp / "summary.html"], "")
     if len(markdown) > DESCRIPTION_MAX:
@@ -179,9 +187,12 @@ def write_study_plots(study: optuna.Study, folder: Path) -> list[Path]:
 
 
 # -- the one-page summary --------------------------------------------------------------------
-def summary(study: optuna.Study, fixed: Fixed, experiment_id: str, commands: dict) -> tuple[str, str]:
-    """(Markdown, HTML) of the same page; links to the best trial's run are relative to the
-    MLflow UI (`#/experiments/<id>/runs/<run>`), so they work on any host it is served from."""
+def summary(study: optuna.Study, fixed: Fixed, experiment_id: str, commands: dict,
+            ui: str = MLFLOW_UI) -> tuple[str, str]:
+    """(Markdown, HTML) of the same page. The Markdown is the run's description, shown inside the
+    MLflow UI: its link to the best trial's run is relative (`#/experiments/<id>/runs/<run>`),
+    so it works wherever the UI is served. The HTML is an artifact, which the UI shows in a
+    sandbox that cannot navigate: its link is absolute (`ui`), for a browser tab."""
     counts = Counter(t.state.name for t in study.get_trials(deepcopy=False))
     done = _completed(study)
     best = max(done, key=lambda t: t.value) if done else None
@@ -206,7 +217,8 @@ def summary(study: optuna.Study, fixed: Fixed, experiment_id: str, commands: dic
     md += ["", "Files: `summary.html`, `study/trials.html`, `study/optuna_plots.html`, `study/*.png`, "
                "`study/best_params.json`, `dataset/`, `sweep/`."]
     body = [f"<h1>Sweep {html.escape(study.study_name)}</h1>"]
-    body.append(f"<p><b>Best trial:</b> <a href='{link[0]}' target='_top'>{html.escape(link[1])}</a></p>"
+    body.append(f"<p><b>Best trial:</b> <a href='{html.escape(ui + '/' + link[0])}' target='_blank'>"
+                f"{html.escape(link[1])}</a></p>"
                 if link else "<p><b>No trial completed yet.</b></p>")
     body += [_html_table(["", ""], [[k, v] for k, v in facts]), "<h2>Best parameters</h2>",
              _html_table(["parameter", "value"], params), "<h2>Top trials</h2>", _html_table(header, rows),

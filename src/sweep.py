@@ -28,7 +28,7 @@ from .objective import STOP, Context, Objective, stop_now
 from .scheduler import StopOnFailures, optimize
 from .pipeline import DEFAULT_MAX_BAD_FRACTION, Pipeline, initial_model
 from .recovery import LostTrials, queue_retry, recover
-from .report import log_report, next_commands, summary_table
+from .report import log_report, next_commands, summary_table, ui_base
 from .study import check_same_settings, finished, open_parent, open_study, pruning_savings, update_best
 from .tracking import Tracker
 from .train import PRECISIONS, amp_dtype
@@ -192,7 +192,7 @@ def run_sweep(args) -> SweepResult:
     finally:
         gc.unfreeze()
         update_best(ctx.tracker, ctx.parent_id, study)
-        log_report(ctx.tracker, ctx.parent_id, study, ctx.pipeline.fixed, commands(ctx, args))
+        write_report(ctx, study, args)
         ctx.tracker.finish(ctx.parent_id, status)
     result = report(study, ctx, args, interrupted)
     result.stopped_reason = failures.reason
@@ -221,6 +221,11 @@ def report(study: optuna.Study, ctx: Context, args, interrupted: bool) -> SweepR
     return SweepResult(study.study_name, ctx.parent_id, best.value if best else None,
                        best.user_attrs.get("mlflow_run_id") if best else None, best.number if best else None,
                        len(finished(study)), spent, interrupted)
+
+
+def write_report(ctx: Context, study: optuna.Study, args) -> None:
+    """The parent run's summary page, tables and plots (src/report.py), as the study is now."""
+    log_report(ctx.tracker, ctx.parent_id, study, ctx.pipeline.fixed, commands(ctx, args), ui_base(args.tracking_uri))
 
 
 def commands(ctx: Context, args) -> dict:
@@ -256,6 +261,7 @@ def launch(args, argv: list[str]) -> int:
             p.wait()
         return 130
     study = open_study(study.study_name, args.storage, ctx.pipeline.fixed.seed)
+    write_report(ctx, study, args)  # each worker wrote one when it ended; this one sees them all
     report(study, ctx, args, interrupted=False)
     codes = [128 - c if c < 0 else c for c in codes]  # killed by signal N: 128 + N, as a shell says
     return max(codes)

@@ -48,11 +48,13 @@ def test_top_trials_rank_complete_by_value_then_pruned():
 def test_next_commands_are_exact():
     local = report.next_commands("abc", None, "sqlite:///optuna.db", "3")
     assert local["score the best trial on the test split (once)"] == "python -m src.final_test --run-id abc"
-    assert local["browse the runs"].startswith("mlflow ui --port 5000   # then open http://127.0.0.1:5000/#/experiments/3")
+    assert local["browse the runs"] == "mlflow ui --port 5000   # then open http://127.0.0.1:5000/#/experiments/3/runs"
     assert local["browse the study"].startswith("optuna-dashboard sqlite:///optuna.db")
     remote = report.next_commands("abc", "http://10.0.0.2:5000", "postgresql://u@h/optuna", "3")
     assert remote["score the best trial on the test split (once)"].endswith("--tracking-uri http://10.0.0.2:5000")
-    assert remote["browse the runs"] == "open http://10.0.0.2:5000/#/experiments/3 in a browser"
+    assert remote["browse the runs"] == "open http://10.0.0.2:5000/#/experiments/3/runs in a browser"
+    _, page = report.summary(_study(), FIXED, "3", remote, report.ui_base("http://10.0.0.2:5000/"))
+    assert "href='http://10.0.0.2:5000/#/experiments/3/runs/run1'" in page
 
 
 def test_summary_links_the_best_trial_run_and_lists_params_and_commands():
@@ -62,7 +64,7 @@ def test_summary_links_the_best_trial_run_and_lists_params_and_commands():
     assert "| trials | 3 complete, 1 fail, 1 pruned |" in md
     assert "| aug_strength | light |" in md and "| head_lr | 0.01 |" in md
     assert "`python -m src.final_test --run-id PARENT`" in md
-    assert "<a href='#/experiments/7/runs/run1' target='_top'>trial 1 (run run1)</a>" in page
+    assert "<a href='http://127.0.0.1:5000/#/experiments/7/runs/run1' target='_blank'>trial 1 (run run1)</a>" in page
     assert "<code>python -m src.final_test --run-id PARENT</code>" in page
     assert page.count("<tr>") == 5 + 3 + 5 + 4  # facts, params, top trials, commands, each with a header
     empty_md, _ = report.summary(optuna.create_study(study_name="e"), FIXED, "7", COMMANDS)
