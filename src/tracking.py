@@ -11,8 +11,9 @@ Conventions (kept stable; the README lists them too):
                epoch; phase1/epochs phase1/best_valid_acc phase2/... at the end of each phase;
                test/acc test/loss test/macro_f1 from final_test
   artifacts    checkpoints/phase{1,2}_best.pt, confusion/valid_phase{1,2}.{png,csv},
-               confusion/test.{png,csv}, report/test_per_class.csv; parent: sweep/<file>,
-               dataset/summary.json, dataset/split.json, study/*.png, study/trials.{csv,html}
+               figures/* (src/figures.py), confusion/test.{png,csv}, report/test_per_class.csv;
+               parent: sweep/<file>, dataset/summary.json, dataset/split.json, summary.html,
+               study/* (src/report.py)
 """
 from __future__ import annotations
 
