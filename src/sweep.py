@@ -24,7 +24,7 @@ import torch
 from . import data as D
 from . import model as M
 from .config import Fixed, UserError, load_sweep, resolve_fixed
-from .objective import STOP, Context, Objective, stop_now
+from .objective import STOP, Context, Objective, stop_now, writing
 from .scheduler import StopOnFailures, optimize
 from .pipeline import DEFAULT_MAX_BAD_FRACTION, Pipeline, initial_model
 from .recovery import LostTrials, queue_retry, recover
@@ -191,9 +191,10 @@ def run_sweep(args) -> SweepResult:
         raise
     finally:
         gc.unfreeze()
-        update_best(ctx.tracker, ctx.parent_id, study)
-        write_report(ctx, study, args)
-        ctx.tracker.finish(ctx.parent_id, status)
+        with writing():  # a first Ctrl-C here only sets STOP: the parent is still closed
+            update_best(ctx.tracker, ctx.parent_id, study)
+            write_report(ctx, study, args)
+            ctx.tracker.finish(ctx.parent_id, status)
     result = report(study, ctx, args, interrupted)
     result.stopped_reason = failures.reason
     return result
@@ -224,8 +225,15 @@ def report(study: optuna.Study, ctx: Context, args, interrupted: bool) -> SweepR
 
 
 def write_report(ctx: Context, study: optuna.Study, args) -> None:
-    """The parent run's summary page, tables and plots (src/report.py), as the study is now."""
-    log_report(ctx.tracker, ctx.parent_id, study, ctx.pipeline.fixed, commands(ctx, args), ui_base(args.tracking_uri))
+    """The parent run's summary page, tables and plots (src/report.py), as the study is now. They
+    are derived from the study, so a failure here is a warning, never the sweep's outcome: the
+    next run of the same command writes them again."""
+    try:
+        log_report(ctx.tracker, ctx.parent_id, study, ctx.pipeline.fixed, commands(ctx, args),
+                   ui_base(args.tracking_uri))
+    except Exception as exc:  # plotting or artifact-store trouble
+        log.warning("could not write the sweep's report on parent run %s (%s: %s); the trials are "
+                    "unaffected, and re-running the same command writes it", ctx.parent_id, type(exc).__name__, exc)
 
 
 def commands(ctx: Context, args) -> dict:

@@ -311,3 +311,22 @@ def test_progress_bars_in_a_terminal(in_tmp, flat_folder):
     assert any(b.startswith("trials: 100%|") and "2/2" in b for b in bars), bars
     assert any(b.startswith("trial 0:") and "/4 [" in b for b in bars), bars  # epochs of trial 0: 2 + 2
     assert any(b.startswith("trial 1:") for b in bars), bars
+
+
+def test_a_report_that_cannot_be_written_is_a_warning_not_the_outcome(in_tmp, flat_folder, monkeypatch, caplog):
+    from src import report
+
+    def broken(study, folder):
+        raise RuntimeError("plotting broke")
+
+    working = report.write_study_plots
+    monkeypatch.setattr(report, "write_study_plots", broken)
+    assert sweep.main(_args(in_tmp, flat_folder, 1)) == 0
+    assert "could not write the sweep's report" in caplog.text and "plotting broke" in caplog.text
+    client = MlflowClient(f"sqlite:///{in_tmp}/mlflow.db")
+    [parent] = client.search_runs([client.get_experiment_by_name("default").experiment_id],
+                                  "tags.`tlsweep.role` = 'parent'")
+    assert parent.info.status == "FINISHED"
+    monkeypatch.setattr(report, "write_study_plots", working)
+    assert sweep.main(_args(in_tmp, flat_folder, 1)) == 0  # the same command again: the report is written
+    assert "optuna_plots.html" in _artifacts(client, parent.info.run_id, "study")
