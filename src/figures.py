@@ -15,12 +15,14 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only; never needs a display
+matplotlib.rcParams["text.parse_math"] = False  # a class named "cost_$_a_$" is text, not TeX
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support  # noqa: E402
 
 DPI = 100
 VALUES_UP_TO = 30  # classes up to which each heatmap cell shows its value; beyond, colour only
+NAMES_UP_TO = 200  # classes up to which every name is written on the axes; beyond, the size is capped
 
 
 def save(fig, path: Path) -> Path:
@@ -53,15 +55,16 @@ def confusion_figure(cm: np.ndarray, classes, title: str):
     confusion is visible beside a 95% diagonal; cells show values up to VALUES_UP_TO classes."""
     n = len(classes)
     norm = normalize_rows(cm)
-    side = max(5.0, 0.22 * n + 3)
+    side = max(5.0, 0.22 * min(n, NAMES_UP_TO) + 3)  # beyond NAMES_UP_TO: 47 inches, names left out
     fig, ax = plt.subplots(figsize=(side + 1, side), layout="constrained")
     image = ax.imshow(norm, cmap="Blues", norm=matplotlib.colors.PowerNorm(0.5, vmin=0, vmax=1),
                       interpolation="nearest")
     fig.colorbar(image, ax=ax, shrink=0.6, label="fraction of the true class")
     font = _class_font(n)
-    ax.set_xticks(range(n), labels=list(classes), rotation=90, fontsize=font)
-    ax.set_yticks(range(n), labels=list(classes), fontsize=font)
-    ax.set_xlabel("predicted class")
+    if n <= NAMES_UP_TO:
+        ax.set_xticks(range(n), labels=list(classes), rotation=90, fontsize=font)
+        ax.set_yticks(range(n), labels=list(classes), fontsize=font)
+    ax.set_xlabel("predicted class" + ("" if n <= NAMES_UP_TO else " (index; names in the CSV)"))
     ax.set_ylabel("true class")
     ax.set_title(f"{title}\nrows normalized to 1 (recall on the diagonal); {int(cm.sum())} images")
     if n <= VALUES_UP_TO:
@@ -107,15 +110,17 @@ METRICS = ("precision", "recall", "f1")
 
 def per_class_figure(rows: list[dict], title: str):
     """Horizontal bars of precision, recall and F1 per class, worst F1 at the top (where a
-    reader starts), support in the label."""
-    rows = sorted(rows, key=lambda r: (r["f1"], r["class"]), reverse=True)  # barh draws bottom-up
+    reader starts), support in the label; classes with no images in the split go to the
+    bottom (they have no score, not a bad one)."""
+    # barh draws bottom-up: the first row is the bottom bar.
+    rows = sorted(rows, key=lambda r: (r["support"] > 0, -r["f1"], r["class"]))
     n = len(rows)
     fig, ax = plt.subplots(figsize=(9, max(3.0, 0.3 * n + 1.5)), layout="constrained")
     height = 0.8 / len(METRICS)
     for k, metric in enumerate(METRICS):
         ax.barh(np.arange(n) + (k - 1) * height, [r[metric] for r in rows], height=height, label=metric)
-    ax.set_yticks(range(n), labels=[f"{r['class']} (n={r['support']})" for r in rows],
-                  fontsize=_class_font(n))
+    ax.set_yticks(range(n), labels=[f"{r['class']} (n={r['support']})" if r["support"] else
+                                    f"{r['class']} (no images)" for r in rows], fontsize=_class_font(n))
     ax.set_ylim(-0.6, n - 0.4)
     ax.set_xlim(0, 1)
     ax.set_xlabel("score")

@@ -16,6 +16,7 @@ says a trial finished that Optuna does not know of.
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import tempfile
 import threading
@@ -37,6 +38,7 @@ from .tracking import Tracker
 from .train import fit_two_phase
 
 
+log = logging.getLogger("tlsweep")
 MISTAKES_SHOWN = 16  # most confidently misclassified validation images drawn per trial (4 x 4)
 STOP = threading.Event()  # set by the sweep's Ctrl-C/SIGTERM handler
 # Progress bars: tqdm's own choice (off when not a terminal), always off in a --workers child.
@@ -262,7 +264,7 @@ class Objective:
                 with writing():
                     self.log_phase(run_id, cfg, result, trained_model)
                     if result.phase == 2:
-                        self.log_figures(run_id, cfg, result, history, trial.number)
+                        self.try_figures(run_id, cfg, result, history, trial.number)
                 raise_if_stopped()
 
             _, phase2 = fit_two_phase(
@@ -289,6 +291,15 @@ class Objective:
             files = figures.write_confusion(cm, cfg.classes, Path(tmp) / f"valid_phase{p}",
                                             f"validation, phase {p} best (epoch {result.best_epoch})")
             tracker.log_files(run_id, files, "confusion")
+
+    def try_figures(self, run_id: str, cfg: TrialConfig, result, history: list, number: int) -> None:
+        """The figures are for reading, the trial's result stands without them: a failure to draw
+        them is a warning and a tag on the run, never a failed trial."""
+        try:
+            self.log_figures(run_id, cfg, result, history, number)
+        except Exception as exc:  # noqa: BLE001 - matplotlib and artifact stores fail in many ways
+            log.warning("trial %d: figures not written (%s: %s)", number, type(exc).__name__, exc)
+            self.ctx.tracker.set_tags(run_id, {"figures.error": f"{type(exc).__name__}: {exc}"[:500]})
 
     def log_figures(self, run_id: str, cfg: TrialConfig, result, history: list, number: int) -> None:
         """What a user looks at on a trial that finished phase 2 (see src/figures.py): per-class

@@ -99,12 +99,17 @@ def next_commands(parent_id: str, tracking_uri: str | None, storage: str, experi
                   + f"   # then open {runs}")
     return {"score the best trial on the test split (once)": f"python -m src.final_test --run-id {parent_id}{uri}",
             "browse the runs": browse,
-            "browse the study": f"optuna-dashboard {storage}   # pip install optuna-dashboard"}
+            "browse the study": f"optuna-dashboard {dashboard_storage(storage)}   # pip install optuna-dashboard"}
+
+
+def dashboard_storage(storage: str) -> str:
+    """What optuna-dashboard takes: an RDB URL as is; a journal file by its path."""
+    return storage.removeprefix("journal://") if storage.startswith("journal://") else storage
 
 
 # -- parent artifacts ------------------------------------------------------------------------
-def log_report(tracker: Tracker, parent_id: str, study: optuna.Study, fixed: Fixed, commands: dict,
-               ui: str = MLFLOW_UI) -> None:
+def log_report(tracker: Tracker, parent_id: str, study: optuna.Study, fixed: Fixed, weights: str,
+               commands: dict, ui: str = MLFLOW_UI) -> None:
     """Everything a user looks at on the parent run (see the module docstring)."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -112,7 +117,7 @@ def log_report(tracker: Tracker, parent_id: str, study: optuna.Study, fixed: Fix
         if files:
             tracker.log_files(parent_id, files, "study")
         exp_id = tracker.get_run(parent_id).info.experiment_id
-        markdown, page = summary(study, fixed, exp_id, commands, ui)
+        markdown, page = summary(study, fixed, exp_id, commands, ui, weights)
         (tmp / "summary.html").write_text(page)
         tracker.log_files(parent_id, [tmp / "summary.html"], "")
     if len(markdown) > DESCRIPTION_MAX:
@@ -153,8 +158,8 @@ def _plot_args(importance: bool) -> dict:
 
 def write_study_plots(study: optuna.Study, folder: Path) -> list[Path]:
     """Optuna's plots: interactive in one self-contained HTML page (plotly.js embedded once, so
-    it works offline and in the MLflow UI), and each as a PNG. A plot Optuna cannot draw yet
-    (importances need two complete trials) is left out, with a note on the page."""
+    it works offline and in the MLflow UI), and each as a PNG. A plot Optuna cannot draw (e.g.
+    importances when every trial scored the same) is left out, with a note on the page."""
     import matplotlib.pyplot as plt
     import optuna.visualization as plotly_vis
     from optuna.visualization import matplotlib as mpl_vis
@@ -166,7 +171,7 @@ def write_study_plots(study: optuna.Study, folder: Path) -> list[Path]:
             try:
                 fig = getattr(plotly_vis, f"plot_{name}")(study, **_plot_args(importance))
                 ax = getattr(mpl_vis, f"plot_{name}")(study, **_plot_args(importance))
-            except (ValueError, RuntimeError, ZeroDivisionError) as exc:
+            except Exception as exc:  # noqa: BLE001 - one plot must not cost the rest of the report
                 sections.append(f"<h2>{html.escape(title)}</h2><p>not drawn: {html.escape(str(exc))}</p>")
                 log.info("skipped study plot %s: %s", name, exc)
                 continue
@@ -188,7 +193,7 @@ def write_study_plots(study: optuna.Study, folder: Path) -> list[Path]:
 
 # -- the one-page summary --------------------------------------------------------------------
 def summary(study: optuna.Study, fixed: Fixed, experiment_id: str, commands: dict,
-            ui: str = MLFLOW_UI) -> tuple[str, str]:
+            ui: str = MLFLOW_UI, weights: str | None = None) -> tuple[str, str]:
     """(Markdown, HTML) of the same page. The Markdown is the run's description, shown inside the
     MLflow UI: its link to the best trial's run is relative (`#/experiments/<id>/runs/<run>`),
     so it works wherever the UI is served. The HTML is an artifact, which the UI shows in a
@@ -196,8 +201,10 @@ def summary(study: optuna.Study, fixed: Fixed, experiment_id: str, commands: dic
     counts = Counter(t.state.name for t in study.get_trials(deepcopy=False))
     done = _completed(study)
     best = max(done, key=lambda t: t.value) if done else None
+    weights = weights or fixed.weights  # the effective ones: the demo falls back to random init
+    used = weights if weights == fixed.weights else f"{weights} (asked for {fixed.weights}: unavailable)"
     facts = [("trials", ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())) or "none"),
-             ("model", f"{fixed.backbone}, weights {fixed.weights}, {fixed.image_size} px, batch {fixed.batch_size}"),
+             ("model", f"{fixed.backbone}, weights {used}, {fixed.image_size} px, batch {fixed.batch_size}"),
              ("epochs per phase", f"up to {fixed.max_epochs_phase1} + {fixed.max_epochs_phase2}")]
     link = None
     if best is not None:
@@ -218,7 +225,8 @@ def summary(study: optuna.Study, fixed: Fixed, experiment_id: str, commands: dic
                "`study/best_params.json`, `dataset/`, `sweep/`."]
     body = [f"<h1>Sweep {html.escape(study.study_name)}</h1>"]
     body.append(f"<p><b>Best trial:</b> <a href='{html.escape(ui + '/' + link[0])}' target='_blank'>"
-                f"{html.escape(link[1])}</a></p>"
+                f"{html.escape(link[1])}</a> (a link for a browser tab; inside the MLflow UI, use the "
+                f"same link on this run's Overview)</p>"
                 if link else "<p><b>No trial completed yet.</b></p>")
     body += [_html_table(["", ""], [[k, v] for k, v in facts]), "<h2>Best parameters</h2>",
              _html_table(["parameter", "value"], params), "<h2>Top trials</h2>", _html_table(header, rows),

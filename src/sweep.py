@@ -191,10 +191,12 @@ def run_sweep(args) -> SweepResult:
         raise
     finally:
         gc.unfreeze()
-        with writing():  # a first Ctrl-C here only sets STOP: the parent is still closed
-            update_best(ctx.tracker, ctx.parent_id, study)
-            write_report(ctx, study, args)
-            ctx.tracker.finish(ctx.parent_id, status)
+        with writing():  # a first Ctrl-C here only sets STOP; a second cuts the report, not the close
+            try:
+                update_best(ctx.tracker, ctx.parent_id, study)
+                write_report(ctx, study, args)
+            finally:
+                ctx.tracker.finish(ctx.parent_id, status)
     result = report(study, ctx, args, interrupted)
     result.stopped_reason = failures.reason
     return result
@@ -215,7 +217,10 @@ def report(study: optuna.Study, ctx: Context, args, interrupted: bool) -> SweepR
     if best is not None:
         print(f"\nbest: trial {best.number}, valid_acc {best.value:.4f} (run {best.user_attrs.get('mlflow_run_id')}). "
               f"Next:")
-        for what, cmd in commands(ctx, args).items():
+    else:
+        print("\nno trial completed yet (see optuna.fail_reason on the trial runs). Next:")
+    for what, cmd in commands(ctx, args).items():
+        if best is not None or "final_test" not in cmd:
             print(f"  # {what}\n  {cmd}")
     ctx.tracker.log_metrics(ctx.parent_id, {"sweep/epochs_spent": spent,
                                             "sweep/epochs_saved_by_pruning_max": pruned_max})
@@ -229,8 +234,8 @@ def write_report(ctx: Context, study: optuna.Study, args) -> None:
     are derived from the study, so a failure here is a warning, never the sweep's outcome: the
     next run of the same command writes them again."""
     try:
-        log_report(ctx.tracker, ctx.parent_id, study, ctx.pipeline.fixed, commands(ctx, args),
-                   ui_base(args.tracking_uri))
+        log_report(ctx.tracker, ctx.parent_id, study, ctx.pipeline.fixed, ctx.pipeline.weights,
+                   commands(ctx, args), ui_base(args.tracking_uri))
     except Exception as exc:  # plotting or artifact-store trouble
         log.warning("could not write the sweep's report on parent run %s (%s: %s); the trials are "
                     "unaffected, and re-running the same command writes it", ctx.parent_id, type(exc).__name__, exc)

@@ -83,6 +83,9 @@ class _WorstMistakes:
     def add(self, images, labels, logits) -> None:
         conf, preds = logits.softmax(1).max(1)
         conf = torch.where(preds != labels, conf, torch.full_like(conf, -1.0))  # right ones never win
+        if len(conf) > self.keep:  # only this batch's own best candidates are copied
+            top = conf.topk(self.keep).indices
+            images, labels, conf, preds = images[top], labels[top], conf[top], preds[top]
         if self.images is not None:
             images, conf = torch.cat([self.images, images]), torch.cat([self.conf, conf])
             labels, preds = torch.cat([self.targets, labels]), torch.cat([self.preds, preds])

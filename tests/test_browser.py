@@ -141,6 +141,12 @@ def test_the_mlflow_ui_lists_the_sweep_and_shows_the_best_trials_figures(finishe
     expect(plots).to_have_count(drawn)
     expect(plots.first.locator("svg.main-svg").first).to_be_visible()
     page.screenshot(path=shots / "optuna_plots.png")
+
+    # The one-page summary artifact renders, naming the best trial.
+    page.get_by_text("summary.html", exact=True).click()
+    summary = page.frame_locator("iframe").first
+    expect(summary.get_by_role("link", name=f"trial {result.best_trial_number} (run {result.best_run_id})")).to_be_visible()
+    expect(summary.get_by_role("heading", name="Top trials")).to_be_visible()
     for name in ("runs", "parent", "best_trial_confusion", "optuna_plots"):
         with Image.open(shots / f"{name}.png") as shot:
             assert shot.size[0] == 1400

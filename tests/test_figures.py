@@ -63,6 +63,22 @@ def test_a_100_class_confusion_keeps_every_name_readable():
     assert not ax.texts  # no per-cell numbers at this size: colour only
 
 
+def test_beyond_200_classes_the_heatmap_stops_growing_and_names_go_to_the_csv():
+    cm = np.diag(np.full(300, 2))
+    fig = F.confusion_figure(cm, [f"c{i}" for i in range(300)], "valid")
+    assert fig.get_size_inches()[1] == pytest.approx(0.22 * F.NAMES_UP_TO + 3)
+    assert "names in the CSV" in fig.axes[0].get_xlabel()
+    assert "c0" not in _ticks(fig.axes[0].get_xticklabels())
+
+
+def test_class_names_are_text_not_tex(tmp_path):
+    names = ["cost_$_a_$^", "50%", "a\\b"]
+    cm = np.eye(3, dtype=int)
+    F.write_confusion(cm, names, tmp_path / "cm", "valid")  # mathtext would raise on the first
+    F.save(F.per_class_figure(F.per_class_report([0, 1, 2], [0, 1, 2], names), "valid"), tmp_path / "pc.png")
+    assert _ticks(F.confusion_figure(cm, names, "v").axes[0].get_xticklabels()) == names
+
+
 def test_per_class_bars_show_precision_recall_f1_worst_first(tmp_path):
     rows = F.per_class_report(TARGETS, PREDS, CLASSES)
     by = {r["class"]: r for r in rows}
@@ -74,7 +90,8 @@ def test_per_class_bars_show_precision_recall_f1_worst_first(tmp_path):
     ax = fig.axes[0]
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["precision", "recall", "f1"]
     labels = _ticks(ax.get_yticklabels())
-    assert labels[-1] == "dog (n=0)" and labels[-2] == "bee (n=2)"  # bars go bottom-up: worst on top
+    # Bars go bottom-up: worst F1 on top, a class without images at the bottom (no score, not a bad one).
+    assert labels == ["dog (no images)", "ant (n=3)", "cat (n=1)", "bee (n=2)"]
     order = [label.split(" ")[0] for label in labels]
     widths = {m: [bar.get_width() for bar in c] for m, c in zip(F.METRICS, ax.containers)}
     for metric in F.METRICS:
@@ -129,6 +146,8 @@ def test_evaluation_keeps_the_most_confidently_wrong_images_across_batches():
     assert m.targets == labels[expected].tolist() and m.preds == logits[expected].argmax(1).tolist()
     assert m.confidences == pytest.approx(conf[expected].tolist())
     assert m.images[:, 1, 0, 0].tolist() == expected  # the images themselves came along
+    one = evaluate(_LogitsInPixels(), loader, torch.device("cpu"), keep_mistakes=1).mistakes  # < a batch
+    assert one.targets == [labels[1].item()] and one.images[:, 1, 0, 0].tolist() == [1]
     everything = evaluate(_LogitsInPixels(), loader, torch.device("cpu"), keep_mistakes=16).mistakes
     assert len(everything) == 5  # only the wrong ones, however many were asked for
     assert evaluate(_LogitsInPixels(), loader, torch.device("cpu")).mistakes is None

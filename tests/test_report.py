@@ -50,6 +50,8 @@ def test_next_commands_are_exact():
     assert local["score the best trial on the test split (once)"] == "python -m src.final_test --run-id abc"
     assert local["browse the runs"] == "mlflow ui --port 5000   # then open http://127.0.0.1:5000/#/experiments/3/runs"
     assert local["browse the study"].startswith("optuna-dashboard sqlite:///optuna.db")
+    journal = report.next_commands("abc", None, "journal:///data/sweep.log", "3")
+    assert journal["browse the study"].startswith("optuna-dashboard /data/sweep.log ")  # its file path
     remote = report.next_commands("abc", "http://10.0.0.2:5000", "postgresql://u@h/optuna", "3")
     assert remote["score the best trial on the test split (once)"].endswith("--tracking-uri http://10.0.0.2:5000")
     assert remote["browse the runs"] == "open http://10.0.0.2:5000/#/experiments/3/runs in a browser"
@@ -67,6 +69,8 @@ def test_summary_links_the_best_trial_run_and_lists_params_and_commands():
     assert "<a href='http://127.0.0.1:5000/#/experiments/7/runs/run1' target='_blank'>trial 1 (run run1)</a>" in page
     assert "<code>python -m src.final_test --run-id PARENT</code>" in page
     assert page.count("<tr>") == 5 + 3 + 5 + 4  # facts, params, top trials, commands, each with a header
+    fell_back, _ = report.summary(_study(), FIXED, "7", COMMANDS, weights="none")
+    assert "resnet18, weights none (asked for imagenet: unavailable), 64 px" in fell_back
     empty_md, _ = report.summary(optuna.create_study(study_name="e"), FIXED, "7", COMMANDS)
     assert "No trial completed yet" in empty_md
 
