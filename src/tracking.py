@@ -86,8 +86,10 @@ class Tracker:
         """Without this tag MLflow 3's UI may open the experiment on its GenAI/traces page."""
         try:
             self.client.set_experiment_tag(exp_id, EXPERIMENT_KIND, "custom_model_development")
-        except MlflowException as exc:  # another worker set it in the same instant
-            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+        except MlflowException:
+            # Another worker set it in the same instant (a server reports that insert race as
+            # BAD_REQUEST, not RESOURCE_ALREADY_EXISTS): fine if the tag is there now.
+            if EXPERIMENT_KIND not in self.client.get_experiment(exp_id).tags:
                 raise
         return exp_id
 

@@ -159,7 +159,7 @@ def test_workers_starting_together_share_one_experiment(servers):
     from src.tracking import EXPERIMENT_KIND, Tracker
 
     tracker = Tracker(servers["tracking_uri"])
-    for attempt in range(5):  # each attempt is a fresh name, so a fresh race
+    for attempt in range(10):  # each attempt is a fresh name, so a fresh race
         name, found = f"race-{attempt}", []
         assert _race(8, lambda: found.append(tracker.experiment_id(name))) == []
         assert len(set(found)) == 1 and len(found) == 8

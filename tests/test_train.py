@@ -205,7 +205,7 @@ def test_best_epoch_in_the_middle_is_restored(loaders, monkeypatch):
     train, valid = loaders
     accs = iter([0.5, 0.4, 0.8, 0.8, 0.6, 0.9, 0.95])
 
-    def scripted(model, loader, device, amp=None):
+    def scripted(model, loader, device, amp=None, keep_mistakes=0):
         acc = next(accs)
         return Evaluation(loss=1 - acc, acc=acc, preds=[int(acc * 100)], targets=[0])
 
