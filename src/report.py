@@ -36,6 +36,7 @@ PLOTS = {
     "slice": ("Slice plots: the objective against each parameter", False),
     "timeline": ("Timeline of the trials (per state; workers overlap)", False),
 }
+SCORE = "score the best trial on the test split (once)"  # the key of that command in next_commands
 MLFLOW_UI = "http://127.0.0.1:5000"  # `mlflow ui --port 5000`
 DESCRIPTION_MAX = 7500  # MLflow keeps tag values up to 8000 characters
 
@@ -97,7 +98,7 @@ def next_commands(parent_id: str, tracking_uri: str | None, storage: str, experi
     else:
         browse = ("mlflow ui --port 5000" + (f" --backend-store-uri {tracking_uri}" if tracking_uri else "")
                   + f"   # then open {runs}")
-    return {"score the best trial on the test split (once)": f"python -m src.final_test --run-id {parent_id}{uri}",
+    return {SCORE: f"python -m src.final_test --run-id {parent_id}{uri}",
             "browse the runs": browse,
             "browse the study": f"optuna-dashboard {dashboard_storage(storage)}   # pip install optuna-dashboard"}
 

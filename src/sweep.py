@@ -28,7 +28,7 @@ from .objective import STOP, Context, Objective, stop_now, writing
 from .scheduler import StopOnFailures, optimize
 from .pipeline import DEFAULT_MAX_BAD_FRACTION, Pipeline, initial_model
 from .recovery import LostTrials, queue_retry, recover
-from .report import log_report, next_commands, summary_table, ui_base
+from .report import SCORE, log_report, next_commands, summary_table, ui_base
 from .study import check_same_settings, finished, open_parent, open_study, pruning_savings, update_best
 from .tracking import Tracker
 from .train import PRECISIONS, amp_dtype
@@ -220,7 +220,7 @@ def report(study: optuna.Study, ctx: Context, args, interrupted: bool) -> SweepR
     else:
         print("\nno trial completed yet (see optuna.fail_reason on the trial runs). Next:")
     for what, cmd in commands(ctx, args).items():
-        if best is not None or "final_test" not in cmd:
+        if best is not None or what != SCORE:  # nothing to score yet
             print(f"  # {what}\n  {cmd}")
     ctx.tracker.log_metrics(ctx.parent_id, {"sweep/epochs_spent": spent,
                                             "sweep/epochs_saved_by_pruning_max": pruned_max})
