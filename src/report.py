@@ -45,6 +45,11 @@ def _completed(study: optuna.Study) -> list:
     return [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
 
 
+def _best(study: optuna.Study):
+    """The best complete trial, or None (Optuna's `best_trial` raises when there is none)."""
+    return max(_completed(study), key=lambda t: t.value, default=None)
+
+
 def top_trials(study: optuna.Study, top: int = 5) -> list:
     """Complete trials by value (best first), then, if fewer than `top`, pruned ones by the last
     accuracy they reported (a pruned trial's value is a mid-training one, so it ranks below)."""
@@ -142,19 +147,27 @@ def write_trials_table(study: optuna.Study, folder: Path) -> list[Path]:
 
 
 def write_best_params(study: optuna.Study, folder: Path) -> list[Path]:
-    done = _completed(study)
-    if not done:
+    best = _best(study)
+    if best is None:
         return []
-    best = max(done, key=lambda t: t.value)
     path = folder / "best_params.json"
     path.write_text(json.dumps({"trial_number": best.number, "valid_acc": best.value, "params": best.params,
                                 "mlflow_run_id": best.user_attrs.get("mlflow_run_id")}, indent=2))
     return [path]
 
 
-def _plot_args(importance: bool) -> dict:
-    # A seeded evaluator: the same study gives the same importances, in both flavours.
-    return {"evaluator": optuna.importance.FanovaImportanceEvaluator(seed=0)} if importance else {}
+class _ImportancesOnce(optuna.importance.BaseImportanceEvaluator):
+    """fANOVA, seeded (the same study gives the same importances), computed once for both the
+    plotly and the matplotlib plot of a report."""
+
+    def __init__(self):
+        self._fanova, self._found = optuna.importance.FanovaImportanceEvaluator(seed=0), {}
+
+    def evaluate(self, study, params=None, *, target=None):
+        key = (tuple(params) if params is not None else None, target)
+        if key not in self._found:
+            self._found[key] = self._fanova.evaluate(study, params=params, target=target)
+        return self._found[key]
 
 
 def write_study_plots(study: optuna.Study, folder: Path) -> list[Path]:
@@ -166,12 +179,14 @@ def write_study_plots(study: optuna.Study, folder: Path) -> list[Path]:
     from optuna.visualization import matplotlib as mpl_vis
 
     sections, files, first = [], [], True
+    importances = {"evaluator": _ImportancesOnce()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # both flavours warn of experimental arguments
         for name, (title, importance) in PLOTS.items():
             try:
-                fig = getattr(plotly_vis, f"plot_{name}")(study, **_plot_args(importance))
-                ax = getattr(mpl_vis, f"plot_{name}")(study, **_plot_args(importance))
+                args = importances if importance else {}
+                fig = getattr(plotly_vis, f"plot_{name}")(study, **args)
+                ax = getattr(mpl_vis, f"plot_{name}")(study, **args)
             except Exception as exc:  # noqa: BLE001 - one plot must not cost the rest of the report
                 sections.append(f"<h2>{html.escape(title)}</h2><p>not drawn: {html.escape(str(exc))}</p>")
                 log.info("skipped study plot %s: %s", name, exc)
@@ -200,8 +215,7 @@ def summary(study: optuna.Study, fixed: Fixed, experiment_id: str, commands: dic
     so it works wherever the UI is served. The HTML is an artifact, which the UI shows in a
     sandbox that cannot navigate: its link is absolute (`ui`), for a browser tab."""
     counts = Counter(t.state.name for t in study.get_trials(deepcopy=False))
-    done = _completed(study)
-    best = max(done, key=lambda t: t.value) if done else None
+    best = _best(study)
     weights = weights or fixed.weights  # the effective ones: the demo falls back to random init
     used = weights if weights == fixed.weights else f"{weights} (asked for {fixed.weights}: unavailable)"
     facts = [("trials", ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())) or "none"),
