@@ -15,19 +15,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import UserError
+
 SEARCHED = ("head_lr", "backbone_lr_ratio", "patience", "aug_strength")
 
-
-class UserError(Exception):
-    """A mistake the user can fix; the CLIs print it without a traceback. Raised inside a trial,
-    it stops the sweep: every other trial would meet it too."""
-
-
-class TrialFault(Exception):
-    """Something that ends one trial but not the sweep (diverged loss, out of memory, too many
-    unreadable images); `kind` is recorded on the trial as `tlsweep.fail_kind`."""
-
-    kind = "error"
+# Augmentation levels, weakest to strongest (built by `data.build_transform`). Every level starts
+# from the image resized (shorter side S = size / 0.875) and center-cropped to S x S, and ends at
+# size x size; "none" is exactly the evaluation transform; "seed" is the seed recipe's flip +
+# RandomCrop(pad 8).
+AUG_LEVELS = {
+    "none":   "center crop (the evaluation transform)",
+    "light":  "RandomResizedCrop(scale 0.6-1) + horizontal flip",
+    "seed":   "center crop, horizontal flip + RandomCrop(pad 8)",
+    "medium": "RandomResizedCrop(scale 0.35-1) + flip + ColorJitter(0.2, 0.2, 0.2)",
+    "strong": "RandomResizedCrop(scale 0.2-1) + flip + TrivialAugmentWide",
+}
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,14 @@ class TrialConfig:
     seed: int                           # this trial's seed (derived from study seed + trial number)
     classes: tuple[str, ...] = field(default_factory=tuple)
 
+    @classmethod
+    def build(cls, fixed: Fixed, sampled: dict[str, Any], *, weights: str, seed: int,
+              classes) -> "TrialConfig":
+        """The sweep's fixed settings, then the effective weights, the trial's own seed and the
+        sampled values: every field of `Fixed` is a field here, so none is copied by hand."""
+        return cls(**{**dataclasses.asdict(fixed), "weights": weights, "seed": seed,
+                      "classes": tuple(classes), **sampled})
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["classes"] = list(self.classes)
@@ -85,6 +95,39 @@ class TrialConfig:
     def from_dict(cls, d: dict) -> "TrialConfig":
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: (tuple(v) if k == "classes" else v) for k, v in d.items() if k in known})
+
+
+@dataclass(frozen=True)
+class SweepOptions:
+    """What `python -m src.sweep` was asked for: its flags, parsed and checked once (the flags'
+    help says what each means); the fixed-setting flags are None where not given."""
+    trials: int
+    timeout: float | None
+    data: Path | None
+    sweep: Path
+    backbone: str | None
+    weights: str | None
+    image_size: int | None
+    batch_size: int | None
+    max_epochs: int | None
+    seed: int | None
+    study_name: str | None
+    storage: str
+    experiment: str | None
+    tracking_uri: str | None
+    device: str
+    precision: str
+    workers: int
+    loader_workers: int | None
+    max_bad_fraction: float
+    no_prune: bool
+    no_cache: bool
+
+    def fixed_overrides(self) -> dict[str, Any]:
+        """The flags that override [fixed] (`resolve_fixed`): --max-epochs sets both phases."""
+        return {"backbone": self.backbone, "weights": self.weights, "image_size": self.image_size,
+                "batch_size": self.batch_size, "max_epochs_phase1": self.max_epochs,
+                "max_epochs_phase2": self.max_epochs, "seed": self.seed}
 
 
 def _check_keys(table: dict, allowed: set[str], where: str, path: Path) -> None:
@@ -130,8 +173,6 @@ def _param_spec(name: str, raw: Any, path: Path) -> ParamSpec:
 
 def _check_values(spec: ParamSpec, path: Path) -> None:
     """Each sampled parameter's values must make sense, checked before any trial runs."""
-    from .data import AUG_LEVELS  # data imports this module; import at call time
-
     values = list(spec.choices) if spec.choices is not None else [spec.low, spec.high]
     where = f"{path}: [search] {spec.name}"
     if spec.name == "aug_strength":

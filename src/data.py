@@ -3,7 +3,6 @@ Splits (finding, sealing, fingerprinting them) live in `src/splits.py`, re-expor
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,24 +11,14 @@ import torch
 from PIL import Image, ImageFile
 from torchvision.transforms import v2 as T
 
-from .config import TrialFault, UserError
+from .config import AUG_LEVELS
+from .errors import UnreadableImages, UserError
+from .files import remove_dead_temps, write_atomic
 from .splits import (IMAGE_EXTS, SPLIT_FILE, SPLITS, DataError, Splits, cache_dir,  # noqa: F401
-                     content_key, find_splits, fingerprint, write_json_atomic)
+                     content_key, find_splits, fingerprint)
 
 DECODE_VERSION = 1  # bump when load_rgb's output changes: decoded-image caches depend on it
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never silently gray
-
-# Augmentation levels, weakest to strongest. Every level starts from the image resized (shorter
-# side S = size / 0.875) and center-cropped to S x S, and ends at size x size; "none" is exactly
-# the evaluation transform; "seed" is the seed recipe's flip + RandomCrop(pad 8).
-AUG_LEVELS = {
-    "none":   "center crop (the evaluation transform)",
-    "light":  "RandomResizedCrop(scale 0.6-1) + horizontal flip",
-    "seed":   "center crop, horizontal flip + RandomCrop(pad 8)",
-    "medium": "RandomResizedCrop(scale 0.35-1) + flip + ColorJitter(0.2, 0.2, 0.2)",
-    "strong": "RandomResizedCrop(scale 0.2-1) + flip + TrivialAugmentWide",
-}
-
 
 def load_rgb(path: Path) -> Image.Image:
     """Decode any image as 3-channel RGB: grayscale, 16-bit, palette and alpha included."""
@@ -135,10 +124,6 @@ def collate_skipping(items):
     return (torch.utils.data.default_collate(good) if good else None), bad
 
 
-class UnreadableImages(TrialFault):
-    kind = "bad_images"
-
-
 class BadImageLog:
     """Unreadable images met in one split: skipped, counted and named; more than `max_fraction`
     of the split is a fault (of the trial, or of the sweep when found while decoding once)."""
@@ -213,25 +198,20 @@ def demo_data_dir() -> Path:
     target = cache_dir() / "demo-digits"
     if (target / "9").is_dir():
         return target
-    import shutil
-
     from sklearn.datasets import load_digits
 
-    from .recovery import process_alive
-
-    for stale in target.parent.glob(".demo-digits.*.tmp"):  # a writer killed mid-way left it
-        pid = stale.name.split(".")[2]
-        if pid.isdigit() and not process_alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
+    remove_dead_temps(target.parent, target.name)  # a writer killed mid-way left it
     digits = load_digits()
-    tmp = target.with_name(f".demo-digits.{os.getpid()}.tmp")
-    for i, (pixels, label) in enumerate(zip(digits.images, digits.target)):
-        (tmp / str(label)).mkdir(parents=True, exist_ok=True)
-        arr = (pixels / 16.0 * 255.0).round().astype(np.uint8)
-        Image.fromarray(arr, "L").save(tmp / str(label) / f"{i:04d}.png")
+
+    def write(tmp: Path) -> None:
+        for i, (pixels, label) in enumerate(zip(digits.images, digits.target)):
+            (tmp / str(label)).mkdir(parents=True, exist_ok=True)
+            arr = (pixels / 16.0 * 255.0).round().astype(np.uint8)
+            Image.fromarray(arr, "L").save(tmp / str(label) / f"{i:04d}.png")
+
     try:
-        os.replace(tmp, target)  # atomic: a crash never leaves a half-written demo folder
+        write_atomic(target, write)  # a crash never leaves a half-written demo folder
     except OSError:
-        if not (target / "9").is_dir():
+        if not (target / "9").is_dir():  # else another process made it first
             raise
     return target

@@ -24,10 +24,10 @@ from sklearn.metrics import f1_score
 
 from . import data as D
 from . import figures, model as M
-from .config import UserError
+from .device import pick_device
+from .errors import UserError
 from .pipeline import DEFAULT_MAX_BAD_FRACTION
 from .splits import changed_files
-from .sweep import pick_device
 from .tracking import MLFLOW_PARENT_RUN_ID, ROLE, Tracker
 from .train import evaluate
 

@@ -7,7 +7,6 @@ The head is the backbone's last `nn.Linear` (resnet `fc`, mobilenet/efficientnet
 """
 from __future__ import annotations
 
-import os
 import socket
 from pathlib import Path
 
@@ -15,7 +14,8 @@ import torch
 from torch import nn
 from torchvision.models import get_model, get_model_weights, list_models
 
-from .config import UserError
+from .errors import UserError
+from .files import write_atomic
 
 SUPPORTED = ("resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0")
 DOWNLOAD_TIMEOUT_S = 30
@@ -134,29 +134,41 @@ def backbone_params(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if id(p) not in head]
 
 
-def set_trainable(model: nn.Module, phase: int) -> None:
-    """Phase 1: only the head requires grad. Phase 2: everything does."""
+def freeze_backbone(model: nn.Module) -> None:
+    """Only the head learns: the backbone's parameters stop requiring grad (and `train_mode`
+    keeps it in eval mode, so its BatchNorm statistics stay put too)."""
     for p in backbone_params(model):
-        p.requires_grad_(phase == 2)
+        p.requires_grad_(False)
     for p in head_params(model):
         p.requires_grad_(True)
 
 
-def train_mode(model: nn.Module, phase: int) -> None:
-    """Phase 1 keeps the whole backbone in eval mode: BatchNorm running stats are not
-    parameters, so requires_grad=False alone would let them drift; dropout is off too."""
-    if phase == 1:
+def unfreeze(model: nn.Module) -> None:
+    """Everything learns."""
+    model.requires_grad_(True)
+
+
+def train_mode(model: nn.Module) -> None:
+    """Train mode for what learns. A frozen backbone stays in eval mode as a whole: BatchNorm
+    running stats are not parameters, so requires_grad=False alone would let them drift, and its
+    dropout is off too. A BatchNorm layer whose own parameters are frozen keeps its stats."""
+    if not any(p.requires_grad for p in backbone_params(model)):
         model.eval()
         model.get_submodule(head_name(model)).train()
-    else:
-        model.train()
+        return
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
+            m.eval()
 
 
-def param_groups(model: nn.Module, phase: int, head_lr: float, backbone_lr: float) -> list[dict]:
-    """Optimizer groups: phase 1 the head alone; phase 2 head and backbone at their own lrs."""
+def param_groups(model: nn.Module, head_lr: float, backbone_lr: float = 0.0) -> list[dict]:
+    """Optimizer groups of what learns: the head at `head_lr`, and the backbone at its own lr
+    once it is unfrozen (a frozen backbone has no group)."""
     groups = [{"params": head_params(model), "lr": head_lr, "name": "head"}]
-    if phase == 2:
-        groups.append({"params": backbone_params(model), "lr": backbone_lr, "name": "backbone"})
+    learning = [p for p in backbone_params(model) if p.requires_grad]
+    if learning:
+        groups.append({"params": learning, "lr": backbone_lr, "name": "backbone"})
     return groups
 
 
@@ -167,19 +179,8 @@ def make_checkpoint(model: nn.Module, config: dict, phase: int, epoch: int, vali
 
 
 def save_checkpoint(checkpoint: dict, path: Path) -> Path:
-    """Write to a temp name, then rename: a crash never leaves a file that loads as valid."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename: not even a power cut leaves half a file
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    """Written atomically: a crash never leaves a file that loads as valid."""
+    return write_atomic(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
 def model_from_checkpoint(path: Path) -> tuple[nn.Module, dict]:

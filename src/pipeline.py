@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
-import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -19,16 +19,16 @@ from torch import nn
 
 from . import cache as C
 from . import data as D
+from . import features as F
 from . import model as M
 from .config import Fixed, TrialConfig
+from .device import default_loader_workers
+from .errors import DataError
+from .files import remove_dead_temps
+from .train import HeadInputs
 
 log = logging.getLogger("tlsweep")
 DEFAULT_MAX_BAD_FRACTION = 0.01  # of a split's images that may be unreadable (skipped) before it is a fault
-
-
-def default_workers(device: torch.device) -> int:
-    """DataLoader workers: none on CPU (compute needs the cores), most cores on a GPU box."""
-    return 0 if device.type != "cuda" else max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
 def initial_model(backbone: str, n_classes: int, weights: str, study_seed: int) -> nn.Module:
@@ -38,13 +38,25 @@ def initial_model(backbone: str, n_classes: int, weights: str, study_seed: int) 
     return M.build_model(backbone, n_classes, weights)
 
 
+@dataclass(frozen=True)
+class TrialData:
+    """What one trial trains on: phase 2's image loaders, and what phase 1 fits."""
+    train: object
+    valid: object
+    phase1: HeadInputs
+
+
 class Pipeline:
-    def __init__(self, splits: D.Splits, fixed: Fixed, weights: str, mean, std, device: torch.device,
-                 workers: int | None = None, use_cache: bool = True, base: nn.Module | None = None,
+    """The data and starting model every trial of a sweep shares (decoded images and cached
+    features with caches on), and each trial's model copy and loaders."""
+
+    def __init__(self, *, splits: D.Splits, fixed: Fixed, weights: str, device: torch.device,
+                 loader_workers: int | None = None, use_cache: bool = True, base: nn.Module | None = None,
                  max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION):
-        self.splits, self.fixed, self.weights, self.mean, self.std = splits, fixed, weights, mean, std
-        self.device, self.use_cache, self.max_bad_fraction = device, use_cache, max_bad_fraction
-        self.workers = default_workers(device) if workers is None else workers
+        self.splits, self.fixed, self.weights, self.device = splits, fixed, weights, device
+        self.mean, self.std = M.norm_stats(fixed.backbone)  # the backbone's own statistics
+        self.use_cache, self.max_bad_fraction = use_cache, max_bad_fraction
+        self.workers = default_loader_workers(device) if loader_workers is None else loader_workers
         self.base = base if base is not None else initial_model(fixed.backbone, len(splits.classes), weights, fixed.seed)
         self.head = M.head_name(self.base)
         self.decoded, self.features, self.valid_features = None, None, None
@@ -52,10 +64,10 @@ class Pipeline:
         self.bad_logs: dict[str, D.BadImageLog] = {}  # this trial's (or the decode pass's) unreadable files
         if use_cache:
             for folder in ("images", "features"):  # what writers killed mid-write left behind
-                C.remove_dead_temps(D.cache_dir() / folder)
+                remove_dead_temps(D.cache_dir() / folder)
             self._decode_once()
-            self.features = C.FeatureCache(
-                C.feature_extractor(self.base, self.head), self.model_key(),
+            self.features = F.FeatureCache(
+                F.feature_extractor(self.base, self.head), self.model_key(),
                 self.decoded["train"].array, self.labels("train"), self._dataset("valid", "none", False),
                 self.transform, fixed.seed, device, workers=self.workers, train_rows=self.rows["train"])
 
@@ -69,7 +81,7 @@ class Pipeline:
             dec = C.decode_split(self.splits.root, entries, side, self.workers)
             self.decoded[name], self.rows[name] = dec, dec.rows
             self.bad_logs[name] = D.BadImageLog(name, len(entries), self.max_bad_fraction,
-                                                 error=D.DataError, root=self.splits.root)
+                                                 error=DataError, root=self.splits.root)
             if dec.bad:
                 log.warning("%d of %d %s images cannot be read and are skipped, e.g. %s",
                             len(dec.bad), len(entries), name, "; ".join(list(dec.bad)[:3]))
@@ -116,7 +128,7 @@ class Pipeline:
     def _dataset(self, split: str, level: str, views: bool):
         """The split's images from the decoded store (cache on) or decoded each time from files."""
         transform = self.transform(level if split == "train" else "none")
-        view_seed = C.view_seed_fn(self.fixed.seed, level) if views else None
+        view_seed = F.view_seed_fn(self.fixed.seed, level) if views else None
         if self.decoded is not None:
             return C.StoredImages(self.decoded[split].array, self.labels(split), transform, view_seed, self.rows[split])
         return D.ImageList(self.splits.root, getattr(self.splits, split), transform, view_seed, skip_bad=True)
@@ -129,8 +141,9 @@ class Pipeline:
         return D.SkippingLoader(D.loader(dataset, batch_size, train, seed, self.workers, pin,
                                          collate_fn=D.collate_skipping), self.bad_logs[split])
 
-    def loaders(self, cfg: TrialConfig, model: nn.Module):
-        """(phase-2 train loader, valid loader, phase-1 inputs (module, train, valid))."""
+    def loaders(self, cfg: TrialConfig, model: nn.Module) -> TrialData:
+        """The trial's loaders, and phase 1's inputs: the head on cached features (caches on), or
+        the model on the same views decoded every epoch."""
         bs = cfg.batch_size
         if self.decoded is None:  # a new trial: its own count of unreadable files
             self.bad_logs = {name: D.BadImageLog(name, len(getattr(self.splits, name)), self.max_bad_fraction,
@@ -139,10 +152,10 @@ class Pipeline:
         valid = self._loader(self._dataset("valid", "none", False), bs * 2, False, split="valid")
         if self.features is None:
             views = self._loader(self._dataset("train", cfg.aug_strength, True), bs, True, cfg.seed, "train")
-            return train, valid, (model, C.ViewEpochs(views), valid)
-        head = model.get_submodule(self.head)
+            return TrialData(train, valid, HeadInputs(model, F.ViewEpochs(views), valid))
         if self.valid_features is None:
             self.valid_features = torch.from_numpy(np.array(self.features.valid()))
         valid_features = torch.utils.data.TensorDataset(self.valid_features, torch.as_tensor(self.labels("valid")))
-        phase1_train = C.FeatureEpochs(self.features, cfg.aug_strength, bs, torch.Generator().manual_seed(cfg.seed))
-        return train, valid, (head, phase1_train, self._loader(valid_features, bs * 2, False))
+        phase1_train = F.FeatureEpochs(self.features, cfg.aug_strength, bs, torch.Generator().manual_seed(cfg.seed))
+        return TrialData(train, valid, HeadInputs(model.get_submodule(self.head), phase1_train,
+                                                  self._loader(valid_features, bs * 2, False)))

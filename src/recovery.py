@@ -21,22 +21,19 @@ import socket
 import warnings
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-if TYPE_CHECKING:
-    from .tracking import Tracker
+from . import trials as T
+from .files import process_alive
+from .tracking import Tracker
+from .trials import FAIL_KIND_ATTR, FAIL_REASON_ATTR, PRUNE_REASON_ATTR, WORKER_ATTR
 
 log = logging.getLogger("tlsweep")
 HEARTBEAT_INTERVAL_S = 10    # how often a running trial says it is alive
 GRACE_PERIOD_S = 60          # silence after which another worker may take the trial over
 MAX_RETRIES = 3              # a trial whose workers keep dying is not queued forever
-WORKER_ATTR = "tlsweep.worker"
-FAIL_KIND_ATTR = "tlsweep.fail_kind"   # diverged | out_of_memory | bad_images | error | interrupted
-FAIL_REASON_ATTR = "tlsweep.fail_reason"
-PRUNE_REASON_ATTR = "tlsweep.prune_reason"
 LOST = ("the worker running this trial stopped (killed, crashed or lost) before it finished; "
         "its parameters were queued again")
 
@@ -67,20 +64,6 @@ def worker_id() -> dict:
     return {"host": socket.gethostname(), **_namespace(), "pid": pid, "start": _process_start(pid)}
 
 
-def process_alive(pid: int) -> bool:
-    """Whether a process of this host exists (someone else's counts). On Windows, signal 0 would
-    be CTRL_C_EVENT: assume alive there and leave dead workers to the heartbeat."""
-    if os.name == "nt":
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def worker_gone(worker: dict | None) -> bool:
     """True only when sure: the worker ran in this process table and its process is gone."""
     here = {"host": socket.gethostname(), **_namespace()}
@@ -95,26 +78,19 @@ def worker_gone(worker: dict | None) -> bool:
     return bool(worker.get("start") and start and start != worker["start"])  # pid reused
 
 
-def original_number(study: optuna.Study, trial) -> int:
-    """The number of the trial a retry stands in for (its own number if it is not a retry)."""
-    attrs = study._storage.get_trial_system_attrs(trial._trial_id)
-    history = attrs.get("retry_history") or [trial.number]
-    return int(history[0])
-
-
 def queue_retry(study: optuna.Study, trial: FrozenTrial, count: bool = True) -> None:
     """Queue the trial's parameters again (what Optuna's RetryHeartbeatStaleTrialCallback does,
     without copying the lost trial's user attributes: its run id and failure are not the retry's).
     `count`: a lost worker counts toward MAX_RETRIES; a Ctrl-C does not."""
-    history = [*trial.system_attrs.get("retry_history", []), trial.number]
-    lost = trial.system_attrs.get("tlsweep.times_lost", 0) + (1 if count else 0)
+    history = [*trial.system_attrs.get(T.RETRY_HISTORY_ATTR, []), trial.number]
+    lost = trial.system_attrs.get(T.TIMES_LOST_ATTR, 0) + (1 if count else 0)
     if lost > MAX_RETRIES:
         log.warning("trial %d was lost %d times; not queued again", history[0], lost)
         return
     study.add_trial(optuna.trial.create_trial(
         state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
-        system_attrs={**trial.system_attrs, "failed_trial": history[0], "retry_history": history,
-                      "tlsweep.times_lost": lost}))
+        system_attrs={**trial.system_attrs, T.FAILED_TRIAL_ATTR: history[0], T.RETRY_HISTORY_ATTR: history,
+                      T.TIMES_LOST_ATTR: lost}))
     log.info("trial %d (%s) queued again with the same parameters", trial.number,
              trial.user_attrs.get(FAIL_KIND_ATTR, "lost"))
 
@@ -128,12 +104,12 @@ class LostTrials:
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         queue_retry(study, trial)
-        run_id = trial.user_attrs.get("mlflow_run_id")
+        run_id = T.run_id(trial)
         if run_id and self.tracker.run_status(run_id) is not None:
             self.tracker.end_run(run_id, "FAIL", LOST, status="KILLED")
 
 
-def _lost(study: optuna.Study, trial: FrozenTrial) -> bool:
+def _lost(trial: FrozenTrial) -> bool:
     """A RUNNING trial whose worker is surely gone: its process on this machine has exited, or it
     never said who it was (killed right after Optuna created it) and is older than the grace period."""
     worker = trial.user_attrs.get(WORKER_ATTR)
@@ -150,16 +126,13 @@ def recover(study: optuna.Study, tracker: Tracker, parent_id: str) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)  # heartbeat-stale, any host: calls `lost` via the storage
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if not _lost(study, t):
+    for t in T.running(study):
+        if not _lost(t):
             continue
-        try:  # True for exactly one worker: only that one queues the trial again
-            claimed = study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            claimed = False
-        if claimed:
+        claimed = T.claim_failed(study, t)  # for exactly one worker: only that one queues it again
+        if claimed is not None:
             log.warning("trial %d: its worker is gone; marked failed", t.number)
-            lost(study, study._storage.get_trial(t._trial_id))
+            lost(study, claimed)
     close_orphan_runs(study, tracker, parent_id)
 
 
@@ -174,7 +147,7 @@ def close_orphan_runs(study: optuna.Study, tracker: Tracker, parent_id: str) -> 
         trial = by_number.get(int(run.data.tags.get("optuna.trial_number", -1)))
         if trial is not None and not trial.state.is_finished():
             continue  # still running (another worker) or waiting
-        own = trial is not None and trial.user_attrs.get("mlflow_run_id") == run.info.run_id
+        own = trial is not None and T.run_id(trial) == run.info.run_id
         kind = trial.user_attrs.get(FAIL_KIND_ATTR) if own else None
         if own and trial.state != TrialState.FAIL:
             tracker.end_run(run.info.run_id, trial.state.name, trial.user_attrs.get(PRUNE_REASON_ATTR))

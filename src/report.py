@@ -21,6 +21,7 @@ from pathlib import Path
 
 import optuna
 
+from . import trials as T
 from .config import Fixed
 from .tracking import Tracker
 
@@ -41,21 +42,12 @@ MLFLOW_UI = "http://127.0.0.1:5000"  # `mlflow ui --port 5000`
 DESCRIPTION_MAX = 7500  # MLflow keeps tag values up to 8000 characters
 
 
-def _completed(study: optuna.Study) -> list:
-    return [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
-
-
-def _best(study: optuna.Study):
-    """The best complete trial, or None (Optuna's `best_trial` raises when there is none)."""
-    return max(_completed(study), key=lambda t: t.value, default=None)
-
-
 def top_trials(study: optuna.Study, top: int = 5) -> list:
     """Complete trials by value (best first), then, if fewer than `top`, pruned ones by the last
     accuracy they reported (a pruned trial's value is a mid-training one, so it ranks below)."""
     pruned = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.PRUNED,))
               if t.intermediate_values]
-    done = sorted(_completed(study), key=lambda t: -t.value)
+    done = sorted(T.completed(study), key=lambda t: -t.value)
     late = sorted(pruned, key=lambda t: -t.intermediate_values[max(t.intermediate_values)])
     return (done + late)[:top]
 
@@ -138,7 +130,7 @@ def write_trials_table(study: optuna.Study, folder: Path) -> list[Path]:
                                           "params", "user_attrs"))
     if frame.empty:
         return []
-    frame = frame.drop(columns=[c for c in frame.columns if c == "user_attrs_tlsweep.worker"])
+    frame = frame.drop(columns=[c for c in frame.columns if c == f"user_attrs_{T.WORKER_ATTR}"])
     csv_path, html_path = folder / "trials.csv", folder / "trials.html"
     frame.to_csv(csv_path, index=False)
     html_path.write_text(f"<h1>Trials of study {html.escape(study.study_name)}</h1>\n"
@@ -147,12 +139,12 @@ def write_trials_table(study: optuna.Study, folder: Path) -> list[Path]:
 
 
 def write_best_params(study: optuna.Study, folder: Path) -> list[Path]:
-    best = _best(study)
+    best = T.best(study)
     if best is None:
         return []
     path = folder / "best_params.json"
     path.write_text(json.dumps({"trial_number": best.number, "valid_acc": best.value, "params": best.params,
-                                "mlflow_run_id": best.user_attrs.get("mlflow_run_id")}, indent=2))
+                                "mlflow_run_id": T.run_id(best)}, indent=2))
     return [path]
 
 
@@ -215,7 +207,7 @@ def summary(study: optuna.Study, fixed: Fixed, experiment_id: str, commands: dic
     so it works wherever the UI is served. The HTML is an artifact, which the UI shows in a
     sandbox that cannot navigate: its link is absolute (`ui`), for a browser tab."""
     counts = Counter(t.state.name for t in study.get_trials(deepcopy=False))
-    best = _best(study)
+    best = T.best(study)
     weights = weights or fixed.weights  # the effective ones: the demo falls back to random init
     used = weights if weights == fixed.weights else f"{weights} (asked for {fixed.weights}: unavailable)"
     facts = [("trials", ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())) or "none"),
@@ -223,7 +215,7 @@ def summary(study: optuna.Study, fixed: Fixed, experiment_id: str, commands: dic
              ("epochs per phase", f"up to {fixed.max_epochs_phase1} + {fixed.max_epochs_phase2}")]
     link = None
     if best is not None:
-        run_id = best.user_attrs.get("mlflow_run_id", "")
+        run_id = T.run_id(best) or ""
         link = (f"#/experiments/{experiment_id}/runs/{run_id}", f"trial {best.number} (run {run_id})")
         facts.insert(1, ("best valid_acc", f"{best.value:.4f}"))
     header, rows = trial_rows(study, 10)

@@ -8,10 +8,14 @@ import time
 import optuna
 from tqdm import tqdm
 
-from .config import TrialFault
-from .objective import BARS, Context, Objective, raise_if_stopped, writing
-from .recovery import FAIL_KIND_ATTR, FAIL_REASON_ATTR, recover
-from .study import finished, update_best
+from . import trials as T
+from .errors import Surplus, TrialFault
+from .record import BARS
+from .recovery import recover
+from .stopping import raise_if_stopped, writing
+from .study import update_best
+from .trial import Objective
+from .trials import FAIL_KIND_ATTR, FAIL_REASON_ATTR
 
 log = logging.getLogger("tlsweep")
 
@@ -26,7 +30,7 @@ class StopOnFailures:
         self.limit, self.in_a_row, self.reason = limit, 0, None
 
     def __call__(self, study: optuna.Study, trial) -> None:
-        if trial.user_attrs.get(FAIL_KIND_ATTR) == "surplus":
+        if trial.user_attrs.get(FAIL_KIND_ATTR) == Surplus.kind:
             return  # not a failure: another worker took the last place
         if trial.state == optuna.trial.TrialState.FAIL:
             self.in_a_row += 1
@@ -41,15 +45,18 @@ class StopOnFailures:
 POLL_S = 2.0  # how often a worker with nothing to start looks whether another worker's trial failed
 
 
-def optimize(study: optuna.Study, objective: Objective, ctx: Context, args, failures: StopOnFailures) -> None:
-    """Run trials, one at a time, until the study has --trials finished ones (whatever earlier
-    runs or other workers did; failed trials do not count), --timeout passes, or too many fail in
+def optimize(study: optuna.Study, objective: Objective, trials: int, timeout_s: float | None,
+             failures: StopOnFailures) -> None:
+    """Run trials, one at a time, until the study has `trials` finished ones (whatever earlier
+    runs or other workers did; failed trials do not count), `timeout_s` passes, or too many fail in
     a row. When the trials other workers are running would complete the count, wait: if one of
     them fails, this worker runs its replacement. Before each trial, take up what dead workers left."""
-    deadline = None if args.timeout is None else time.monotonic() + args.timeout
-    with tqdm(total=args.trials, initial=len(finished(study)), desc="trials", unit="trial", disable=BARS) as bar:
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    record = objective.ctx.record
+    tracker, parent_id = record.tracker, record.parent_id
+    with tqdm(total=trials, initial=len(T.finished(study)), desc="trials", unit="trial", disable=BARS) as bar:
         def after_trial(study, trial):
-            if trial.user_attrs.get(FAIL_KIND_ATTR) == "surplus":
+            if trial.user_attrs.get(FAIL_KIND_ATTR) == Surplus.kind:
                 return
             value = "-" if trial.value is None else f"{trial.value:.4f}"
             line = f"trial {trial.number}: {trial.state.name} valid_acc={value} {trial.params}"
@@ -57,27 +64,25 @@ def optimize(study: optuna.Study, objective: Objective, ctx: Context, args, fail
                 line += (f"\n  failed ({trial.user_attrs.get(FAIL_KIND_ATTR, 'error')}): "
                          f"{trial.user_attrs.get(FAIL_REASON_ATTR, '')}")
             tqdm.write(line)
-            update_best(ctx.tracker, ctx.parent_id, study)
+            update_best(tracker, parent_id, study)
             raise_if_stopped()
 
         while failures.reason is None and (deadline is None or time.monotonic() < deadline):
             raise_if_stopped()
-            recover(study, ctx.tracker, ctx.parent_id)
-            done = len(finished(study))
+            recover(study, tracker, parent_id)
+            done = len(T.finished(study))
             bar.n = done
             bar.refresh()
-            if done >= args.trials:
+            if done >= trials:
                 return
-            running = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
-            if done + running >= args.trials:
+            if done + len(T.running(study)) >= trials:
                 time.sleep(POLL_S)
                 continue
             try:
                 with writing():  # Ctrl-C raises at once only while a trial computes
                     study.optimize(objective, n_trials=1, catch=(TrialFault,),
-                                   callbacks=[objective.close_run, after_trial, failures])
-            except ValueError:  # "Cannot tell a FAIL trial": another worker took ours over
-                if objective.taken_over is None:
+                                   callbacks=[record.close_as_recorded, after_trial, failures])
+            except (ValueError, optuna.exceptions.UpdateFinishedTrialError) as exc:
+                if not T.taken_over(exc):
                     raise
-                log.warning("trial %d was taken over by another worker; going on", objective.taken_over)
-                objective.taken_over = None
+                log.warning("a trial of this worker was taken over by another worker; going on")

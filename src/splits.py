@@ -21,16 +21,13 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import UserError
+from .errors import DataError
+from .files import write_json_atomic
 
 log = logging.getLogger("tlsweep")
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 SPLIT_FILE = ".tlsweep-split.json"
 SPLITS = ("train", "valid", "test")
-
-
-class DataError(UserError):
-    """The data on disk is not usable as it is (names the path)."""
 
 
 @dataclass(frozen=True)
@@ -176,27 +173,6 @@ def cache_dir() -> Path:
 def _split_file_candidates(root: Path) -> list[Path]:
     key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
     return [root / SPLIT_FILE, cache_dir() / "splits" / f"{key}.json"]
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    """Write to a temp name in the same folder, flush it to disk, then rename: a crash (even a
-    power cut) never leaves a half-written file under the real name."""
-    from .recovery import process_alive
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # a writer killed mid-way left it
-        pid = stale.name[len(path.name) + 2:-len(".tmp")]
-        if pid.isdigit() and not process_alive(int(pid)):
-            stale.unlink(missing_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(json.dumps(obj, indent=1))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _stratified(found: dict[str, list[Path]], root: Path, seed: int, fractions) -> dict:

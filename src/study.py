@@ -16,33 +16,35 @@ from pathlib import Path
 import optuna
 import sqlalchemy.exc
 
-from . import data as D
-from .config import Fixed, SweepFile, UserError
+from . import splits as S
+from . import trials as T
+from .config import Fixed, SweepFile
+from .errors import UserError
 from .recovery import GRACE_PERIOD_S, HEARTBEAT_INTERVAL_S
-from .tracking import Tracker
+from .tracking import ROLE, Tracker
+from .trials import PARENT_RUN_ATTR, SETTINGS_ATTR, STUDY_UID_ATTR
 
 log = logging.getLogger("tlsweep")
 PRUNER_STARTUP_TRIALS = 5   # never prune before this many trials finished: the median needs a base
 PRUNER_WARMUP_STEPS = 2     # never prune in a trial's first global epochs: too noisy to judge
 STORAGE_CREATE_TRIES = 6   # workers racing to create the tables of an empty RDB storage
-STUDY_UID_ATTR = "tlsweep.study_uid"  # ties a study to its parent run, whatever the store
 
 
 def derive_seed(study_seed: int, trial_number: int) -> int:
     """A trial's seed (and the resumed sampler's): from the study seed and a trial count."""
     return (study_seed * 1_000_003 + trial_number) % (2**31)
 
-def open_parent(tracker: Tracker, study: optuna.Study, experiment: str, splits: D.Splits,
+def open_parent(tracker: Tracker, study: optuna.Study, experiment: str, splits: S.Splits,
                 sweep: SweepFile, tags: dict, settle_s: float = 0.0) -> str:
     """The study's parent run: reused when the study already has one in this store (also when a
     kill came between creating it and recording its id: it is found by the study's uid tag)."""
     uid = study.user_attrs.get(STUDY_UID_ATTR) or study_uid(study)
     study.set_user_attr(STUDY_UID_ATTR, uid)  # every worker writes the same value
     exp_id = tracker.experiment_id(experiment)
-    parent_id = study.user_attrs.get("mlflow_parent_run_id")
+    parent_id = study.user_attrs.get(PARENT_RUN_ATTR)
     if not tracker.run_exists(parent_id):
-        parent_id = tracker.find_run(exp_id, {STUDY_UID_ATTR: uid, "tlsweep.role": "parent"})
-    data_fp = "-".join(splits.fingerprints[n] for n in D.SPLITS)
+        parent_id = tracker.find_run(exp_id, {STUDY_UID_ATTR: uid, ROLE: "parent"})
+    data_fp = "-".join(splits.fingerprints[n] for n in S.SPLITS)
     if parent_id is not None:
         recorded = tracker.get_run(parent_id).data.tags.get("dataset.fingerprint")
         if recorded and recorded != data_fp:
@@ -56,10 +58,10 @@ def open_parent(tracker: Tracker, study: optuna.Study, experiment: str, splits: 
         # Workers starting together may each create one: all keep the oldest, the others go.
         # `settle_s` (shared storages) lets every worker see the others' parents before choosing.
         time.sleep(settle_s)
-        parent_id = tracker.find_run(exp_id, {STUDY_UID_ATTR: uid, "tlsweep.role": "parent"})
+        parent_id = tracker.find_run(exp_id, {STUDY_UID_ATTR: uid, ROLE: "parent"})
         if parent_id != mine:
             tracker.client.delete_run(mine)
-    study.set_user_attr("mlflow_parent_run_id", parent_id)
+    study.set_user_attr(PARENT_RUN_ATTR, parent_id)
     if not _has_split_record(tracker, parent_id):  # new, or a kill came before or while it was logged
         tracker.log_files(parent_id, [sweep.path], "sweep")
         tracker.log_json(parent_id, splits.summary(), "dataset/summary.json")
@@ -70,10 +72,9 @@ def open_parent(tracker: Tracker, study: optuna.Study, experiment: str, splits: 
 def study_uid(study: optuna.Study) -> str:
     """The same for every worker of a study (the storage's study id and name), unlike a random id
     two workers could both draw and write."""
-    storage = study._storage
-    url = getattr(storage, "url", None) or getattr(getattr(storage, "_backend", None), "_file_path", "") or ""
-    url = re.sub(r"//[^@/]*@", "//", str(url))  # no credentials in a tag
-    return hashlib.sha256(f"{url}|{study._study_id}|{study.study_name}".encode()).hexdigest()[:24]
+    url, study_id = T.storage_identity(study)
+    url = re.sub(r"//[^@/]*@", "//", url)  # no credentials in a tag
+    return hashlib.sha256(f"{url}|{study_id}|{study.study_name}".encode()).hexdigest()[:24]
 
 
 def _has_split_record(tracker: Tracker, parent_id: str) -> bool:
@@ -86,18 +87,12 @@ def _has_split_record(tracker: Tracker, parent_id: str) -> bool:
         return False
 
 
-def finished(study: optuna.Study) -> list:
-    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    return study.get_trials(deepcopy=False, states=states)
-
-
 def update_best(tracker: Tracker, parent_id: str, study: optuna.Study) -> None:
     """Tag the parent with the best completed trial so far (survives a crash mid-sweep)."""
-    try:
-        best = study.best_trial
-    except ValueError:
+    best = T.best(study)
+    if best is None:
         return  # nothing completed yet
-    tags = {"best.trial_number": best.number, "best.run_id": best.user_attrs.get("mlflow_run_id", ""),
+    tags = {"best.trial_number": best.number, "best.run_id": T.run_id(best) or "",
             "best.valid_acc": f"{best.value:.6f}"}
     tags.update({f"best.{k}": v for k, v in best.params.items()})
     tracker.set_tags(parent_id, tags)
@@ -161,9 +156,9 @@ def open_study(name: str, storage: str, seed: int, prune: bool = True, on_lost=N
 def check_same_settings(study: optuna.Study, settings: dict) -> None:
     """A study keeps its fixed settings and search space; resuming with others is refused."""
     settings = json.loads(json.dumps(settings))  # as the storage gives it back: lists, not tuples
-    recorded = study.user_attrs.get("sweep_settings")
+    recorded = study.user_attrs.get(SETTINGS_ATTR)
     if recorded is None:
-        study.set_user_attr("sweep_settings", settings)
+        study.set_user_attr(SETTINGS_ATTR, settings)
         return
     changed = {k: (recorded.get(k), v) for k, v in settings.items() if recorded.get(k) != v}
     if changed:
@@ -175,7 +170,7 @@ def check_same_settings(study: optuna.Study, settings: dict) -> None:
 def pruning_savings(study: optuna.Study, fixed: Fixed) -> tuple[int, int]:
     """(epochs spent by finished trials, most epochs the pruned ones could still have run)."""
     most = fixed.max_epochs_phase1 + fixed.max_epochs_phase2
-    done = finished(study)
+    done = T.finished(study)
     spent = sum(len(t.intermediate_values) for t in done)
     pruned = [t for t in done if t.state == optuna.trial.TrialState.PRUNED]
     return spent, sum(most - len(t.intermediate_values) for t in pruned)

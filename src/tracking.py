@@ -30,7 +30,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
-from .config import UserError
+from .errors import UserError
 
 ROLE = "tlsweep.role"
 EXPERIMENT_KIND = "mlflow.experimentKind"

@@ -1,11 +1,10 @@
 """The one training engine for both phases and any fixed config; knows nothing of Optuna or MLflow.
 
-`fit_phase` trains one phase with early stopping on validation accuracy and restores the best
-state; `fit_two_phase` is the recipe: phase 1 (frozen backbone, BatchNorm in eval mode, head
-only), then phase 2 from phase 1's best state (all trainable, a new optimizer with a head group
-at head_lr and a backbone group at head_lr * backbone_lr_ratio). Logging and pruning come in
-through `on_epoch(EpochResult)` and `on_phase_end(PhaseResult, model)`; an exception raised there
-(e.g. optuna.TrialPruned) stops training and propagates.
+`fit_two_phase` is the recipe, told in order: freeze the backbone, fit the head, unfreeze, fit
+everything with a head lr and a lower backbone lr. `fit_phase` fits whatever the optimizer holds,
+with early stopping on validation accuracy, and restores the best state. Logging and pruning come
+in through `on_epoch(EpochResult)` and `on_phase_end(PhaseResult, model)`; an exception raised
+there (e.g. optuna.TrialPruned) stops training and propagates.
 """
 from __future__ import annotations
 
@@ -19,15 +18,10 @@ import torch
 from torch import nn
 
 from . import model as M
-from .config import TrialFault
+from .device import autocast, to_device
+from .errors import Diverged
 
 FINITE_CHECK_EVERY = 25  # batches between checks for a NaN/inf loss (each check is a host sync)
-
-
-class Diverged(TrialFault):
-    """The training loss became NaN or infinite: the learning rate is too high for this trial."""
-
-    kind = "diverged"
 
 
 @dataclass(frozen=True)
@@ -109,44 +103,6 @@ class Evaluation:
     mistakes: Mistakes | None = None  # when `evaluate(keep_mistakes=...)` asked for them
 
 
-PRECISIONS = ("auto", "bf16", "fp32")
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether the hardware computes bf16 natively: CUDA GPUs that say so; CPUs with AVX512-BF16
-    or AMX (elsewhere CPU bf16 is emulated and slower than fp32)."""
-    if device.type == "cuda":
-        try:
-            return torch.cuda.is_bf16_supported(including_emulation=False)
-        except TypeError:  # older torch: no emulation to exclude
-            return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, so guarded
-        return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
-    return False
-
-
-def amp_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
-    """Autocast dtype for fine-tuning and evaluation: bf16 (no loss scaling needed) when asked, or
-    with "auto" where the hardware does it natively; None means fp32."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
-    if precision == "bf16" or (precision == "auto" and native_bf16(device)):
-        return torch.bfloat16
-    return None
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
-
-
-def to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device):
-    """Non-blocking copies (from pinned memory); image batches channels_last, the layout the
-    convolution libraries are fastest in (cuDNN, and oneDNN on CPU: 1.2-1.8x for inference here)."""
-    layout = torch.channels_last if images.dim() == 4 else torch.preserve_format
-    return images.to(device, non_blocking=True, memory_format=layout), labels.to(device, non_blocking=True)
-
-
 def evaluate(model: nn.Module, loader, device: torch.device, amp: torch.dtype | None = None,
              keep_mistakes: int = 0) -> Evaluation:
     """Mean loss, accuracy and predictions over a loader, in eval mode, without gradients
@@ -156,7 +112,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: torch.dtype | 
     loss_sum = torch.zeros((), device=device)
     preds, targets = [], []
     worst = _WorstMistakes(keep_mistakes) if keep_mistakes else None
-    with torch.inference_mode(), _autocast(device, amp):
+    with torch.inference_mode(), autocast(device, amp):
         for images, labels in loader:
             images, labels = to_device(images, labels, device)
             logits = model(images).float()
@@ -171,17 +127,16 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: torch.dtype | 
                       preds_t.tolist(), targets_t.tolist(), worst.result() if worst is not None else None)
 
 
-def train_epoch(model: nn.Module, phase: int, loader, optimizer, device,
-                amp: torch.dtype | None = None) -> tuple[float, float]:
+def train_epoch(model: nn.Module, loader, optimizer, device, amp: torch.dtype | None = None) -> tuple[float, float]:
     """One pass over the training loader; returns (mean loss, accuracy)."""
-    M.train_mode(model, phase)
+    M.train_mode(model)
     # Accumulate on the device: no .item() (a host sync) inside the loop.
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
     for batch, (images, labels) in enumerate(loader, 1):
         images, labels = to_device(images, labels, device)
-        with _autocast(device, amp):
+        with autocast(device, amp):
             logits = model(images).float()
         loss = nn.functional.cross_entropy(logits, labels)
         optimizer.zero_grad(set_to_none=True)
@@ -205,18 +160,17 @@ def make_optimizer(groups: list[dict]) -> torch.optim.Optimizer:
         return torch.optim.Adam(groups)
 
 
-def fit_phase(model: nn.Module, phase: int, train_loader, valid_loader, *, head_lr: float,
-              backbone_lr: float, max_epochs: int, patience: int, device: torch.device,
-              first_step: int = 1, on_epoch: Callable[[EpochResult], None] | None = None,
-              amp: torch.dtype | None = None, keep_mistakes: int = 0) -> PhaseResult:
-    """Train one phase with early stopping on validation accuracy; the best state is restored
-    (with its validation predictions and, if asked, its `keep_mistakes` worst mistakes)."""
-    M.set_trainable(model, phase)
-    optimizer = make_optimizer(M.param_groups(model, phase, head_lr, backbone_lr))
+def fit_phase(model: nn.Module, train_loader, valid_loader, optimizer: torch.optim.Optimizer, *,
+              max_epochs: int, patience: int, device: torch.device, phase: int = 1, first_step: int = 1,
+              on_epoch: Callable[[EpochResult], None] | None = None, amp: torch.dtype | None = None,
+              keep_mistakes: int = 0) -> PhaseResult:
+    """Fit what `optimizer` holds, with early stopping on validation accuracy; the best state is
+    restored (with its validation predictions and, if asked, its `keep_mistakes` worst mistakes).
+    `phase` and `first_step` only label the epochs (`EpochResult`)."""
     result = PhaseResult(phase)
     best_state, since_best = None, 0
     for epoch in range(1, max_epochs + 1):
-        train_loss, train_acc = train_epoch(model, phase, train_loader, optimizer, device, amp)
+        train_loss, train_acc = train_epoch(model, train_loader, optimizer, device, amp)
         if not math.isfinite(train_loss):
             lrs = ", ".join(f"{g['name']} {g['lr']:.3g}" for g in optimizer.param_groups)
             raise Diverged(f"training loss became {train_loss} in phase {phase}, epoch {epoch} (lr {lrs}): "
@@ -242,37 +196,43 @@ def fit_phase(model: nn.Module, phase: int, train_loader, valid_loader, *, head_
     return result
 
 
+@dataclass(frozen=True)
+class HeadInputs:
+    """What phase 1 fits: the model's own head on cached backbone features (the same result:
+    the frozen eval-mode backbone is a pure function of its input), or the whole model on images."""
+    module: nn.Module
+    train: object       # loader of (features or images, labels), one view per pass
+    valid: object
+
+
 def fit_two_phase(model: nn.Module, train_loader, valid_loader, *, head_lr: float,
                   backbone_lr_ratio: float, patience: int, max_epochs_phase1: int,
                   max_epochs_phase2: int, device: torch.device, phase2_head_lr_factor: float = 1.0,
-                  phase1_inputs: tuple | None = None, on_epoch=None, on_phase_end=None,
+                  phase1: HeadInputs | None = None, on_epoch=None, on_phase_end=None,
                   amp: torch.dtype | None = None, keep_mistakes: int = 0) -> tuple[PhaseResult, PhaseResult]:
     """The recipe: fit the head on a frozen backbone, then fine-tune everything.
 
-    `phase1_inputs=(head, feature_train_loader, feature_valid_loader)` trains phase 1 on cached
-    backbone features instead of images: same result, since the frozen eval-mode backbone is a
-    pure function of its input, and `head` is the model's own classifier module.
-
-    `keep_mistakes` (phase 2 only: phase 1 may see features, not images) keeps that many of the
-    best epoch's most confidently wrong validation predictions with their images.
-
-    `amp` (see `amp_dtype`) applies to phase 2 only. Phase 1 always runs in fp32: its cached
-    features are fp32, so cached and recomputed phase 1 agree on every device, and a linear
-    head on features costs next to nothing anyway."""
+    `phase1` says what phase 1 fits (default: the model on the image loaders). `amp` (see
+    `device.amp_dtype`) and `keep_mistakes` (the best epoch's most confidently wrong validation
+    predictions, with their images) apply to phase 2 only: phase 1 may see features, not images,
+    and runs in fp32, so cached and recomputed phase 1 agree on every device (a linear head on
+    features costs next to nothing anyway)."""
     model.to(device, memory_format=torch.channels_last)
-    results = []
-    step = 1
-    for phase, max_epochs in ((1, max_epochs_phase1), (2, max_epochs_phase2)):
-        lr = head_lr * (phase2_head_lr_factor if phase == 2 else 1.0)
-        module, train_data, valid_data = model, train_loader, valid_loader
-        if phase == 1 and phase1_inputs is not None:
-            module, train_data, valid_data = phase1_inputs
-        result = fit_phase(module, phase, train_data, valid_data, head_lr=lr,
-                           backbone_lr=head_lr * backbone_lr_ratio, max_epochs=max_epochs,
-                           patience=patience, device=device, first_step=step, on_epoch=on_epoch,
-                           amp=amp if phase == 2 else None, keep_mistakes=keep_mistakes if phase == 2 else 0)
-        if on_phase_end is not None:
-            on_phase_end(result, model)
-        results.append(result)
-        step = result.last_step + 1
-    return results[0], results[1]
+    head = phase1 or HeadInputs(model, train_loader, valid_loader)
+    done = on_phase_end or (lambda result, model: None)
+    fit = dict(patience=patience, device=device, on_epoch=on_epoch)
+
+    # Phase 1: the backbone frozen (BatchNorm statistics too), the head alone learns.
+    M.freeze_backbone(model)
+    head_only = make_optimizer(M.param_groups(head.module, head_lr))
+    result1 = fit_phase(head.module, head.train, head.valid, head_only, max_epochs=max_epochs_phase1,
+                        phase=1, **fit)
+    done(result1, model)
+
+    # Phase 2: from phase 1's best state, everything learns; the backbone at a lower lr.
+    M.unfreeze(model)
+    both = make_optimizer(M.param_groups(model, head_lr * phase2_head_lr_factor, head_lr * backbone_lr_ratio))
+    result2 = fit_phase(model, train_loader, valid_loader, both, max_epochs=max_epochs_phase2, phase=2,
+                        first_step=result1.last_step + 1, amp=amp, keep_mistakes=keep_mistakes, **fit)
+    done(result2, model)
+    return result1, result2

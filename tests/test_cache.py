@@ -10,17 +10,19 @@ import torch
 from conftest import write_images
 from src import cache as C
 from src import data as D
+from src import features as F
+from src import model as M
 from src.config import Fixed, TrialConfig
 from src.pipeline import Pipeline
-from src.train import fit_phase
+from src.train import fit_phase, make_optimizer
 
 
 def _setup(root, use_cache, image_size=16):
     splits = D.find_splits(root)
     fixed = Fixed(backbone="resnet18", weights="none", image_size=image_size, batch_size=8,
                   max_epochs_phase1=3, max_epochs_phase2=1, seed=3)
-    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-    return Pipeline(splits, fixed, "none", mean, std, torch.device("cpu"), 0, use_cache), splits
+    return Pipeline(splits=splits, fixed=fixed, weights="none", device=torch.device("cpu"), loader_workers=0,
+                    use_cache=use_cache), splits
 
 
 def _cfg(splits, level, trial_seed=11):
@@ -30,8 +32,10 @@ def _cfg(splits, level, trial_seed=11):
 
 def _phase1(pipeline, cfg, epochs=3):
     model = pipeline.model(cfg.seed)
-    _, _, (module, train, valid) = pipeline.loaders(cfg, model)
-    result = fit_phase(module, 1, train, valid, head_lr=cfg.head_lr, backbone_lr=0.0, max_epochs=epochs,
+    head = pipeline.loaders(cfg, model).phase1
+    M.freeze_backbone(model)
+    optimizer = make_optimizer(M.param_groups(head.module, cfg.head_lr))
+    result = fit_phase(head.module, head.train, head.valid, optimizer, phase=1, max_epochs=epochs,
                        patience=10, device=torch.device("cpu"))
     return result, model
 
@@ -78,7 +82,7 @@ def test_features_survive_a_restart_and_depend_on_what_changes_them(flat_folder)
         raise AssertionError("features were computed again")
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(C.FeatureCache, "_extract", no_extraction)
+        mp.setattr(F.FeatureCache, "_extract", no_extraction)
         again, _ = _setup(flat_folder, True)
         _phase1(again, _cfg(splits, "light"), epochs=1)
     assert len(_feature_files()) == n
@@ -137,10 +141,10 @@ def _two_phases(pipeline, cfg):
     from src.train import fit_two_phase
 
     model = pipeline.model(cfg.seed)
-    train, valid, phase1 = pipeline.loaders(cfg, model)
-    p1, p2 = fit_two_phase(model, train, valid, head_lr=cfg.head_lr, backbone_lr_ratio=0.1, patience=5,
+    data = pipeline.loaders(cfg, model)
+    p1, p2 = fit_two_phase(model, data.train, data.valid, head_lr=cfg.head_lr, backbone_lr_ratio=0.1, patience=5,
                            max_epochs_phase1=2, max_epochs_phase2=1, device=torch.device("cpu"),
-                           phase1_inputs=phase1)
+                           phase1=data.phase1)
     return [v for r in p1.history + p2.history for v in (r.train_loss, r.valid_loss, r.valid_acc)]
 
 
@@ -181,7 +185,7 @@ def test_stored_images_reach_spawned_workers_as_a_file_name_not_pixels(flat_fold
     splits = D.find_splits(flat_folder)
     array = C.decoded_images(splits.root, splits.train, 64)
     tf = D.build_transform("light", 56, [0.5] * 3, [0.25] * 3, train=True)
-    dataset = C.StoredImages(array, [y for _, y in splits.train], tf, C.view_seed_fn(0, "light"))
+    dataset = C.StoredImages(array, [y for _, y in splits.train], tf, F.view_seed_fn(0, "light"))
     dataset.epoch = 2
     blob = pickle.dumps(dataset)
     assert len(blob) < array.nbytes / 10
@@ -197,7 +201,7 @@ def test_a_spawned_worker_serves_the_same_views(flat_folder):
     splits = D.find_splits(flat_folder)
     array = C.decoded_images(splits.root, splits.train, 18)
     tf = D.build_transform("strong", 16, [0.5] * 3, [0.25] * 3, train=True)
-    dataset = C.StoredImages(array, [y for _, y in splits.train], tf, C.view_seed_fn(0, "strong"))
+    dataset = C.StoredImages(array, [y for _, y in splits.train], tf, F.view_seed_fn(0, "strong"))
     here = torch.cat([x for x, _ in torch.utils.data.DataLoader(dataset, batch_size=8)])
     spawned = torch.utils.data.DataLoader(dataset, batch_size=8, num_workers=1, multiprocessing_context="spawn")
     assert torch.equal(torch.cat([x for x, _ in spawned]), here)

@@ -10,7 +10,8 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from src import search_space
-from src.config import SEARCHED, Fixed, TrialConfig, UserError, load_sweep, resolve_fixed
+from src.config import SEARCHED, Fixed, TrialConfig, load_sweep, resolve_fixed
+from src.errors import UserError
 from src.data import AUG_LEVELS
 
 SWEEPS = Path(__file__).resolve().parents[1] / "sweeps"

@@ -17,7 +17,7 @@ from PIL import Image
 
 from conftest import write_images
 from src import splits as S
-from src.config import UserError
+from src.errors import UserError
 from src.data import (AUG_LEVELS, SPLIT_FILE, DataError, build_transform, cache_dir, demo_data_dir,
                       find_splits, load_rgb, make_loader)
 

@@ -26,7 +26,7 @@ from conftest import write_images
 from src import final_test, sweep
 from src import splits as S
 from src import cache as C
-from src.cache import remove_dead_temps
+from src.files import remove_dead_temps
 from src.data import SPLIT_FILE, cache_dir, find_splits
 from src.pipeline import Pipeline
 from src.recovery import worker_id, worker_gone
@@ -480,7 +480,7 @@ def test_a_stop_request_python_dropped_still_stops_the_sweep(in_tmp, flat_folder
     """Python drops a KeyboardInterrupt raised inside a garbage-collector callback (SQLAlchemy has
     such callbacks); the request stays set and the sweep stops at the next check (here: right
     after the epoch whose logging the Ctrl-C hit)."""
-    from src.objective import STOP
+    from src.stopping import STOP
     from src.tracking import Tracker
 
     real_log_epoch = Tracker.log_epoch
@@ -502,8 +502,8 @@ def test_a_stop_request_python_dropped_still_stops_the_sweep(in_tmp, flat_folder
 
 
 # Kills at the unlucky moments: after Optuna recorded a trial and before its run was closed.
-_DIE_BEFORE_CLOSING = ("import os, sys; from src.objective import Objective; "
-                       "Objective.close_run = lambda self, study, trial: os._exit(137); "
+_DIE_BEFORE_CLOSING = ("import os, sys; from src.record import TrialRecord; "
+                       "TrialRecord.close_as_recorded = lambda self, study, trial: os._exit(137); "
                        "from src.sweep import main; sys.exit(main(sys.argv[1:]))")
 
 

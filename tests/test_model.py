@@ -9,7 +9,8 @@ import torchvision
 from torch import nn
 
 from src import model as M
-from src.config import TrialConfig, UserError
+from src.config import TrialConfig
+from src.errors import UserError
 from src.model import (SUPPORTED, WeightsUnavailable, build_model, expected_cache_file, head_name,
                        make_checkpoint, model_from_checkpoint, param_groups, save_checkpoint)
 
@@ -72,12 +73,14 @@ def test_param_groups_split_head_and_backbone(backbone):
     head = model.get_submodule(HEADS[backbone])
     head_ids = {id(head.weight), id(head.bias)}
 
-    g1 = param_groups(model, 1, head_lr=1e-3, backbone_lr=1e-4)
+    M.freeze_backbone(model)
+    g1 = param_groups(model, head_lr=1e-3, backbone_lr=1e-4)
     assert len(g1) == 1
     assert g1[0]["lr"] == 1e-3 and g1[0]["name"] == "head"
     assert {id(p) for p in g1[0]["params"]} == head_ids and len(g1[0]["params"]) == 2
 
-    g2 = param_groups(model, 2, head_lr=1e-3, backbone_lr=1e-4)
+    M.unfreeze(model)
+    g2 = param_groups(model, head_lr=1e-3, backbone_lr=1e-4)
     by_name = {g["name"]: g for g in g2}
     assert set(by_name) == {"head", "backbone"} and len(g2) == 2
     assert by_name["head"]["lr"] == 1e-3 and by_name["backbone"]["lr"] == 1e-4
@@ -94,11 +97,11 @@ def test_param_groups_split_head_and_backbone(backbone):
     assert [g["lr"] for g in opt.param_groups] == [1e-3, 1e-4]
 
 
-def test_set_trainable_and_train_mode_per_phase():
+def test_freeze_unfreeze_and_train_mode_per_phase():
     model = build_model("mobilenet_v2", 3, weights="none")
     head = model.get_submodule(head_name(model))
-    M.set_trainable(model, 1)
-    M.train_mode(model, 1)
+    M.freeze_backbone(model)
+    M.train_mode(model)
     for name, p in model.named_parameters():
         assert p.requires_grad == name.startswith("classifier.1."), name
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -106,8 +109,8 @@ def test_set_trainable_and_train_mode_per_phase():
     assert bns and dropouts
     assert not any(m.training for m in bns) and not any(m.training for m in dropouts)
     assert head.training
-    M.set_trainable(model, 2)
-    M.train_mode(model, 2)
+    M.unfreeze(model)
+    M.train_mode(model)
     assert all(p.requires_grad for p in model.parameters())
     assert all(m.training for m in model.modules())
 

@@ -16,8 +16,8 @@ from conftest import sweep_args as _args
 from src import final_test, sweep
 from src import study as study_mod
 from src import model as M
-from src import train
-from src.config import UserError
+from src import device
+from src.errors import UserError
 
 pytestmark = pytest.mark.slow
 
@@ -64,7 +64,7 @@ def test_sweep_logs_every_trial_and_never_decodes_test(in_tmp, flat_folder, monk
     assert parent.data.tags["best.run_id"] == result.best_run_id
     assert parent.info.status == "FINISHED"
     # --precision auto: bf16 fine-tuning exactly where this CPU does bf16 natively
-    assert parent.data.tags["train.precision"] == ("bf16" if train.native_bf16(torch.device("cpu")) else "fp32")
+    assert parent.data.tags["train.precision"] == ("bf16" if device.native_bf16(torch.device("cpu")) else "fp32")
     assert parent.data.tags["train.device"] == "cpu"
     assert _artifacts(client, parent.info.run_id, "sweep") == ["default.toml"]
     assert _artifacts(client, parent.info.run_id, "dataset") == ["split.json", "summary.json"]

@@ -11,7 +11,8 @@ from src import model as M
 from src import train as T
 from src.data import build_transform, find_splits, make_loader
 from src.model import build_model, head_name
-from src.train import Evaluation, evaluate, fit_phase, fit_two_phase
+from src.device import amp_dtype
+from src.train import Evaluation, evaluate, fit_phase, fit_two_phase, make_optimizer
 
 CPU = torch.device("cpu")
 SIZE = 16
@@ -31,6 +32,13 @@ def _make_loaders(split_folder):
     train = make_loader(split_folder, splits.train, train_tf, batch_size=12, train=True, seed=0)
     valid = make_loader(split_folder, splits.valid, eval_tf, batch_size=8, train=False)
     return train, valid
+
+
+def _fit(model, phase, train, valid, *, head_lr, backbone_lr, **kw):
+    """One phase as the recipe runs it: phase 1 on a frozen backbone, phase 2 on everything."""
+    M.freeze_backbone(model) if phase == 1 else M.unfreeze(model)
+    optimizer = make_optimizer(M.param_groups(model, head_lr, backbone_lr))
+    return fit_phase(model, train, valid, optimizer, phase=phase, **kw)
 
 
 def _snapshot(model) -> dict[str, torch.Tensor]:
@@ -61,7 +69,7 @@ def test_phase1_leaves_backbone_params_and_batchnorm_stats_untouched(loaders, ba
     before = _snapshot(model)
     head = head_name(model) + "."
 
-    result = fit_phase(model, 1, train, valid, head_lr=1e-2, backbone_lr=1e-2, max_epochs=2,
+    result = _fit(model, 1, train, valid, head_lr=1e-2, backbone_lr=1e-2, max_epochs=2,
                        patience=5, device=CPU)
     assert result.epochs == 2
 
@@ -86,7 +94,7 @@ def test_phase2_changes_backbone_params_and_batchnorm_stats(loaders):
     torch.manual_seed(0)
     model = build_model("resnet18", 3, weights="none")
     before = _snapshot(model)
-    result = fit_phase(model, 2, train, valid, head_lr=1e-3, backbone_lr=1e-3, max_epochs=1,
+    result = _fit(model, 2, train, valid, head_lr=1e-3, backbone_lr=1e-3, max_epochs=1,
                        patience=5, device=CPU)
     assert result.epochs == 1
     after = model.state_dict()
@@ -190,7 +198,7 @@ def test_early_stopping_restores_the_best_state_with_real_evaluation(loaders):
     model = build_model("resnet18", 3, weights="none")
     frozen = _FrozenLabels(model, valid)
     snapshots = []
-    result = fit_phase(model, 1, train, frozen, head_lr=1e-1, backbone_lr=1e-1, max_epochs=10,
+    result = _fit(model, 1, train, frozen, head_lr=1e-1, backbone_lr=1e-1, max_epochs=10,
                        patience=2, device=CPU, first_step=5,
                        on_epoch=lambda r: snapshots.append(_snapshot(model)))
     assert result.best_epoch == 1 and result.best_valid_acc == 1.0
@@ -218,7 +226,7 @@ def test_best_epoch_in_the_middle_is_restored(loaders, monkeypatch):
         seen.append(r)
         snapshots.append(_snapshot(model))
 
-    result = fit_phase(model, 1, train, valid, head_lr=1e-2, backbone_lr=1e-2, max_epochs=7,
+    result = _fit(model, 1, train, valid, head_lr=1e-2, backbone_lr=1e-2, max_epochs=7,
                        patience=2, device=CPU, on_epoch=on_epoch)
     assert [r.valid_acc for r in seen] == [0.5, 0.4, 0.8, 0.8, 0.6]   # stopped: 2 epochs after the best
     assert (result.best_epoch, result.best_valid_acc) == (3, 0.8)
@@ -264,11 +272,11 @@ def test_evaluate_counts_every_validation_image(loaders):
 def test_auto_precision_is_bf16_only_where_the_cpu_does_it_natively(monkeypatch, native):
     for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
         monkeypatch.setattr(torch.cpu, probe, lambda: native, raising=False)
-    assert T.amp_dtype(CPU, "auto") == (torch.bfloat16 if native else None)
-    assert T.amp_dtype(CPU, "fp32") is None
-    assert T.amp_dtype(CPU, "bf16") == torch.bfloat16
+    assert amp_dtype(CPU, "auto") == (torch.bfloat16 if native else None)
+    assert amp_dtype(CPU, "fp32") is None
+    assert amp_dtype(CPU, "bf16") == torch.bfloat16
     with pytest.raises(ValueError, match="fp16"):
-        T.amp_dtype(CPU, "fp16")
+        amp_dtype(CPU, "fp16")
 
 
 def test_bf16_applies_to_phase2_only_and_phase1_is_unchanged(split_folder):

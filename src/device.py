@@ -1,0 +1,62 @@
+"""Where the arithmetic runs: the device, bf16 autocast, copies in the fastest layout, loader workers."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .errors import UserError
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def pick_device(name: str) -> torch.device:
+    """`auto` (CUDA when there is one, else CPU) or a device torch can use here."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError) as exc:
+        raise UserError(f"--device {name} is not usable here ({exc}); use cpu or auto") from exc
+    return device
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether the hardware computes bf16 natively: CUDA GPUs that say so; CPUs with AVX512-BF16
+    or AMX (elsewhere CPU bf16 is emulated and slower than fp32)."""
+    if device.type == "cuda":
+        try:
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # older torch: no emulation to exclude
+            return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, so guarded
+        return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+    return False
+
+
+def amp_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """Autocast dtype for fine-tuning and evaluation: bf16 (no loss scaling needed) when asked, or
+    with "auto" where the hardware does it natively; None means fp32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
+    if precision == "bf16" or (precision == "auto" and native_bf16(device)):
+        return torch.bfloat16
+    return None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
+def to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device):
+    """Non-blocking copies (from pinned memory); image batches channels_last, the layout the
+    convolution libraries are fastest in (cuDNN, and oneDNN on CPU: 1.2-1.8x for inference here)."""
+    layout = torch.channels_last if images.dim() == 4 else torch.preserve_format
+    return images.to(device, non_blocking=True, memory_format=layout), labels.to(device, non_blocking=True)
+
+
+def default_loader_workers(device: torch.device) -> int:
+    """DataLoader workers: none on CPU (compute needs the cores), most cores on a GPU box."""
+    return 0 if device.type != "cuda" else max(1, min(8, (os.cpu_count() or 2) - 1))

@@ -1,0 +1,110 @@
+"""The phase-1 feature cache: what the frozen backbone makes of each training view, on disk.
+
+In phase 1 the backbone is frozen and in eval mode, so its output is a pure function of the
+input. Each augmentation level has views: view e of image i is the level's transform seeded by
+(study seed, level, e, i), so every trial that reaches epoch e sees the same view, and the
+features of a view are computed once and shared by all trials and later sweeps. Level "none"
+has a single view. Validation features are computed once. Entries are kept like every cache
+entry (src/cache.py: atomic, with a json holding shape and CRC-32 written last).
+"""
+from __future__ import annotations
+
+import copy
+import functools
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import data as D
+from .cache import StoredImages, cache_key, cached
+from .device import to_device
+
+
+def _view_seed(base: int, single_view: bool, epoch: int, i: int) -> int:
+    return (base + 1_000_003 * (0 if single_view else epoch) + i) % (2**63)
+
+
+def view_seed_fn(study_seed: int, level: str):
+    """Seed of view `epoch` of image i: shared by every trial of the same level and study seed.
+    A partial of a module function, not a lambda, so spawned DataLoader workers can unpickle it."""
+    base = int(cache_key("view", study_seed, level), 16) % (2**31)
+    return functools.partial(_view_seed, base, level == "none")
+
+
+class ViewEpochs:
+    """A train loader whose k-th pass (k = 0, 1, ...) serves view k of every image: the
+    uncached phase-1 path, same views as `FeatureEpochs`."""
+
+    def __init__(self, loader: torch.utils.data.DataLoader):
+        # Workers must be re-created each pass to see the new epoch: never persistent ones.
+        assert not loader.persistent_workers, "ViewEpochs needs non-persistent DataLoader workers"
+        self.loader, self.epoch = loader, 0
+
+    def __iter__(self):
+        self.loader.dataset.epoch = self.epoch
+        self.epoch += 1
+        yield from self.loader
+
+
+def feature_extractor(model: nn.Module, head: str) -> nn.Module:
+    """The frozen model minus its classifier: what the head sees in phase 1."""
+    body = copy.deepcopy(model)
+    parent_name, _, attr = head.rpartition(".")
+    setattr(body.get_submodule(parent_name) if parent_name else body, attr, nn.Identity())
+    return body.eval().requires_grad_(False)
+
+
+class FeatureCache:
+    """Phase-1 features of one frozen model on one decoded dataset, per (level, view)."""
+
+    def __init__(self, extractor: nn.Module, model_key: dict, train_array: np.ndarray, train_labels,
+                 valid: StoredImages, transform_for, study_seed: int, device: torch.device,
+                 batch_size: int = 128, workers: int = 0, train_rows=None):
+        self.extractor = extractor.to(device, memory_format=torch.channels_last)
+        self.model_key, self.device = model_key, device
+        # labels of `train_rows` (the readable rows; all when None)
+        self.train_array, self.train_labels, self.train_rows = train_array, list(train_labels), train_rows
+        self.valid_images, self.transform_for, self.study_seed = valid, transform_for, study_seed
+        self.batch_size, self.workers = batch_size, workers
+
+    def _extract(self, dataset) -> np.ndarray:
+        loader = torch.utils.data.DataLoader(dataset, batch_size=self.batch_size, num_workers=self.workers,
+                                             pin_memory=self.device.type == "cuda",
+                                             generator=torch.Generator())  # leave the global RNG alone
+        chunks = []
+        # fp32 even on CUDA: a one-off cost, and features must not carry bf16 rounding.
+        with torch.inference_mode():
+            for images, labels in loader:
+                chunks.append(self.extractor(to_device(images, labels, self.device)[0]))
+        return torch.cat(chunks).float().cpu().numpy()  # one host sync, at the end
+
+    def _entry(self, name: str, dataset) -> np.ndarray:
+        path = D.cache_dir() / "features" / f"{cache_key('features', self.model_key, name)}.npy"
+        return cached(path, np.float32, lambda tmp: np.save(tmp, self._extract(dataset)))[0]
+
+    def valid(self) -> np.ndarray:
+        return self._entry("valid", self.valid_images)
+
+    def train_view(self, level: str, epoch: int) -> np.ndarray:
+        view = 0 if level == "none" else epoch
+        dataset = StoredImages(self.train_array, self.train_labels, self.transform_for(level),
+                               view_seed_fn(self.study_seed, level), self.train_rows)
+        dataset.epoch = view
+        return self._entry(f"train/{level}/view{view}/seed{self.study_seed}", dataset)
+
+
+class FeatureEpochs:
+    """A train loader over cached features whose k-th pass serves view k (see `ViewEpochs`)."""
+
+    def __init__(self, cache: FeatureCache, level: str, batch_size: int, generator: torch.Generator):
+        self.cache, self.level, self.batch_size, self.generator = cache, level, batch_size, generator
+        self.labels = torch.as_tensor(cache.train_labels)
+        self.epoch = 0
+
+    def __iter__(self):
+        features = torch.from_numpy(np.array(self.cache.train_view(self.level, self.epoch)))
+        self.epoch += 1
+        # One generator across epochs, drawn exactly like the image loader's: same shuffles.
+        dataset = torch.utils.data.TensorDataset(features, self.labels)
+        yield from D.loader(dataset, self.batch_size, train=True, generator=self.generator)

@@ -1,0 +1,91 @@
+"""A sweep's start-up: validate everything, load the starting model, open the study and its parent
+run, decode the images once, take up what an earlier run left, before any training."""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import optuna
+import torch
+
+from . import data as D
+from . import model as M
+from .config import Fixed, SweepOptions, load_sweep, resolve_fixed
+from .device import amp_dtype, pick_device
+from .pipeline import Pipeline, initial_model
+from .record import TrialRecord
+from .recovery import LostTrials, recover
+from .study import check_same_settings, open_parent, open_study
+from .tracking import Tracker
+from .trial import Context
+
+log = logging.getLogger("tlsweep")
+PARENT_SETTLE_S = 3.0  # on a shared storage, wait this long after creating a parent before electing one
+
+
+@dataclass
+class Started:
+    """What start-up made: what every trial shares, the study, and the parent run."""
+    ctx: Context
+    study: optuna.Study
+    parent_id: str
+
+    @property
+    def tracker(self) -> Tracker:
+        return self.ctx.record.tracker
+
+
+def resolve_weights(fixed: Fixed, n_classes: int, on_demo: bool,
+                    weights_flag: str | None) -> tuple[torch.nn.Module, str, bool]:
+    """Load the starting model before any training: (model, effective weights, fell back)."""
+    if fixed.weights == "none":
+        log.warning("*** --weights none: RANDOM INIT, no pretrained features (much worse results) ***")
+    try:
+        return initial_model(fixed.backbone, n_classes, fixed.weights, fixed.seed), fixed.weights, False
+    except M.WeightsUnavailable as exc:
+        if not (on_demo and weights_flag is None):
+            raise
+        log.warning("*** ImageNet weights unavailable; the DEMO continues from RANDOM INIT. ***\n%s", exc)
+        return initial_model(fixed.backbone, n_classes, "none", fixed.seed), "none", True
+
+
+def study_name(opts: SweepOptions) -> str:
+    return opts.study_name or f"{opts.sweep.stem}-{'demo-digits' if opts.data is None else Path(opts.data).name}"
+
+
+def start(opts: SweepOptions) -> Started:
+    """Validate everything and open study + parent run, before any training."""
+    sweep = load_sweep(opts.sweep)
+    on_demo = opts.data is None
+    fixed = resolve_fixed(sweep, on_demo, opts.fixed_overrides())
+    M.check_backbone(fixed.backbone)
+    splits = D.find_splits(D.demo_data_dir() if on_demo else opts.data, seed=fixed.seed)
+    device = pick_device(opts.device)
+    amp = amp_dtype(device, opts.precision)
+    base, weights, fell_back = resolve_weights(fixed, len(splits.classes), on_demo, opts.weights)
+    tracker = Tracker(opts.tracking_uri)
+    tracker.check_reachable()
+    study = open_study(study_name(opts), opts.storage, fixed.seed, prune=not opts.no_prune,
+                       on_lost=LostTrials(tracker))
+    check_same_settings(study, {**asdict(fixed), "weights": weights, "search": {
+        n: asdict(spec) for n, spec in sweep.search.items()}})
+    # Decoding every image once happens here: after the cheap checks, before any training.
+    pipeline = Pipeline(splits=splits, fixed=fixed, weights=weights, device=device, loader_workers=opts.loader_workers,
+                        use_cache=not opts.no_cache, base=base, max_bad_fraction=opts.max_bad_fraction)
+    tags = {"optuna.storage": opts.storage, "data.dir": str(splits.root), "data.demo": str(on_demo).lower(),
+            "weights.requested": fixed.weights, "weights.effective": weights,
+            "weights.unavailable": str(fell_back).lower(), "train.device": str(device),
+            "train.precision": "bf16" if amp is not None else "fp32", **{f"fixed.{k}": v for k, v in asdict(fixed).items()}}
+    settle_s = 0.0 if opts.storage.startswith("sqlite") else PARENT_SETTLE_S
+    parent_id = open_parent(tracker, study, opts.experiment or sweep.path.stem, splits, sweep, tags, settle_s)
+    if splits.ignored_files:
+        log.warning("%d non-image file(s) under %s were ignored (counted in dataset/summary.json)",
+                    splits.ignored_files, splits.root)
+    bad = pipeline.bad_images()  # found while decoding once; each trial run names them too
+    tracker.set_tags(parent_id, {"data.skipped_images": sum(len(v) for v in bad.values())})
+    if bad:
+        tracker.log_json(parent_id, bad, "dataset/skipped_images.json")
+    recover(study, tracker, parent_id)  # what a killed or interrupted earlier run left behind
+    ctx = Context(pipeline, sweep.search, TrialRecord(tracker, parent_id, pipeline), amp, opts.trials)
+    return Started(ctx, study, parent_id)

@@ -1,0 +1,76 @@
+"""How a sweep ends: its result, the parent's report written (src/report.py), and the terminal's
+summary with the exact commands to run next."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import optuna
+
+from . import trials as T
+from .report import SCORE, log_report, next_commands, summary_table, ui_base
+from .start import Started
+from .study import pruning_savings
+
+log = logging.getLogger("tlsweep")
+
+
+@dataclass
+class SweepResult:
+    study_name: str
+    parent_run_id: str
+    best_value: float | None
+    best_run_id: str | None
+    best_trial_number: int | None
+    n_finished: int
+    epochs_spent: int             # global epochs actually trained, over all finished trials
+    interrupted: bool = False
+    stopped_reason: str | None = None  # set when too many trials failed in a row
+
+
+def result(study: optuna.Study, parent_id: str, epochs_spent: int, interrupted: bool,
+           stopped_reason: str | None = None) -> SweepResult:
+    best = T.best(study)
+    return SweepResult(study.study_name, parent_id, best.value if best else None, T.run_id(best) if best else None,
+                       best.number if best else None, len(T.finished(study)), epochs_spent, interrupted,
+                       stopped_reason)
+
+
+def commands(started: Started, tracking_uri: str | None, storage: str) -> dict:
+    exp_id = started.tracker.get_run(started.parent_id).info.experiment_id
+    return next_commands(started.parent_id, tracking_uri, storage, exp_id)
+
+
+def write_report(started: Started, study: optuna.Study, tracking_uri: str | None, storage: str) -> None:
+    """The parent run's summary page, tables and plots, as the study is now. They are derived from
+    the study, so a failure here is a warning, never the sweep's outcome: the next run of the same
+    command writes them again."""
+    pipe = started.ctx.pipeline
+    try:
+        log_report(started.tracker, started.parent_id, study, pipe.fixed, pipe.weights,
+                   commands(started, tracking_uri, storage), ui_base(tracking_uri))
+    except Exception as exc:  # plotting or artifact-store trouble
+        log.warning("could not write the sweep's report on parent run %s (%s: %s); the trials are "
+                    "unaffected, and re-running the same command writes it", started.parent_id,
+                    type(exc).__name__, exc)
+
+
+def print_summary(started: Started, study: optuna.Study, tracking_uri: str | None, storage: str) -> int:
+    """The terminal's summary: counts, the top trials, epochs spent, the best trial and what to run
+    next (logged on the parent too); returns the epochs spent."""
+    completed, best = T.completed(study), T.best(study)
+    print(f"\nstudy {study.study_name!r}: {len(T.finished(study))} finished trials "
+          f"({len(completed)} complete), parent run {started.parent_id}")
+    print(summary_table(study))
+    spent, pruned_max = pruning_savings(study, started.ctx.pipeline.fixed)
+    print(f"epochs spent: {spent}; pruned trials could have run up to {pruned_max} more without pruning")
+    if best is not None:
+        print(f"\nbest: trial {best.number}, valid_acc {best.value:.4f} (run {T.run_id(best)}). Next:")
+    else:
+        print("\nno trial completed yet (see optuna.fail_reason on the trial runs). Next:")
+    for what, cmd in commands(started, tracking_uri, storage).items():
+        if best is not None or what != SCORE:  # nothing to score yet
+            print(f"  # {what}\n  {cmd}")
+    started.tracker.log_metrics(started.parent_id, {"sweep/epochs_spent": spent,
+                                                    "sweep/epochs_saved_by_pruning_max": pruned_max})
+    return spent

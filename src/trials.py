@@ -1,0 +1,85 @@
+"""What a study and its trials record, how to find trials, and the one module that uses Optuna's
+private storage API (`study._storage`, `trial._trial_id`, `study._study_id`).
+
+Attribute names, in one place (Optuna's own retry attributes, `failed_trial` and
+`retry_history`, are read by `RetryHeartbeatStaleTrialCallback.retried_trial_number` too):
+"""
+from __future__ import annotations
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+# user attributes of a trial
+WORKER_ATTR = "tlsweep.worker"          # host, boot id, pid namespace, pid, start time of its worker
+RUN_ID_ATTR = "mlflow_run_id"           # the trial's MLflow run
+FAIL_KIND_ATTR = "tlsweep.fail_kind"    # diverged | out_of_memory | bad_images | error | interrupted | surplus
+FAIL_REASON_ATTR = "tlsweep.fail_reason"
+PRUNE_REASON_ATTR = "tlsweep.prune_reason"
+# system attributes of a trial queued again
+FAILED_TRIAL_ATTR = "failed_trial"      # Optuna's: the number of the trial it retries
+RETRY_HISTORY_ATTR = "retry_history"    # Optuna's: the numbers it stands for, the first one first
+TIMES_LOST_ATTR = "tlsweep.times_lost"  # how often its workers died (counts toward MAX_RETRIES)
+# user attributes of the study
+STUDY_UID_ATTR = "tlsweep.study_uid"    # ties a study to its parent run, whatever the store
+PARENT_RUN_ATTR = "mlflow_parent_run_id"
+SETTINGS_ATTR = "sweep_settings"        # fixed settings and search space, compared on resume
+
+
+def finished(study: optuna.Study) -> list[FrozenTrial]:
+    """The trials that count toward --trials: complete or pruned (failed ones do not)."""
+    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+
+
+def completed(study: optuna.Study) -> list[FrozenTrial]:
+    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+
+
+def running(study: optuna.Study) -> list[FrozenTrial]:
+    return study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+
+
+def best(study: optuna.Study) -> FrozenTrial | None:
+    """The best complete trial (the first of equals), or None: the one winner everything names."""
+    return max(completed(study), key=lambda t: t.value, default=None)
+
+
+def run_id(trial: FrozenTrial) -> str | None:
+    return trial.user_attrs.get(RUN_ID_ATTR)
+
+
+# -- Optuna's private API, used here only ---------------------------------------------------------
+def original_number(trial: optuna.Trial) -> int:
+    """The number of the trial a live trial stands in for: the lost trial it retries, or its own."""
+    attrs = trial.study._storage.get_trial_system_attrs(trial._trial_id)
+    return int((attrs.get(RETRY_HISTORY_ATTR) or [trial.number])[0])
+
+
+def frozen(trial: optuna.Trial) -> FrozenTrial:
+    """A live trial as the storage has it now (with its system attributes)."""
+    return trial.study._storage.get_trial(trial._trial_id)
+
+
+def claim_failed(study: optuna.Study, trial: FrozenTrial) -> FrozenTrial | None:
+    """Mark a RUNNING trial FAIL; the updated trial for exactly one caller (the one whose write
+    won), None for the others and when it was finished already."""
+    try:
+        won = study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        won = False
+    return study._storage.get_trial(trial._trial_id) if won else None
+
+
+def storage_identity(study: optuna.Study) -> tuple[str, int]:
+    """(the storage's URL or journal path, the study's id in it): the same for every worker."""
+    storage = study._storage
+    url = getattr(storage, "url", None) or getattr(getattr(storage, "_backend", None), "_file_path", "") or ""
+    return str(url), study._study_id
+
+
+def taken_over(exc: BaseException) -> bool:
+    """Whether `study.optimize` failed because the trial it ran was finished by someone else: a
+    worker that found its heartbeat stale failed it and queued it again (Optuna then refuses to
+    record it: "Cannot tell a FAIL trial")."""
+    if isinstance(exc, optuna.exceptions.UpdateFinishedTrialError):
+        return True
+    return isinstance(exc, ValueError) and str(exc).startswith("Cannot tell a")
