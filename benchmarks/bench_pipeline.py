@@ -29,10 +29,11 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from src import data as D, model as M, sweep  # noqa: E402
 from src.config import Fixed, TrialConfig  # noqa: E402
+from src.device import amp_dtype, pick_device  # noqa: E402
+from src.features import ViewEpochs  # noqa: E402
 from src.pipeline import Pipeline  # noqa: E402
 from src.tracking import Tracker  # noqa: E402
-from src.cache import ViewEpochs  # noqa: E402
-from src.train import amp_dtype, evaluate, make_optimizer, train_epoch  # noqa: E402
+from src.train import evaluate, make_optimizer, train_epoch  # noqa: E402
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
@@ -76,20 +77,21 @@ def phase1_epochs(splits, fixed, device) -> float:
     """One phase-1 epoch (train + valid) on decoded-once images: recomputing the frozen backbone
     vs training the head on cached features. Isolates the feature cache from decode-once."""
     seconds = {}
-    pipeline = Pipeline(splits, fixed, "none", MEAN, STD, device, 0, True)
+    pipeline = Pipeline(splits=splits, fixed=fixed, weights="none", device=device, loader_workers=0)
     cfg = trial_config(pipeline, "light")
     for use_cache in (False, True):
         model = pipeline.model(0).to(device)
-        _, valid_images, (module, train, valid) = pipeline.loaders(cfg, model)
+        data = pipeline.loaders(cfg, model)
+        module, train, valid = data.phase1.module, data.phase1.train, data.phase1.valid
         if not use_cache:  # the same views, from the stored images, through the whole model
             views = D.loader(pipeline._dataset("train", "light", True), fixed.batch_size, True, cfg.seed)
-            module, train, valid = model, ViewEpochs(views), valid_images
-        M.set_trainable(module, 1)
-        opt = make_optimizer(M.param_groups(module, 1, 1e-3, 0.0))
+            module, train, valid = model, ViewEpochs(views), data.valid
+        M.freeze_backbone(model)
+        opt = make_optimizer(M.param_groups(module, 1e-3))
 
         def epoch():
             train.epoch = 0  # the same view every time: its features are cached after the first pass
-            train_epoch(module, 1, train, opt, device)
+            train_epoch(module, train, opt, device)
             evaluate(module, valid, device)
 
         epoch()  # warm-up; fills the view-0 and validation features when caching
@@ -116,8 +118,8 @@ def imagefolder_loader(splits, fixed, workers: int):
 def phase2_throughput(splits, fixed, device) -> tuple[float, float, float]:
     """Fine-tuning images/s from three sources, all in the sweep's default precision."""
     amp = amp_dtype(device)
-    pipeline = Pipeline(splits, fixed, "none", MEAN, STD, device, None, True)
-    ours, _, _ = pipeline.loaders(trial_config(pipeline, "light"), pipeline.model(0))
+    pipeline = Pipeline(splits=splits, fixed=fixed, weights="none", device=device)
+    ours = pipeline.loaders(trial_config(pipeline, "light"), pipeline.model(0)).train
     n_batches = len(ours)
     images = n_batches * fixed.batch_size
     # A few fixed batches, cycled: the compute bound without holding an epoch of tensors in RAM.
@@ -126,15 +128,15 @@ def phase2_throughput(splits, fixed, device) -> tuple[float, float, float]:
     synthetic = [few[i % len(few)] for i in range(n_batches)]
     tutorial = imagefolder_loader(splits, fixed, pipeline.workers)
     model = pipeline.model(0).to(device)
-    M.set_trainable(model, 2)
-    opt = make_optimizer(M.param_groups(model, 2, 1e-4, 1e-5))
-    train_epoch(model, 2, synthetic[:3], opt, device, amp)  # warm-up
+    M.unfreeze(model)
+    opt = make_optimizer(M.param_groups(model, 1e-4, 1e-5))
+    train_epoch(model, synthetic[:3], opt, device, amp)  # warm-up
     sources = {"synthetic in-memory tensors (compute bound)": synthetic, "our pipeline": ours,
                "ImageFolder + PIL transforms": tutorial}
     best = {name: float("inf") for name in sources}
     for _ in range(3):  # interleaved rounds: a slow spell of this noisy machine hits every source
         for name, source in sources.items():
-            best[name] = min(best[name], timed(lambda: train_epoch(model, 2, source, opt, device, amp), 1))
+            best[name] = min(best[name], timed(lambda: train_epoch(model, source, opt, device, amp), 1))
     rates = {name: images / seconds for name, seconds in best.items()}
     for name, rate in rates.items():
         print(f"phase-2 training, {name}: {rate:.1f} images/s")
@@ -199,7 +201,7 @@ def main(argv=None) -> int:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    device = sweep.pick_device(args.device)
+    device = pick_device(args.device)
     with tempfile.TemporaryDirectory(prefix="tlsweep-bench-") as tmp:
         work = Path(tmp)
         os.environ["TLSWEEP_CACHE"] = str(work / "cache-micro")

@@ -117,10 +117,6 @@ def decode_split(root: Path, entries, side: int, workers: int = 0) -> Decoded:
                    meta.get("upscaled", 0), meta.get("upscaled_examples", []))
 
 
-def decoded_images(root: Path, entries, side: int, workers: int = 0) -> np.ndarray:
-    return decode_split(root, entries, side, workers).array
-
-
 def _decode_into(tmp: Path, root: Path, entries, decode, shape, workers: int) -> dict:
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
     side = shape[1]

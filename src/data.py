@@ -166,12 +166,6 @@ class SkippingLoader:
                 yield batch
 
 
-def make_loader(root, entries, transform, batch_size: int, train: bool, seed: int = 0,
-                num_workers: int = 0, pin_memory: bool = False) -> torch.utils.data.DataLoader:
-    """A loader that decodes image files each time (see `loader` for any dataset)."""
-    return loader(ImageList(root, entries, transform), batch_size, train, seed, num_workers, pin_memory)
-
-
 def loader(dataset, batch_size: int, train: bool, seed: int = 0, num_workers: int = 0,
            pin_memory: bool = False, generator: torch.Generator | None = None,
            collate_fn=None) -> torch.utils.data.DataLoader:

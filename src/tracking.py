@@ -28,7 +28,7 @@ import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from .errors import UserError
 
@@ -39,8 +39,9 @@ HEALTH_TIMEOUT_S = 10
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
-class Tracker:
-    """A tracking store (None = MLflow's default, sqlite:///mlflow.db with ./mlruns)."""
+class Store:
+    """A tracking store (None = MLflow's default, sqlite:///mlflow.db with ./mlruns) and its
+    experiments: connecting, failing fast with the URI, experiments made once by racing workers."""
 
     def __init__(self, tracking_uri: str | None = None):
         self.uri = tracking_uri or mlflow.get_tracking_uri()
@@ -92,6 +93,11 @@ class Tracker:
             if EXPERIMENT_KIND not in self.client.get_experiment(exp_id).tags:
                 raise
         return exp_id
+
+
+
+class Tracker(Store):
+    """Our runs in a store: the parent and trial runs, their values and artifacts, lookups."""
 
     def run_exists(self, run_id: str | None) -> bool:
         if not run_id:
@@ -159,9 +165,6 @@ class Tracker:
     def log_json(self, run_id: str, obj, artifact_file: str) -> None:
         self.client.log_dict(run_id, obj, artifact_file)
 
-    def log_figure(self, run_id: str, figure, artifact_file: str) -> None:
-        self.client.log_figure(run_id, figure, artifact_file)
-
     def artifact_names(self, run_id: str, path: str) -> list[str]:
         return [Path(a.path).name for a in self.client.list_artifacts(run_id, path)]
 
@@ -199,6 +202,3 @@ class Tracker:
         return self.client.search_runs([exp_id], filter_string=f"tags.{MLFLOW_PARENT_RUN_ID} = '{parent_id}'",
                                        max_results=10000)
 
-
-def run_name(run) -> str:
-    return run.data.tags.get(MLFLOW_RUN_NAME, run.info.run_name or "")

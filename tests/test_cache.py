@@ -114,7 +114,7 @@ def test_damaged_cache_entries_are_rebuilt_never_used(flat_folder, damage, caplo
 
 def test_images_are_decoded_once_and_memory_mapped(flat_folder, monkeypatch):
     splits = D.find_splits(flat_folder)
-    first = C.decoded_images(splits.root, splits.train, 18)
+    first = C.decode_split(splits.root, splits.train, 18).array
     assert isinstance(first, np.memmap) and first.shape == (len(splits.train), 18, 18, 3)
     C._verified.clear()
 
@@ -122,7 +122,7 @@ def test_images_are_decoded_once_and_memory_mapped(flat_folder, monkeypatch):
         raise AssertionError(f"decoded {path} again")
 
     monkeypatch.setattr(D, "load_rgb", no_decoding)
-    again = C.decoded_images(splits.root, splits.train, 18)
+    again = C.decode_split(splits.root, splits.train, 18).array
     assert isinstance(again, np.memmap) and np.array_equal(first, again)
 
 
@@ -131,7 +131,7 @@ def test_stored_eval_images_match_decoding_each_time(tmp_path):
     splits = D.find_splits(root)
     mean, std = [0.5] * 3, [0.25] * 3
     tf = D.build_transform("none", 16, mean, std, train=False)
-    stored = C.StoredImages(C.decoded_images(root, splits.train, round(16 / 0.875)), [0] * len(splits.train), tf)
+    stored = C.StoredImages(C.decode_split(root, splits.train, round(16 / 0.875)).array, [0] * len(splits.train), tf)
     direct = D.ImageList(root, splits.train, tf)
     for i in range(len(splits.train)):
         assert torch.equal(stored[i][0], direct[i][0])
@@ -183,7 +183,7 @@ def test_stored_images_reach_spawned_workers_as_a_file_name_not_pixels(flat_fold
     import pickle
 
     splits = D.find_splits(flat_folder)
-    array = C.decoded_images(splits.root, splits.train, 64)
+    array = C.decode_split(splits.root, splits.train, 64).array
     tf = D.build_transform("light", 56, [0.5] * 3, [0.25] * 3, train=True)
     dataset = C.StoredImages(array, [y for _, y in splits.train], tf, F.view_seed_fn(0, "light"))
     dataset.epoch = 2
@@ -199,7 +199,7 @@ def test_stored_images_reach_spawned_workers_as_a_file_name_not_pixels(flat_fold
 @pytest.mark.slow
 def test_a_spawned_worker_serves_the_same_views(flat_folder):
     splits = D.find_splits(flat_folder)
-    array = C.decoded_images(splits.root, splits.train, 18)
+    array = C.decode_split(splits.root, splits.train, 18).array
     tf = D.build_transform("strong", 16, [0.5] * 3, [0.25] * 3, train=True)
     dataset = C.StoredImages(array, [y for _, y in splits.train], tf, F.view_seed_fn(0, "strong"))
     here = torch.cat([x for x, _ in torch.utils.data.DataLoader(dataset, batch_size=8)])

@@ -9,7 +9,7 @@ from torch import nn
 
 from src import model as M
 from src import train as T
-from src.data import build_transform, find_splits, make_loader
+from src.data import ImageList, build_transform, find_splits, loader
 from src.model import build_model, head_name
 from src.device import amp_dtype
 from src.train import Evaluation, evaluate, fit_phase, fit_two_phase, make_optimizer
@@ -29,8 +29,8 @@ def _make_loaders(split_folder):
     mean, std = M.norm_stats("resnet18")
     train_tf = build_transform("seed", SIZE, mean, std, train=True)
     eval_tf = build_transform("none", SIZE, mean, std, train=False)
-    train = make_loader(split_folder, splits.train, train_tf, batch_size=12, train=True, seed=0)
-    valid = make_loader(split_folder, splits.valid, eval_tf, batch_size=8, train=False)
+    train = loader(ImageList(split_folder, splits.train, train_tf), batch_size=12, train=True, seed=0)
+    valid = loader(ImageList(split_folder, splits.valid, eval_tf), batch_size=8, train=False)
     return train, valid
 
 
