@@ -45,13 +45,14 @@ class StopOnFailures:
 POLL_S = 2.0  # how often a worker with nothing to start looks whether another worker's trial failed
 
 
-def optimize(study: optuna.Study, objective: Objective, trials: int, timeout_s: float | None,
-             failures: StopOnFailures) -> None:
+def optimize(study: optuna.Study, objective: Objective, trials: int, timeout_s: float | None) -> str | None:
     """Run trials, one at a time, until the study has `trials` finished ones (whatever earlier
     runs or other workers did; failed trials do not count), `timeout_s` passes, or too many fail in
     a row. When the trials other workers are running would complete the count, wait: if one of
-    them fails, this worker runs its replacement. Before each trial, take up what dead workers left."""
+    them fails, this worker runs its replacement. Before each trial, take up what dead workers left.
+    Returns why it stopped early (too many failures in a row), or None."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    failures = StopOnFailures()
     record = objective.ctx.record
     tracker, parent_id = record.tracker, record.parent_id
     with tqdm(total=trials, initial=len(T.finished(study)), desc="trials", unit="trial", disable=BARS) as bar:
@@ -74,7 +75,7 @@ def optimize(study: optuna.Study, objective: Objective, trials: int, timeout_s: 
             bar.n = done
             bar.refresh()
             if done >= trials:
-                return
+                return None
             if done + len(T.running(study)) >= trials:
                 time.sleep(POLL_S)
                 continue
@@ -86,3 +87,4 @@ def optimize(study: optuna.Study, objective: Objective, trials: int, timeout_s: 
                 if not T.taken_over(exc):
                     raise
                 log.warning("a trial of this worker was taken over by another worker; going on")
+    return failures.reason

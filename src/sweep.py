@@ -25,7 +25,7 @@ from .errors import UserError, interrupted_trial
 from .launcher import launch
 from .pipeline import DEFAULT_MAX_BAD_FRACTION
 from .recovery import queue_retry
-from .scheduler import StopOnFailures, optimize
+from .scheduler import optimize
 from .start import start
 from .stopping import STOP, handling_signals, writing
 from .study import update_best
@@ -93,7 +93,7 @@ def run_sweep(opts: SweepOptions) -> SweepResult:
     remaining = max(opts.trials - done, 0)
     log.info("study %r: %d finished, running up to %d more; tracking %s, parent run %s",
              study.study_name, done, remaining, started.tracker.uri, started.parent_id)
-    status, interrupted, failures = "FINISHED", False, StopOnFailures()
+    status, interrupted, stopped_reason = "FINISHED", False, None
     # What start-up built (modules, stores, caches, the starting model) lives all sweep: freeze it
     # out of the collector, so the collection that frees each trial scans only the trial's objects
     # (0.4 s a trial otherwise, with torch, MLflow and Optuna loaded).
@@ -101,7 +101,7 @@ def run_sweep(opts: SweepOptions) -> SweepResult:
     gc.freeze()
     try:
         if remaining:
-            optimize(study, Objective(started.ctx), opts.trials, opts.timeout, failures)
+            stopped_reason = optimize(study, Objective(started.ctx), opts.trials, opts.timeout)
     except KeyboardInterrupt as exc:
         status, interrupted = "KILLED", True
         log.warning("interrupted: finished trials are kept; re-run the same command to continue")
@@ -121,9 +121,9 @@ def run_sweep(opts: SweepOptions) -> SweepResult:
             finally:
                 started.tracker.finish(started.parent_id, status)
     if os.environ.get("TLSWEEP_WORKER"):  # a --workers child: the launcher prints the summary
-        return result(study, started.parent_id, 0, interrupted, failures.reason)
+        return result(study, started.parent_id, 0, interrupted, stopped_reason)
     spent = print_summary(started, study, opts.tracking_uri, opts.storage)
-    return result(study, started.parent_id, spent, interrupted, failures.reason)
+    return result(study, started.parent_id, spent, interrupted, stopped_reason)
 
 
 def main(argv=None) -> int:
