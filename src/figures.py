@@ -1,7 +1,7 @@
 """Figures of one model on one split, as files a user opens in the MLflow UI.
 
 Each figure is built by a `*_figure` function (data in, matplotlib Figure out, nothing written:
-what the tests inspect) and written by `save` (PNG). What a trial run gets (src/objective.py):
+what the tests inspect) and written by `save` (PNG). What a trial run gets (src/record.py):
   confusion/valid_phase{1,2}.{csv,png}  counts (CSV) and the row-normalized heatmap (PNG)
   figures/per_class_valid.{csv,png}    precision, recall, F1 and support per class
   figures/training_curves.png          loss and accuracy of both phases, phase boundary marked

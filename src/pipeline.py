@@ -1,7 +1,7 @@
 """What a trial trains on: its model and loaders, built from caches the whole sweep shares.
 
 With caches on (the default), images are decoded once per sweep (`cache.decode_split`) and
-phase 1 trains the head on cached backbone features (`cache.FeatureCache`). With caches off,
+phase 1 trains the head on cached backbone features (`features.FeatureCache`). With caches off,
 every epoch decodes files and runs the frozen backbone again; both paths serve the same
 phase-1 views, so they give the same phase-1 metrics (tests/test_cache.py checks this).
 """
