@@ -40,10 +40,16 @@ def initial_model(backbone: str, n_classes: int, weights: str, study_seed: int) 
 
 @dataclass(frozen=True)
 class TrialData:
-    """What one trial trains on: phase 2's image loaders, and what phase 1 fits."""
+    """What one trial trains on: phase 2's image loaders, what phase 1 fits, and the log of the
+    unreadable files it skips per split (found while decoding once, or by its own loaders)."""
     train: object
     valid: object
     phase1: HeadInputs
+    unreadable: dict[str, D.BadImageLog]
+
+    def skipped(self) -> dict[str, dict[str, str]]:
+        """Split -> {relative path: reason} of the files this trial skipped so far."""
+        return {name: dict(lg.found) for name, lg in self.unreadable.items() if lg.found}
 
 
 class Pipeline:
@@ -61,7 +67,7 @@ class Pipeline:
         self.head = M.head_name(self.base)
         self.decoded, self.features, self.valid_features = None, None, None
         self.rows = {name: list(range(len(getattr(splits, name)))) for name in ("train", "valid")}
-        self.bad_logs: dict[str, D.BadImageLog] = {}  # this trial's (or the decode pass's) unreadable files
+        self.decode_logs: dict[str, D.BadImageLog] = {}  # the decode pass's unreadable files (caches on)
         if use_cache:
             for folder in ("images", "features"):  # what writers killed mid-write left behind
                 remove_dead_temps(D.cache_dir() / folder)
@@ -80,12 +86,12 @@ class Pipeline:
             entries = getattr(self.splits, name)
             dec = C.decode_split(self.splits.root, entries, side, self.workers)
             self.decoded[name], self.rows[name] = dec, dec.rows
-            self.bad_logs[name] = D.BadImageLog(name, len(entries), self.max_bad_fraction,
-                                                 error=DataError, root=self.splits.root)
+            self.decode_logs[name] = D.BadImageLog(name, len(entries), self.max_bad_fraction,
+                                                    error=DataError, root=self.splits.root)
             if dec.bad:
                 log.warning("%d of %d %s images cannot be read and are skipped, e.g. %s",
                             len(dec.bad), len(entries), name, "; ".join(list(dec.bad)[:3]))
-                self.bad_logs[name].add(D.BadImage(p, why) for p, why in dec.bad.items())
+                self.decode_logs[name].add(D.BadImage(p, why) for p, why in dec.bad.items())
             if dec.upscaled:
                 log.warning("%d of %d %s images are smaller than the %d px square they are resized to "
                             "(--image-size %d / 0.875) and are upscaled, e.g. %s", dec.upscaled,
@@ -96,8 +102,8 @@ class Pipeline:
         return [entries[r][1] for r in self.rows[split]]
 
     def bad_images(self) -> dict[str, dict[str, str]]:
-        """Split -> {relative path: reason} of the files skipped so far (decode pass or this trial)."""
-        return {name: dict(lg.found) for name, lg in self.bad_logs.items() if lg.found}
+        """Split -> {relative path: reason} of the files the decode pass skipped (caches on)."""
+        return {name: dict(lg.found) for name, lg in self.decode_logs.items() if lg.found}
 
     def model_key(self) -> dict:
         """Everything the phase-1 features depend on (the level and view go in the entry name).
@@ -133,29 +139,29 @@ class Pipeline:
             return C.StoredImages(self.decoded[split].array, self.labels(split), transform, view_seed, self.rows[split])
         return D.ImageList(self.splits.root, getattr(self.splits, split), transform, view_seed, skip_bad=True)
 
-    def _loader(self, dataset, batch_size: int, train: bool, seed: int = 0, split: str | None = None):
+    def _loader(self, dataset, batch_size: int, train: bool, seed: int = 0, log: D.BadImageLog | None = None):
         pin = self.device.type == "cuda"
         if not isinstance(dataset, D.ImageList):
             return D.loader(dataset, batch_size, train, seed, self.workers, pin)
         # Files decoded each time: one that fails mid-epoch is skipped and counted for this trial.
         return D.SkippingLoader(D.loader(dataset, batch_size, train, seed, self.workers, pin,
-                                         collate_fn=D.collate_skipping), self.bad_logs[split])
+                                         collate_fn=D.collate_skipping), log)
 
     def loaders(self, cfg: TrialConfig, model: nn.Module) -> TrialData:
         """The trial's loaders, and phase 1's inputs: the head on cached features (caches on), or
         the model on the same views decoded every epoch."""
         bs = cfg.batch_size
-        if self.decoded is None:  # a new trial: its own count of unreadable files
-            self.bad_logs = {name: D.BadImageLog(name, len(getattr(self.splits, name)), self.max_bad_fraction,
-                                                 root=self.splits.root) for name in ("train", "valid")}
-        train = self._loader(self._dataset("train", cfg.aug_strength, False), bs, True, cfg.seed, "train")
-        valid = self._loader(self._dataset("valid", "none", False), bs * 2, False, split="valid")
+        logs = self.decode_logs if self.decoded is not None else {  # decoding now: its own count
+            name: D.BadImageLog(name, len(getattr(self.splits, name)), self.max_bad_fraction, root=self.splits.root)
+            for name in ("train", "valid")}
+        train = self._loader(self._dataset("train", cfg.aug_strength, False), bs, True, cfg.seed, logs["train"])
+        valid = self._loader(self._dataset("valid", "none", False), bs * 2, False, log=logs["valid"])
         if self.features is None:
-            views = self._loader(self._dataset("train", cfg.aug_strength, True), bs, True, cfg.seed, "train")
-            return TrialData(train, valid, HeadInputs(model, F.ViewEpochs(views), valid))
+            views = self._loader(self._dataset("train", cfg.aug_strength, True), bs, True, cfg.seed, logs["train"])
+            return TrialData(train, valid, HeadInputs(model, F.ViewEpochs(views), valid), logs)
         if self.valid_features is None:
             self.valid_features = torch.from_numpy(np.array(self.features.valid()))
         valid_features = torch.utils.data.TensorDataset(self.valid_features, torch.as_tensor(self.labels("valid")))
         phase1_train = F.FeatureEpochs(self.features, cfg.aug_strength, bs, torch.Generator().manual_seed(cfg.seed))
         return TrialData(train, valid, HeadInputs(model.get_submodule(self.head), phase1_train,
-                                                  self._loader(valid_features, bs * 2, False)))
+                                                  self._loader(valid_features, bs * 2, False)), logs)

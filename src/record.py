@@ -98,14 +98,14 @@ class TrialRecord:
                 files.append(figures.save(fig, tmp / "misclassified_valid.png"))
             self.tracker.log_files(run_id, files, "figures")
 
+    def skipped(self, run_id: str, bad: dict[str, dict[str, str]]) -> None:
+        """Name the unreadable files the trial skipped, if any (split -> {path: reason})."""
+        if bad:
+            self.tracker.set_tags(run_id, {"data.skipped_images": sum(len(files) for files in bad.values())})
+            self.tracker.log_json(run_id, bad, "data/skipped_images.json")
+
     def close(self, run_id: str, state: str, reason: str | None = None, tags: dict | None = None,
               status: str | None = None) -> None:
-        """Close the trial's run, naming the unreadable files it skipped, if any."""
-        tags = dict(tags or {})
-        bad = self.pipeline.bad_images()
-        if bad:
-            tags["data.skipped_images"] = sum(len(files) for files in bad.values())
-            self.tracker.log_json(run_id, bad, "data/skipped_images.json")
         self.tracker.end_run(run_id, state, reason, status=status, tags=tags)
 
     def close_as_recorded(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:

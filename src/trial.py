@@ -144,6 +144,8 @@ class Objective:
             traceback.clear_frames(exc.__traceback__)
             raise
         finally:
+            with writing():
+                self.ctx.record.skipped(run_id, data.skipped())
             del model, data
             gc.collect()
             if pipe.device.type == "cuda":

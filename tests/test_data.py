@@ -19,7 +19,7 @@ from conftest import write_images
 from src import splits as S
 from src.errors import UserError
 from src.data import (AUG_LEVELS, SPLIT_FILE, DataError, build_transform, cache_dir, demo_data_dir,
-                      find_splits, load_rgb, make_loader)
+                      ImageList, find_splits, load_rgb, loader)
 
 CLASSES = ("cat", "dog", "owl")
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -367,17 +367,17 @@ def test_unknown_augmentation_level_is_a_user_error():
 
 # --- loaders ----------------------------------------------------------------------------------
 
-def test_make_loader_yields_labelled_batches(split_folder):
+def test_loader_yields_labelled_batches(split_folder):
     splits = find_splits(split_folder)
     tf = build_transform("none", 16, IMAGENET_MEAN, IMAGENET_STD, train=False)
-    train = make_loader(split_folder, splits.train, tf, batch_size=5, train=True, seed=3)
+    train = loader(ImageList(split_folder, splits.train, tf), batch_size=5, train=True, seed=3)
     batches = list(train)
     assert [len(y) for _, y in batches] == [5, 5, 5, 5]          # 24 images, last partial dropped
     assert batches[0][0].shape == (5, 3, 16, 16)
     order = [y.tolist() for _, y in batches]
-    again = [y.tolist() for _, y in make_loader(split_folder, splits.train, tf, 5, True, seed=3)]
+    again = [y.tolist() for _, y in loader(ImageList(split_folder, splits.train, tf), 5, True, seed=3)]
     assert order == again                                       # seeded shuffle
-    valid = list(make_loader(split_folder, splits.valid, tf, batch_size=4, train=False))
+    valid = list(loader(ImageList(split_folder, splits.valid, tf), batch_size=4, train=False))
     assert [len(y) for _, y in valid] == [4, 4, 1]              # eval keeps every image
     assert torch.cat([y for _, y in valid]).tolist() == [y for _, y in splits.valid]  # in order
 
