@@ -5,7 +5,8 @@
                every other trial would meet it too.
   TrialFault   ends one trial, not the sweep; `kind` is recorded on the trial as
                `tlsweep.fail_kind` (see src/trials.py) and its message as the reason.
-A stop (Ctrl-C, SIGTERM) is a KeyboardInterrupt; one that stopped a trial names it (`Interrupted`).
+A stop (Ctrl-C, SIGTERM) is a KeyboardInterrupt (src/stopping.py); the trial it stops is recorded
+with kind `interrupted` and queued again by its own worker (src/recovery.py).
 """
 from __future__ import annotations
 
@@ -44,23 +45,3 @@ class Surplus(TrialFault):
     """Started by a worker that raced another for the last place: the study is full without it."""
 
     kind = "surplus"
-
-
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM stopped trial `number` (recorded as FAIL, kind `interrupted`): the
-    worker that ran it queues it again once Optuna has recorded it."""
-
-    kind = "interrupted"
-
-    def __init__(self, number: int):
-        super().__init__(f"trial {number} interrupted")
-        self.number = number
-
-
-def interrupted_trial(exc: BaseException | None) -> int | None:
-    """The trial a stop interrupted, also when a second Ctrl-C replaced the first one's exception."""
-    while exc is not None:
-        if isinstance(exc, Interrupted):
-            return exc.number
-        exc = exc.__context__
-    return None

@@ -99,10 +99,15 @@ class TrialRecord:
             self.tracker.log_files(run_id, files, "figures")
 
     def skipped(self, run_id: str, bad: dict[str, dict[str, str]]) -> None:
-        """Name the unreadable files the trial skipped, if any (split -> {path: reason})."""
-        if bad:
+        """Name the unreadable files the trial skipped, if any (split -> {path: reason}). Written as
+        the trial ends, whatever its outcome: a failure to write it is a warning, never the outcome."""
+        if not bad:
+            return
+        try:
             self.tracker.set_tags(run_id, {"data.skipped_images": sum(len(files) for files in bad.values())})
             self.tracker.log_json(run_id, bad, "data/skipped_images.json")
+        except Exception as exc:  # noqa: BLE001 - the trial's own outcome must reach Optuna
+            log.warning("run %s: the skipped images were not recorded (%s: %s)", run_id, type(exc).__name__, exc)
 
     def close(self, run_id: str, state: str, reason: str | None = None, tags: dict | None = None,
               status: str | None = None) -> None:

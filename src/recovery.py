@@ -95,6 +95,20 @@ def queue_retry(study: optuna.Study, trial: FrozenTrial, count: bool = True) -> 
              trial.user_attrs.get(FAIL_KIND_ATTR, "lost"))
 
 
+def requeue_interrupted(study: optuna.Study) -> list[int]:
+    """Queue again the trials a stop interrupted in this process that are not queued yet (Optuna's
+    record says which: FAIL, kind `interrupted`, this worker); returns their numbers. Read from the
+    study, so a second Ctrl-C during the bookkeeping cannot lose one."""
+    me = worker_id()
+    trials = study.get_trials(deepcopy=False)
+    queued = {n for t in trials for n in t.system_attrs.get(T.RETRY_HISTORY_ATTR, [])}
+    stopped = [t for t in trials if t.state == TrialState.FAIL and t.number not in queued
+               and t.user_attrs.get(FAIL_KIND_ATTR) == T.INTERRUPTED and t.user_attrs.get(WORKER_ATTR) == me]
+    for t in stopped:
+        queue_retry(study, t, count=False)
+    return [t.number for t in stopped]
+
+
 class LostTrials:
     """The storage's heartbeat-stale callback: queue the trial again and close its MLflow run
     (also a run already closed: Optuna's record is the truth, and it says the trial was lost)."""

@@ -86,5 +86,5 @@ def optimize(study: optuna.Study, objective: Objective, trials: int, timeout_s: 
             except (ValueError, optuna.exceptions.UpdateFinishedTrialError) as exc:
                 if not T.taken_over(exc):
                     raise
-                log.warning("a trial of this worker was taken over by another worker; going on")
+                log.info("a trial of this worker was finished by another worker; going on")
     return failures.reason

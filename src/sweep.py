@@ -21,10 +21,10 @@ import optuna
 from . import trials as T
 from .config import SweepOptions
 from .device import PRECISIONS
-from .errors import UserError, interrupted_trial
+from .errors import UserError
 from .launcher import launch
 from .pipeline import DEFAULT_MAX_BAD_FRACTION
-from .recovery import queue_retry
+from .recovery import requeue_interrupted
 from .scheduler import optimize
 from .start import start
 from .stopping import STOP, handling_signals, writing
@@ -102,13 +102,10 @@ def run_sweep(opts: SweepOptions) -> SweepResult:
     try:
         if remaining:
             stopped_reason = optimize(study, Objective(started.ctx), opts.trials, opts.timeout)
-    except KeyboardInterrupt as exc:
+    except KeyboardInterrupt:
         status, interrupted = "KILLED", True
         log.warning("interrupted: finished trials are kept; re-run the same command to continue")
-        number = interrupted_trial(exc)
-        stopped = None if number is None else study.trials[number]
-        if stopped is not None and stopped.state == optuna.trial.TrialState.FAIL:  # else recovery takes it
-            queue_retry(study, stopped, count=False)
+        requeue_interrupted(study)  # a trial Optuna did not record yet is recovery's, on the next start
     except BaseException:
         status = "FAILED"
         raise

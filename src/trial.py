@@ -9,13 +9,14 @@ the Optuna trial; names in src/trials.py):
                 loss), `out_of_memory` (memory is freed first), `bad_images` (more than
                 --max-bad-fraction of a split unreadable), `error` (any other RuntimeError or
                 ValueError), `surplus` (no room left: never started), with `optuna.fail_reason`;
-  INTERRUPTED   Ctrl-C/SIGTERM: the run is closed as KILLED, `Interrupted` names the trial, and
-                its worker queues it again;
+  INTERRUPTED   Ctrl-C/SIGTERM: the run is closed as KILLED, the trial recorded as FAIL with kind
+                `interrupted`, and its worker queues it again (`recovery.requeue_interrupted`);
 A UserError inside a trial (something every trial would meet) stops the sweep.
 """
 from __future__ import annotations
 
 import gc
+import logging
 import traceback
 from dataclasses import dataclass
 
@@ -26,13 +27,15 @@ from tqdm import tqdm
 from . import search_space
 from . import trials as T
 from .config import TrialConfig
-from .errors import Interrupted, OutOfMemory, Surplus, TrialFault, UserError
+from .errors import OutOfMemory, Surplus, TrialFault, UserError
 from .pipeline import Pipeline
 from .record import BARS, MISTAKES_SHOWN, TrialRecord
 from .recovery import queue_retry, worker_id
 from .stopping import computing, raise_if_stopped, writing
 from .study import derive_seed
 from .train import fit_two_phase
+
+log = logging.getLogger("tlsweep")
 
 
 @dataclass
@@ -108,14 +111,15 @@ class Objective:
             raise
         except optuna.exceptions.UpdateFinishedTrialError:
             # Another worker found this trial's heartbeat stale and queued it again: step aside.
+            log.warning("trial %d was taken over by another worker (this one's heartbeat was late)", trial.number)
             record.close(run_id, "FAIL", "taken over by another worker (this one's heartbeat was late)", status="KILLED")
             raise
-        except KeyboardInterrupt as exc:
+        except KeyboardInterrupt:
             # Optuna records it as FAIL; this worker queues it again (`run_sweep`), no other does.
             with writing():
-                trial.set_user_attr(T.FAIL_KIND_ATTR, Interrupted.kind)
+                trial.set_user_attr(T.FAIL_KIND_ATTR, T.INTERRUPTED)
                 record.close(run_id, "INTERRUPTED", "interrupted (Ctrl-C or SIGTERM); queued again")
-            raise Interrupted(trial.number) from exc
+            raise
         except Exception as exc:
             fault = as_fault(exc, self.ctx.pipeline.device, cfg.batch_size)
             kind, reason = (fault.kind if fault else "error"), str(fault or f"{type(exc).__name__}: {exc}")
@@ -131,11 +135,11 @@ class Objective:
         raise fault
 
     def train(self, trial, cfg: TrialConfig, run_id: str) -> float:
-        pipe = self.ctx.pipeline
-        raise_if_stopped()  # a stop that came while Optuna was starting this trial
-        model = pipe.model(cfg.seed)
-        data = pipe.loaders(cfg, model)
+        pipe, model, data = self.ctx.pipeline, None, None
         try:
+            raise_if_stopped()  # a stop that came while Optuna was starting this trial
+            model = pipe.model(cfg.seed)
+            data = pipe.loaders(cfg, model)
             return self.fit(trial, cfg, run_id, model, data)
         except BaseException as exc:
             # The traceback's frames hold the model, optimizer, batches and best state; Optuna keeps
@@ -145,7 +149,7 @@ class Objective:
             raise
         finally:
             with writing():
-                self.ctx.record.skipped(run_id, data.skipped())
+                self.ctx.record.skipped(run_id, data.skipped() if data is not None else pipe.bad_images())
             del model, data
             gc.collect()
             if pipe.device.type == "cuda":

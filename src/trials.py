@@ -13,6 +13,7 @@ from optuna.trial import FrozenTrial, TrialState
 WORKER_ATTR = "tlsweep.worker"          # host, boot id, pid namespace, pid, start time of its worker
 RUN_ID_ATTR = "mlflow_run_id"           # the trial's MLflow run
 FAIL_KIND_ATTR = "tlsweep.fail_kind"    # diverged | out_of_memory | bad_images | error | interrupted | surplus
+INTERRUPTED = "interrupted"             # the fail kind of a trial a Ctrl-C or SIGTERM stopped
 FAIL_REASON_ATTR = "tlsweep.fail_reason"
 PRUNE_REASON_ATTR = "tlsweep.prune_reason"
 # system attributes of a trial queued again

@@ -1,5 +1,5 @@
-"""The one atomic write and the one cleaner of dead writers' temp files (src/files.py), and the
-outcomes that travel as exceptions (src/errors.py, src/trials.py)."""
+"""The one atomic write and the one cleaner of dead writers' temp files (src/files.py), and how a
+stopped or taken-over trial is told (src/recovery.py, src/trials.py)."""
 from __future__ import annotations
 
 import os
@@ -9,8 +9,8 @@ import sys
 import optuna
 import pytest
 
-from src.errors import Interrupted, interrupted_trial
 from src.files import host, remove_dead_temps, temp_path, write_atomic, write_json_atomic
+from src.recovery import requeue_interrupted, worker_id
 from src.trials import taken_over
 
 
@@ -62,15 +62,21 @@ def test_the_cleaner_knows_new_and_old_temp_names_and_keeps_live_or_foreign_ones
     assert not any(p.exists() for p in gone) and all(p.exists() for p in kept)
 
 
-def test_an_interrupted_trial_is_named_also_behind_a_second_ctrl_c():
-    try:
-        try:
-            raise Interrupted(7)
-        except KeyboardInterrupt:
-            raise KeyboardInterrupt("second Ctrl-C")
-    except KeyboardInterrupt as exc:
-        assert interrupted_trial(exc) == 7
-    assert interrupted_trial(KeyboardInterrupt()) is None
+def test_this_workers_interrupted_trials_are_queued_again_once():
+    """Read from Optuna's record, so a second Ctrl-C during the bookkeeping cannot lose one."""
+    study = optuna.create_study(direction="maximize")
+    dist = {"head_lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)}
+    for worker, kind in ((worker_id(), "interrupted"), ({**worker_id(), "pid": 1}, "interrupted"),
+                         (worker_id(), "diverged")):
+        trial = study.ask(dist)
+        trial.set_user_attr("tlsweep.worker", worker)
+        trial.set_user_attr("tlsweep.fail_kind", kind)
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    assert requeue_interrupted(study) == [0]          # not another worker's, not a fault
+    retry = study.trials[-1]
+    assert retry.state == optuna.trial.TrialState.WAITING and retry.system_attrs["retry_history"] == [0]
+    assert retry.params == study.trials[0].params
+    assert requeue_interrupted(study) == [] and len(study.trials) == 4  # once
 
 
 def test_a_trial_finished_by_another_worker_is_told_apart_from_other_errors():
