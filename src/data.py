@@ -147,6 +147,11 @@ class BadImageLog:
         return "; ".join(f"{name(p)} ({why})" for p, why in list(self.found.items())[:n])
 
 
+def skipped(logs: dict[str, "BadImageLog"]) -> dict[str, dict[str, str]]:
+    """Split -> {relative path: reason} of the files the logs met (splits without any left out)."""
+    return {name: dict(lg.found) for name, lg in logs.items() if lg.found}
+
+
 class SkippingLoader:
     """Iterates a loader built with `collate_skipping`: yields the readable (images, labels)
     batches and hands the unreadable images to `log` (which raises if there are too many)."""

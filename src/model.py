@@ -151,15 +151,12 @@ def unfreeze(model: nn.Module) -> None:
 def train_mode(model: nn.Module) -> None:
     """Train mode for what learns. A frozen backbone stays in eval mode as a whole: BatchNorm
     running stats are not parameters, so requires_grad=False alone would let them drift, and its
-    dropout is off too. A BatchNorm layer whose own parameters are frozen keeps its stats."""
-    if not any(p.requires_grad for p in backbone_params(model)):
-        model.eval()
-        model.get_submodule(head_name(model)).train()
+    dropout is off too."""
+    if any(p.requires_grad for p in backbone_params(model)):
+        model.train()
         return
-    model.train()
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
-            m.eval()
+    model.eval()
+    model.get_submodule(head_name(model)).train()
 
 
 def param_groups(model: nn.Module, head_lr: float, backbone_lr: float = 0.0) -> list[dict]:

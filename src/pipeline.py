@@ -49,7 +49,7 @@ class TrialData:
 
     def skipped(self) -> dict[str, dict[str, str]]:
         """Split -> {relative path: reason} of the files this trial skipped so far."""
-        return {name: dict(lg.found) for name, lg in self.unreadable.items() if lg.found}
+        return D.skipped(self.unreadable)
 
 
 class Pipeline:
@@ -61,7 +61,7 @@ class Pipeline:
                  max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION):
         self.splits, self.fixed, self.weights, self.device = splits, fixed, weights, device
         self.mean, self.std = M.norm_stats(fixed.backbone)  # the backbone's own statistics
-        self.use_cache, self.max_bad_fraction = use_cache, max_bad_fraction
+        self.max_bad_fraction = max_bad_fraction
         self.workers = default_loader_workers(device) if loader_workers is None else loader_workers
         self.base = base if base is not None else initial_model(fixed.backbone, len(splits.classes), weights, fixed.seed)
         self.head = M.head_name(self.base)
@@ -103,7 +103,7 @@ class Pipeline:
 
     def bad_images(self) -> dict[str, dict[str, str]]:
         """Split -> {relative path: reason} of the files the decode pass skipped (caches on)."""
-        return {name: dict(lg.found) for name, lg in self.decode_logs.items() if lg.found}
+        return D.skipped(self.decode_logs)
 
     def model_key(self) -> dict:
         """Everything the phase-1 features depend on (the level and view go in the entry name).

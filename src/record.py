@@ -22,6 +22,7 @@ from .config import TrialConfig
 from .stopping import writing
 from .tracking import Tracker
 from .train import PhaseResult
+from . import trials as T
 from .trials import FAIL_KIND_ATTR, FAIL_REASON_ATTR, PRUNE_REASON_ATTR, RUN_ID_ATTR
 
 log = logging.getLogger("tlsweep")
@@ -33,8 +34,9 @@ BARS = True if os.environ.get("TLSWEEP_WORKER") else None
 class TrialRecord:
     """The MLflow runs of a sweep's trials, each a child of the parent run."""
 
-    def __init__(self, tracker: Tracker, parent_id: str, pipeline):
-        self.tracker, self.parent_id, self.pipeline = tracker, parent_id, pipeline
+    def __init__(self, tracker: Tracker, parent_id: str, mean, std):
+        # mean/std: the input normalization, kept in checkpoints and undone to draw mistakes
+        self.tracker, self.parent_id, self.mean, self.std = tracker, parent_id, mean, std
 
     def open(self, trial: optuna.Trial, cfg: TrialConfig, retry_of: int) -> str:
         """The trial's run, with its config as params; its id is recorded on the trial."""
@@ -60,8 +62,7 @@ class TrialRecord:
                                      f"phase{p}/best_valid_acc": result.best_valid_acc,
                                      f"phase{p}/best_valid_loss": result.best_valid_loss}, step=result.last_step)
         with tempfile.TemporaryDirectory() as tmp:
-            pipe = self.pipeline
-            ckpt = M.make_checkpoint(model, {**cfg.to_dict(), "mean": pipe.mean, "std": pipe.std},
+            ckpt = M.make_checkpoint(model, {**cfg.to_dict(), "mean": self.mean, "std": self.std},
                                      p, result.best_epoch, result.best_valid_acc)
             path = M.save_checkpoint(ckpt, Path(tmp) / f"phase{p}_best.pt")
             tracker.log_files(run_id, [path], "checkpoints")
@@ -83,7 +84,7 @@ class TrialRecord:
 
     def _figures(self, run_id: str, cfg: TrialConfig, result: PhaseResult, history: list, number: int) -> None:
         """Per-class scores, training curves of both phases, the most confidently misclassified images."""
-        pipe, classes = self.pipeline, cfg.classes
+        classes = cfg.classes
         where = f"trial {number}, validation, phase 2 best (epoch {result.best_epoch})"
         rows = figures.per_class_report(result.valid_targets, result.valid_preds, classes)
         with tempfile.TemporaryDirectory() as tmp:
@@ -93,7 +94,7 @@ class TrialRecord:
                      figures.save(figures.training_curves_figure(history, f"trial {number}: training curves"),
                                   tmp / "training_curves.png")]
             if result.valid_mistakes is not None:
-                fig = figures.misclassified_figure(result.valid_mistakes, classes, pipe.mean, pipe.std,
+                fig = figures.misclassified_figure(result.valid_mistakes, classes, self.mean, self.std,
                                                    f"{where}: most confidently misclassified")
                 files.append(figures.save(fig, tmp / "misclassified_valid.png"))
             self.tracker.log_files(run_id, files, "figures")
@@ -115,7 +116,7 @@ class TrialRecord:
 
     def close_as_recorded(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         """Optuna callback: close the trial's run as Optuna recorded the trial."""
-        run_id = trial.user_attrs.get(RUN_ID_ATTR)
+        run_id = T.run_id(trial)
         if run_id is None:
             return
         with writing():

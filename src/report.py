@@ -106,16 +106,15 @@ def dashboard_storage(storage: str) -> str:
 
 
 # -- parent artifacts ------------------------------------------------------------------------
-def log_report(tracker: Tracker, parent_id: str, study: optuna.Study, fixed: Fixed, weights: str,
-               commands: dict, ui: str = MLFLOW_UI) -> None:
+def log_report(tracker: Tracker, parent_id: str, experiment_id: str, study: optuna.Study, fixed: Fixed,
+               weights: str, commands: dict, ui: str = MLFLOW_UI) -> None:
     """Everything a user looks at on the parent run (see the module docstring)."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         files = write_trials_table(study, tmp) + write_best_params(study, tmp) + write_study_plots(study, tmp)
         if files:
             tracker.log_files(parent_id, files, "study")
-        exp_id = tracker.get_run(parent_id).info.experiment_id
-        markdown, page = summary(study, fixed, exp_id, commands, ui, weights)
+        markdown, page = summary(study, fixed, experiment_id, commands, ui, weights)
         (tmp / "summary.html").write_text(page)
         tracker.log_files(parent_id, [tmp / "summary.html"], "")
     if len(markdown) > DESCRIPTION_MAX:

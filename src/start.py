@@ -26,14 +26,19 @@ PARENT_SETTLE_S = 3.0  # on a shared storage, wait this long after creating a pa
 
 @dataclass
 class Started:
-    """What start-up made: what every trial shares, the study, and the parent run."""
+    """What start-up made: what every trial shares (with the trials' record, which knows the
+    tracker and the parent run), the study, and the parent's experiment."""
     ctx: Context
     study: optuna.Study
-    parent_id: str
+    experiment_id: str
 
     @property
     def tracker(self) -> Tracker:
         return self.ctx.record.tracker
+
+    @property
+    def parent_id(self) -> str:
+        return self.ctx.record.parent_id
 
 
 def resolve_weights(fixed: Fixed, n_classes: int, on_demo: bool,
@@ -87,5 +92,6 @@ def start(opts: SweepOptions) -> Started:
     if bad:
         tracker.log_json(parent_id, bad, "dataset/skipped_images.json")
     recover(study, tracker, parent_id)  # what a killed or interrupted earlier run left behind
-    ctx = Context(pipeline, sweep.search, TrialRecord(tracker, parent_id, pipeline), amp, opts.trials)
-    return Started(ctx, study, parent_id)
+    record = TrialRecord(tracker, parent_id, pipeline.mean, pipeline.std)
+    return Started(Context(pipeline, sweep.search, record, amp, opts.trials), study,
+                   tracker.get_run(parent_id).info.experiment_id)

@@ -37,8 +37,7 @@ def result(study: optuna.Study, parent_id: str, epochs_spent: int, interrupted: 
 
 
 def commands(started: Started, tracking_uri: str | None, storage: str) -> dict:
-    exp_id = started.tracker.get_run(started.parent_id).info.experiment_id
-    return next_commands(started.parent_id, tracking_uri, storage, exp_id)
+    return next_commands(started.parent_id, tracking_uri, storage, started.experiment_id)
 
 
 def write_report(started: Started, study: optuna.Study, tracking_uri: str | None, storage: str) -> None:
@@ -47,7 +46,7 @@ def write_report(started: Started, study: optuna.Study, tracking_uri: str | None
     command writes them again."""
     pipe = started.ctx.pipeline
     try:
-        log_report(started.tracker, started.parent_id, study, pipe.fixed, pipe.weights,
+        log_report(started.tracker, started.parent_id, started.experiment_id, study, pipe.fixed, pipe.weights,
                    commands(started, tracking_uri, storage), ui_base(tracking_uri))
     except Exception as exc:  # plotting or artifact-store trouble
         log.warning("could not write the sweep's report on parent run %s (%s: %s); the trials are "
