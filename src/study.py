@@ -34,6 +34,7 @@ def derive_seed(study_seed: int, trial_number: int) -> int:
     """A trial's seed (and the resumed sampler's): from the study seed and a trial count."""
     return (study_seed * 1_000_003 + trial_number) % (2**31)
 
+
 def open_parent(tracker: Tracker, study: optuna.Study, experiment: str, splits: S.Splits,
                 sweep: SweepFile, tags: dict, settle_s: float = 0.0) -> str:
     """The study's parent run: reused when the study already has one in this store (also when a
@@ -42,30 +43,39 @@ def open_parent(tracker: Tracker, study: optuna.Study, experiment: str, splits: 
     study.set_user_attr(STUDY_UID_ATTR, uid)  # every worker writes the same value
     exp_id = tracker.experiment_id(experiment)
     parent_id = study.user_attrs.get(PARENT_RUN_ATTR)
-    if not tracker.run_exists(parent_id):
-        parent_id = tracker.find_run(exp_id, {STUDY_UID_ATTR: uid, ROLE: "parent"})
     data_fp = "-".join(splits.fingerprints[n] for n in S.SPLITS)
-    if parent_id is not None:
-        recorded = tracker.get_run(parent_id).data.tags.get("dataset.fingerprint")
-        if recorded and recorded != data_fp:
-            raise UserError(f"the data in {splits.root} changed since study {study.study_name!r} started "
-                            f"(fingerprint {recorded} -> {data_fp}); start a new --study-name")
-        tracker.reopen(parent_id)
-        log.info("resuming study %r, parent run %s", study.study_name, parent_id)
-    else:
-        mine = tracker.create_parent(exp_id, study.study_name,
-                                     {"dataset.fingerprint": data_fp, STUDY_UID_ATTR: uid, **tags})
-        # Workers starting together may each create one: all keep the oldest, the others go.
-        # `settle_s` (shared storages) lets every worker see the others' parents before choosing.
-        time.sleep(settle_s)
-        parent_id = tracker.find_run(exp_id, {STUDY_UID_ATTR: uid, ROLE: "parent"})
-        if parent_id != mine:
-            tracker.client.delete_run(mine)
+    if not tracker.run_exists(parent_id):
+        parent_id = _elect_parent(tracker, exp_id, study.study_name, uid,
+                                  {"dataset.fingerprint": data_fp, **tags}, settle_s)
+    recorded = tracker.get_run(parent_id).data.tags.get("dataset.fingerprint")
+    if recorded and recorded != data_fp:
+        raise UserError(f"the data in {splits.root} changed since study {study.study_name!r} started "
+                        f"(fingerprint {recorded} -> {data_fp}); start a new --study-name")
+    tracker.reopen(parent_id)
+    log.info("study %r, parent run %s", study.study_name, parent_id)
     study.set_user_attr(PARENT_RUN_ATTR, parent_id)
     if not _has_split_record(tracker, parent_id):  # new, or a kill came before or while it was logged
         tracker.log_files(parent_id, [sweep.path], "sweep")
         tracker.log_json(parent_id, splits.summary(), "dataset/summary.json")
         tracker.log_json(parent_id, splits.record(), "dataset/split.json")  # last: marks it complete
+    return parent_id
+
+
+def _elect_parent(tracker: Tracker, exp_id: str, study_name: str, uid: str, tags: dict,
+                  settle_s: float) -> str:
+    """The oldest parent run tagged with the study's uid, creating one when there is none.
+
+    Workers starting together may each create one: all keep the oldest, the others go. A run's
+    start time is taken before it reaches the server, so an older one can appear after a younger
+    one: every worker, also one that found a parent without creating it, waits `settle_s`
+    (shared storages) and looks again before choosing, so none keeps a run another deletes."""
+    wanted = {STUDY_UID_ATTR: uid, ROLE: "parent"}
+    found = tracker.find_run(exp_id, wanted)
+    mine = None if found else tracker.create_parent(exp_id, study_name, {STUDY_UID_ATTR: uid, **tags})
+    time.sleep(settle_s)
+    parent_id = tracker.find_run(exp_id, wanted)
+    if mine is not None and parent_id != mine:
+        tracker.client.delete_run(mine)
     return parent_id
 
 

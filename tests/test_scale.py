@@ -219,3 +219,27 @@ def test_docker_compose_matches_the_readme():
     assert "gpu" in readme.lower() and "docker-compose.gpu.yml" in readme
     gpu_file = yaml.safe_load((REPO / "docker-compose.gpu.yml").read_text())
     assert gpu_file["services"]["worker"]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+
+
+def test_a_worker_that_finds_a_parent_waits_for_an_older_one_still_on_its_way(tmp_path):
+    """A run's start time is taken before it reaches the server, so the oldest parent can appear
+    after a younger one: a worker that found the younger one must not keep it (its creator
+    deletes it on seeing the older one), it settles and takes the oldest like the creators do."""
+    import threading
+
+    from src.study import _elect_parent
+    from src.tracking import ROLE, Tracker
+    from src.trials import STUDY_UID_ATTR
+
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = tracker.experiment_id("e")
+    tags = {STUDY_UID_ATTR: "u", ROLE: "parent"}
+    younger = tracker.client.create_run(exp, start_time=int(time.time() * 1000), tags=tags).info.run_id
+    older_start = int(time.time() * 1000) - 1000  # taken before the younger one's, arriving after it
+    late = threading.Timer(0.3, lambda: tracker.client.create_run(exp, start_time=older_start, tags=tags))
+    late.start()
+    elected = _elect_parent(tracker, exp, "s", "u", {}, settle_s=1.0)
+    late.join()
+    assert elected != younger
+    assert tracker.client.get_run(elected).info.start_time == older_start
+    assert tracker.client.get_run(younger).info.lifecycle_stage == "active"  # not this worker's to delete
