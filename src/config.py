@@ -1,10 +1,12 @@
 """Typed settings: the fixed part of a sweep, the search space, and one trial's full config.
 
-A sweep file (TOML, see `sweeps/default.toml`) has three tables:
+A sweep file (TOML, see `sweeps/default.toml`) has these tables:
   [fixed]   settings shared by every trial (fields of `Fixed`);
   [demo]    overrides of [fixed] applied only on the built-in demo data;
   [search]  one entry per sampled parameter: {low, high[, log]} for a range,
-            {choices = [...]} for levels, or a plain value to pin it.
+            {choices = [...]} for levels, or a plain value to pin it. SEARCHED must all be
+            there; OPTIONAL may be, and a parameter left out takes its value in OPTIONAL;
+  [prune]   how trials are pruned (fields of `PruneSettings`; optional).
 CLI flags override [fixed] (and [demo]); nothing else reads the file.
 """
 from __future__ import annotations
@@ -18,6 +20,18 @@ from typing import Any
 from .errors import UserError
 
 SEARCHED = ("head_lr", "backbone_lr_ratio", "patience", "aug_strength")
+# Optional searched parameters and what a sweep file without them trains with (as before them):
+#   weight_decay     AdamW's decoupled decay in both phases, never on biases and norm weights
+#                    (parameters of one dimension); 0 = plain Adam;
+#   label_smoothing  of the training loss only (valid/loss stays plain cross-entropy);
+#   lr_schedule      "constant", or "cosine": per optimizer step over the phase's max epochs, after
+#                    a linear warmup over its first WARMUP_FRACTION of steps (src/train.py);
+#   unfreeze         what phase 2 trains of the backbone: "all", or the last N of its natural
+#                    stages (runs of blocks at one resolution, `model.stages`; e.g. ResNet's
+#                    layer1-4 and stem, 5 in all); frozen stages keep BatchNorm in eval mode.
+OPTIONAL = {"weight_decay": 0.0, "label_smoothing": 0.0, "lr_schedule": "constant", "unfreeze": "all"}
+LR_SCHEDULES = ("constant", "cosine")
+PRUNERS = ("median", "percentile", "halving", "none")
 
 # Augmentation levels, weakest to strongest (built by `data.build_transform`). Every level starts
 # from the image resized (shorter side S = size / 0.875) and center-cropped to S x S, and ends at
@@ -45,6 +59,17 @@ class Fixed:
 
 
 @dataclass(frozen=True)
+class PruneSettings:
+    """[prune]: which Optuna pruner judges trials, and when. Every pruner sees a phase-aligned
+    view (src/pruning.py): phase-2 epoch e of every trial is its step e, whatever phase 1 did."""
+    pruner: str = "median"      # median | percentile | halving (successive halving) | none
+    phase1: bool = False        # also prune inside phase 1 (against other trials' phase-1 epochs)
+    startup_trials: int = 5     # median/percentile: never prune before this many trials completed
+    warmup_epochs: int = 2      # median/percentile: never prune before this epoch of a phase
+    percentile: float = 25.0    # percentile: prune below this percentile of the others
+
+
+@dataclass(frozen=True)
 class ParamSpec:
     name: str
     low: float | None = None
@@ -59,6 +84,7 @@ class SweepFile:
     fixed: Fixed
     demo: dict[str, Any]
     search: dict[str, ParamSpec]
+    prune: PruneSettings = PruneSettings()
 
 
 @dataclass(frozen=True)
@@ -76,6 +102,10 @@ class TrialConfig:
     patience: int
     aug_strength: str
     seed: int                           # this trial's seed (derived from study seed + trial number)
+    weight_decay: float = 0.0           # OPTIONAL parameters: their defaults train as before them
+    label_smoothing: float = 0.0
+    lr_schedule: str = "constant"
+    unfreeze: str | int = "all"
     classes: tuple[str, ...] = field(default_factory=tuple)
 
     @classmethod
@@ -175,19 +205,47 @@ def _check_values(spec: ParamSpec, path: Path) -> None:
     """Each sampled parameter's values must make sense, checked before any trial runs."""
     values = list(spec.choices) if spec.choices is not None else [spec.low, spec.high]
     where = f"{path}: [search] {spec.name}"
-    if spec.name == "aug_strength":
-        bad = [v for v in values if v not in AUG_LEVELS]
+    levels = {"aug_strength": list(AUG_LEVELS), "lr_schedule": list(LR_SCHEDULES)}.get(spec.name)
+    if levels is not None:
+        bad = [v for v in values if v not in levels]
         if bad:
-            raise UserError(f"{where} has unknown level(s) {bad}; use {list(AUG_LEVELS)}")
+            raise UserError(f"{where} has unknown level(s) {bad}; use {levels}")
+        return
+    whole = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1  # noqa: E731
+    if spec.name == "unfreeze":
+        if spec.choices is None or not all(v == "all" or whole(v) for v in values):
+            raise UserError(f"{where} = {values} must be choices of \"all\" or whole numbers of stages >= 1, "
+                            f"e.g. {{ choices = [\"all\", 2, 3] }}")
         return
     numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
     if spec.name == "patience":
         if not numbers or not all(float(v).is_integer() and v >= 1 for v in values):
             raise UserError(f"{where} = {values} must be whole numbers of epochs >= 1")
         return
-    floor_ok = (lambda v: v >= 0) if spec.name == "backbone_lr_ratio" else (lambda v: v > 0)
-    if not numbers or not all(floor_ok(v) for v in values):
-        raise UserError(f"{where} = {values} must be numbers {'>= 0' if spec.name == 'backbone_lr_ratio' else '> 0'}")
+    floor, ceiling = {"backbone_lr_ratio": (">= 0", None), "weight_decay": (">= 0", None),
+                      "label_smoothing": (">= 0", 1.0)}.get(spec.name, ("> 0", None))
+    ok = (lambda v: v >= 0) if floor == ">= 0" else (lambda v: v > 0)
+    if not numbers or not all(ok(v) and (ceiling is None or v < ceiling) for v in values):
+        raise UserError(f"{where} = {values} must be numbers {floor}{f' and < {ceiling:g}' if ceiling else ''}")
+
+
+def _prune_settings(raw: Any, path: Path) -> PruneSettings:
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: prune must be a table ([prune]), got {raw!r}")
+    fields = {f.name: f.type for f in dataclasses.fields(PruneSettings)}
+    _check_keys(raw, set(fields), "prune", path)
+    for name, value in raw.items():
+        kind = fields[name]
+        ok = {"str": isinstance(value, str), "bool": isinstance(value, bool),
+              "int": isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+              "float": isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 100}[kind]
+        if not ok:
+            want = {"str": "a string", "bool": "true or false", "int": "a whole number >= 0",
+                    "float": "a number between 0 and 100"}[kind]
+            raise UserError(f"{path}: [prune] {name} = {value!r} should be {want}")
+    if raw.get("pruner", "median") not in PRUNERS:
+        raise UserError(f"{path}: [prune] pruner = {raw['pruner']!r} is not one of {list(PRUNERS)}")
+    return PruneSettings(**{k: (float(v) if fields[k] == "float" else v) for k, v in raw.items()})
 
 
 def load_sweep(path: str | Path) -> SweepFile:
@@ -199,7 +257,7 @@ def load_sweep(path: str | Path) -> SweepFile:
         doc = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"{path} is not valid TOML: {exc}") from exc
-    _check_keys(doc, {"fixed", "demo", "search"}, "top level", path)
+    _check_keys(doc, {"fixed", "demo", "search", "prune"}, "top level", path)
     for table in ("fixed", "demo", "search"):
         if not isinstance(doc.get(table, {}), dict):
             raise UserError(f"{path}: {table} must be a table ([{table}]), got {doc[table]!r}")
@@ -210,14 +268,15 @@ def load_sweep(path: str | Path) -> SweepFile:
     fixed = Fixed(**{k: _fixed_value(k, v, path, "fixed") for k, v in raw_fixed.items()})
     demo = {k: _fixed_value(k, v, path, "demo") for k, v in raw_demo.items()}
     raw_search = doc.get("search", {})
-    _check_keys(raw_search, set(SEARCHED), "search", path)
+    _check_keys(raw_search, set(SEARCHED) | set(OPTIONAL), "search", path)
     missing = [n for n in SEARCHED if n not in raw_search]
     if missing:
         raise UserError(f"{path}: [search] lacks {missing}; give a range, choices or a plain value for each")
-    search = {n: _param_spec(n, raw_search[n], path) for n in SEARCHED}
+    search = {n: _param_spec(n, raw_search[n], path) for n in (*SEARCHED, *OPTIONAL) if n in raw_search}
     for spec in search.values():
         _check_values(spec, path)
-    return SweepFile(path=path, fixed=fixed, demo=demo, search=search)
+    return SweepFile(path=path, fixed=fixed, demo=demo, search=search,
+                     prune=_prune_settings(doc.get("prune", {}), path))
 
 
 def resolve_fixed(sweep: SweepFile, on_demo: bool, overrides: dict[str, Any]) -> Fixed:

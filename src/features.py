@@ -41,6 +41,9 @@ class ViewEpochs:
         assert not loader.persistent_workers, "ViewEpochs needs non-persistent DataLoader workers"
         self.loader, self.epoch = loader, 0
 
+    def __len__(self) -> int:
+        return len(self.loader)
+
     def __iter__(self):
         self.loader.dataset.epoch = self.epoch
         self.epoch += 1
@@ -101,6 +104,11 @@ class FeatureEpochs:
         self.cache, self.level, self.batch_size, self.generator = cache, level, batch_size, generator
         self.labels = torch.as_tensor(cache.train_labels)
         self.epoch = 0
+
+    def __len__(self) -> int:
+        """Batches per pass, as `data.loader` makes them (last partial batch dropped)."""
+        n, bs = len(self.labels), self.batch_size
+        return n // bs if n > bs else 1
 
     def __iter__(self):
         features = torch.from_numpy(np.array(self.cache.train_view(self.level, self.epoch)))

@@ -143,29 +143,103 @@ def freeze_backbone(model: nn.Module) -> None:
         p.requires_grad_(True)
 
 
-def unfreeze(model: nn.Module) -> None:
-    """Everything learns."""
-    model.requires_grad_(True)
+def stages(model: nn.Module, probe_px: int = 128) -> list[list[str]]:
+    """The backbone's natural stages, earliest first: runs of consecutive blocks (modules with
+    parameters, in forward order) whose output has the same resolution. A block is a child module
+    whose own children all work at one resolution (ResNet's `layer3`, MobileNetV2's
+    `features.7`); a container spanning several is opened. So ResNet: stem, layer1..layer4 (5);
+    MobileNetV2 and EfficientNet: 5 (at 1/2, 1/4, 1/8, 1/16, 1/32 of the input); ConvNeXt: 4."""
+    heights: dict[str, int] = {}
+
+    def seen(name: str):
+        def hook(module, args, out) -> None:  # returns None: the output passes unchanged
+            if isinstance(out, torch.Tensor) and out.dim() == 4:
+                heights.setdefault(name, out.shape[-2])
+        return hook
+
+    hooks = [m.register_forward_hook(seen(name)) for name, m in model.named_modules() if name]
+    was_training, p = model.training, next(model.parameters())
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, 3, probe_px, probe_px, device=p.device, dtype=p.dtype))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+
+    def blocks(prefix: str, module: nn.Module) -> list[str]:
+        out = []
+        for name, child in module.named_children():
+            full = f"{prefix}{name}"
+            if full not in heights:
+                continue  # no spatial output: the classifier and what flattens into it
+            inner = {heights[f"{full}.{n}"] for n, _ in child.named_children() if f"{full}.{n}" in heights}
+            out += blocks(f"{full}.", child) if len(inner) > 1 else [full]
+        return out
+
+    runs: list[list[str]] = []
+    for name in blocks("", model):
+        if not any(True for _ in model.get_submodule(name).parameters()):
+            continue  # activations and pooling: nothing to freeze
+        if runs and heights[runs[-1][-1]] == heights[name]:
+            runs[-1].append(name)
+        else:
+            runs.append([name])
+    return runs
+
+
+def unfreeze(model: nn.Module, last: str | int = "all") -> None:
+    """Everything learns ("all"), or the head and the backbone's last `last` stages (`stages`):
+    the earlier ones stay frozen, and `train_mode` keeps their BatchNorm in eval mode."""
+    if last == "all":
+        model.requires_grad_(True)
+        return
+    found = stages(model)
+    if not 1 <= int(last) <= len(found):
+        raise UserError(f"unfreeze = {last!r}: {type(model).__name__} has {len(found)} stages; "
+                        f"use \"all\" or a number from 1 to {len(found)}")
+    model.requires_grad_(False)
+    for name in (n for stage in found[-int(last):] for n in stage):
+        model.get_submodule(name).requires_grad_(True)
+    for p in head_params(model):
+        p.requires_grad_(True)
 
 
 def train_mode(model: nn.Module) -> None:
     """Train mode for what learns. A frozen backbone stays in eval mode as a whole: BatchNorm
     running stats are not parameters, so requires_grad=False alone would let them drift, and its
-    dropout is off too."""
+    dropout is off too. With only its last stages unfrozen, every module whose own parameters are
+    all frozen (the earlier stages' BatchNorm) stays in eval mode."""
     if any(p.requires_grad for p in backbone_params(model)):
         model.train()
+        for module in model.modules():
+            own = list(module.parameters(recurse=False))
+            if own and not any(p.requires_grad for p in own):
+                module.eval()
         return
     model.eval()
     model.get_submodule(head_name(model)).train()
 
 
-def param_groups(model: nn.Module, head_lr: float, backbone_lr: float = 0.0) -> list[dict]:
+def param_groups(model: nn.Module, head_lr: float, backbone_lr: float = 0.0,
+                 weight_decay: float = 0.0) -> list[dict]:
     """Optimizer groups of what learns: the head at `head_lr`, and the backbone at its own lr
-    once it is unfrozen (a frozen backbone has no group)."""
-    groups = [{"params": head_params(model), "lr": head_lr, "name": "head"}]
-    learning = [p for p in backbone_params(model) if p.requires_grad]
-    if learning:
-        groups.append({"params": learning, "lr": backbone_lr, "name": "backbone"})
+    once (some of) it is unfrozen (a frozen backbone has no group). With `weight_decay`, each
+    group is split: decay on weights, none on biases and norm layers' weights (the parameters of
+    one dimension), as is usual for AdamW."""
+    named = [("head", head_params(model), head_lr),
+             ("backbone", [p for p in backbone_params(model) if p.requires_grad], backbone_lr)]
+    groups = []
+    for name, params, lr in named:
+        if not params:
+            continue
+        if weight_decay <= 0:
+            groups.append({"params": params, "lr": lr, "name": name})
+            continue
+        decay, plain = [p for p in params if p.ndim > 1], [p for p in params if p.ndim <= 1]
+        groups += [{"params": ps, "lr": lr, "name": name, "weight_decay": wd}
+                   for ps, wd in ((decay, weight_decay), (plain, 0.0)) if ps]
     return groups
 
 

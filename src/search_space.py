@@ -17,7 +17,10 @@ def sample(trial: Any, search: dict[str, ParamSpec]) -> dict[str, Any]:
             values[name] = trial.suggest_int(name, spec.low, spec.high, log=spec.log)
         else:
             values[name] = trial.suggest_float(name, float(spec.low), float(spec.high), log=spec.log)
+    # Parameters the file leaves out are not sampled: the trial's config gives them their
+    # `config.OPTIONAL` value (the TrialConfig defaults), and Optuna's params leave them out.
+    for name in ("head_lr", "backbone_lr_ratio", "weight_decay", "label_smoothing"):
+        if name in values:
+            values[name] = float(values[name])
     values["patience"] = int(values["patience"])
-    values["head_lr"] = float(values["head_lr"])
-    values["backbone_lr_ratio"] = float(values["backbone_lr_ratio"])
     return values

@@ -11,12 +11,13 @@ import torch
 
 from . import data as D
 from . import model as M
-from .config import Fixed, SweepOptions, load_sweep, resolve_fixed
+from .config import Fixed, PruneSettings, SweepOptions, load_sweep, resolve_fixed
 from .device import amp_dtype, pick_device
 from .pipeline import Pipeline, initial_model
 from .record import TrialRecord
 from .recovery import LostTrials, recover
-from .study import check_same_settings, open_parent, open_study
+from .pruning import make_pruner
+from .study import check_same_settings, check_steps, open_parent, open_study
 from .tracking import Tracker
 from .trial import Context
 
@@ -55,6 +56,12 @@ def resolve_weights(fixed: Fixed, n_classes: int, on_demo: bool,
         return initial_model(fixed.backbone, n_classes, "none", fixed.seed), "none", True
 
 
+def _prune_setting(sweep) -> dict:
+    """[prune], compared on resume like the rest; left out while it is the default, so a study
+    started before [prune] existed resumes with the same settings."""
+    return {} if sweep.prune == PruneSettings() else {"prune": asdict(sweep.prune)}
+
+
 def study_name(opts: SweepOptions) -> str:
     return opts.study_name or f"{opts.sweep.stem}-{'demo-digits' if opts.data is None else Path(opts.data).name}"
 
@@ -71,10 +78,11 @@ def start(opts: SweepOptions) -> Started:
     base, weights, fell_back = resolve_weights(fixed, len(splits.classes), on_demo, opts.weights)
     tracker = Tracker(opts.tracking_uri)
     tracker.check_reachable()
-    study = open_study(study_name(opts), opts.storage, fixed.seed, prune=not opts.no_prune,
-                       on_lost=LostTrials(tracker))
+    pruner = make_pruner(sweep.prune, fixed.max_epochs_phase1, fixed.max_epochs_phase2, not opts.no_prune)
+    study = open_study(study_name(opts), opts.storage, fixed.seed, pruner, on_lost=LostTrials(tracker))
+    check_steps(study)
     check_same_settings(study, {**asdict(fixed), "weights": weights, "search": {
-        n: asdict(spec) for n, spec in sweep.search.items()}})
+        n: asdict(spec) for n, spec in sweep.search.items()}, **_prune_setting(sweep)})
     # Decoding every image once happens here: after the cheap checks, before any training.
     pipeline = Pipeline(splits=splits, fixed=fixed, weights=weights, device=device, loader_workers=opts.loader_workers,
                         use_cache=not opts.no_cache, base=base, max_bad_fraction=opts.max_bad_fraction)

@@ -22,11 +22,9 @@ from .config import Fixed, SweepFile
 from .errors import UserError
 from .recovery import GRACE_PERIOD_S, HEARTBEAT_INTERVAL_S
 from .tracking import ROLE, Tracker
-from .trials import PARENT_RUN_ATTR, SETTINGS_ATTR, STUDY_UID_ATTR
+from .trials import PARENT_RUN_ATTR, SETTINGS_ATTR, STEPS, STEPS_ATTR, STUDY_UID_ATTR
 
 log = logging.getLogger("tlsweep")
-PRUNER_STARTUP_TRIALS = 5   # never prune before this many trials finished: the median needs a base
-PRUNER_WARMUP_STEPS = 2     # never prune in a trial's first global epochs: too noisy to judge
 STORAGE_CREATE_TRIES = 6   # workers racing to create the tables of an empty RDB storage
 
 
@@ -109,13 +107,6 @@ def update_best(tracker: Tracker, parent_id: str, study: optuna.Study) -> None:
     tracker.log_metrics(parent_id, {"best/valid_acc": best.value}, step=len(study.trials))
 
 
-def make_pruner(enabled: bool = True) -> optuna.pruners.BasePruner:
-    """Median of valid/acc at the same global epoch; the step never goes backwards."""
-    if not enabled:
-        return optuna.pruners.NopPruner()
-    return optuna.pruners.MedianPruner(PRUNER_STARTUP_TRIALS, PRUNER_WARMUP_STEPS)
-
-
 def make_storage(url: str, on_lost=None):
     """An RDB URL (sqlite, postgresql, mysql) becomes a storage with Optuna's heartbeat: a trial
     whose worker goes silent is failed and handed to `on_lost` (see src/recovery.py)."""
@@ -140,13 +131,16 @@ def make_storage(url: str, on_lost=None):
             time.sleep(0.2 * (attempt + 1) + random.random() * 0.3)
 
 
-def open_study(name: str, storage: str, seed: int, prune: bool = True, on_lost=None) -> optuna.Study:
-    """Create or load (resume) the study; an unusable storage URL is a clear error."""
+def open_study(name: str, storage: str, seed: int, pruner: optuna.pruners.BasePruner | None = None,
+               on_lost=None) -> optuna.Study:
+    """Create or load (resume) the study (`pruner`: src/pruning.py's, default none); an unusable
+    storage URL is a clear error."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat options
             study = optuna.create_study(study_name=name, storage=make_storage(storage, on_lost),
-                                        load_if_exists=True, direction="maximize", pruner=make_pruner(prune))
+                                        load_if_exists=True, direction="maximize",
+                                        pruner=pruner or optuna.pruners.NopPruner())
     except Exception as exc:  # SQLAlchemy/driver errors come in many types
         raise UserError(f"cannot open Optuna storage --storage {storage} ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0][:300]}); check the URL, that the server is up, "
@@ -161,6 +155,20 @@ def open_study(name: str, storage: str, seed: int, prune: bool = True, on_lost=N
         sampler_seed = derive_seed(sampler_seed, (os.getpid() * 7919 + hash(socket.gethostname())) % 1_000_003)
     study.sampler = optuna.samplers.TPESampler(seed=sampler_seed, constant_liar=shared)
     return study
+
+
+def check_steps(study: optuna.Study) -> None:
+    """A study numbers its trials' epochs one way (`trials.STEPS`); a study made before
+    phase-aligned steps (one global epoch count across both phases) is refused, never mixed."""
+    if study.user_attrs.get(STEPS_ATTR) == STEPS:
+        return
+    if any(t.intermediate_values for t in study.get_trials(deepcopy=False)):
+        raise UserError(
+            f"study {study.study_name!r} was made by an older version that numbered epochs across both "
+            f"phases (one global count); its trials cannot be pruned against or compared with phase-aligned "
+            f"ones (phase-2 epoch e at step max_epochs_phase1 + e). Start a new --study-name; the old "
+            f"study, its runs and checkpoints stay as they are, and python -m src.final_test still scores it")
+    study.set_user_attr(STEPS_ATTR, STEPS)
 
 
 def check_same_settings(study: optuna.Study, settings: dict) -> None:

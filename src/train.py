@@ -28,7 +28,7 @@ FINITE_CHECK_EVERY = 25  # batches between checks for a NaN/inf loss (each check
 class EpochResult:
     phase: int
     epoch: int          # epoch within the phase, from 1
-    step: int           # global epoch counter across both phases, from 1; only increases
+    step: int           # phase-aligned: phase-1 epoch e is e, phase-2 epoch e is max_epochs_phase1 + e
     train_loss: float
     train_acc: float
     valid_loss: float
@@ -127,8 +127,11 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: torch.dtype | 
                       preds_t.tolist(), targets_t.tolist(), worst.result() if worst is not None else None)
 
 
-def train_epoch(model: nn.Module, loader, optimizer, device, amp: torch.dtype | None = None) -> tuple[float, float]:
-    """One pass over the training loader; returns (mean loss, accuracy)."""
+def train_epoch(model: nn.Module, loader, optimizer, device, amp: torch.dtype | None = None,
+                label_smoothing: float = 0.0, scheduler=None) -> tuple[float, float]:
+    """One pass over the training loader; returns (mean loss, accuracy). The loss is smoothed by
+    `label_smoothing` (training only: `evaluate` stays plain cross-entropy); `scheduler` steps
+    after every optimizer step."""
     M.train_mode(model)
     # Accumulate on the device: no .item() (a host sync) inside the loop.
     loss_sum = torch.zeros((), device=device)
@@ -138,10 +141,12 @@ def train_epoch(model: nn.Module, loader, optimizer, device, amp: torch.dtype | 
         images, labels = to_device(images, labels, device)
         with autocast(device, amp):
             logits = model(images).float()
-        loss = nn.functional.cross_entropy(logits, labels)
+        loss = nn.functional.cross_entropy(logits, labels, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         loss_sum += loss.detach() * len(labels)
         correct += (logits.detach().argmax(1) == labels).sum()
         seen += len(labels)
@@ -152,25 +157,51 @@ def train_epoch(model: nn.Module, loader, optimizer, device, amp: torch.dtype | 
 
 
 def make_optimizer(groups: list[dict]) -> torch.optim.Optimizer:
-    """Adam, fused where this torch supports it (on CPU it is 2-3x faster per step than the
-    default, which matters when the step costs as much as a small batch)."""
+    """Adam, or AdamW (decoupled decay) when a group has a `weight_decay` (`model.param_groups`);
+    fused where this torch supports it (on CPU it is 2-3x faster per step than the default, which
+    matters when the step costs as much as a small batch)."""
+    kind = torch.optim.AdamW if any(g.get("weight_decay", 0) > 0 for g in groups) else torch.optim.Adam
     try:
-        return torch.optim.Adam(groups, fused=True)
+        return kind(groups, fused=True)
     except (RuntimeError, TypeError):
-        return torch.optim.Adam(groups)
+        return kind(groups)
+
+
+WARMUP_FRACTION = 0.05  # of a phase's optimizer steps: the cosine schedule's linear warmup
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, steps: int):
+    """None for "constant"; for "cosine", each group's lr rises linearly over the first
+    WARMUP_FRACTION of `steps` (at least one step) and then follows a half cosine to 0 at `steps`
+    (the phase's max epochs times its batches: early stopping may end the phase before)."""
+    if schedule == "constant":
+        return None
+    if schedule != "cosine":
+        raise ValueError(f"unknown lr_schedule {schedule!r}")
+    warmup = max(1, math.ceil(WARMUP_FRACTION * steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, steps - warmup))))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def fit_phase(model: nn.Module, train_loader, valid_loader, optimizer: torch.optim.Optimizer, *,
               max_epochs: int, patience: int, device: torch.device, phase: int = 1, first_step: int = 1,
               on_epoch: Callable[[EpochResult], None] | None = None, amp: torch.dtype | None = None,
-              keep_mistakes: int = 0) -> PhaseResult:
+              keep_mistakes: int = 0, label_smoothing: float = 0.0, lr_schedule: str = "constant") -> PhaseResult:
     """Fit what `optimizer` holds, with early stopping on validation accuracy; the best state is
     restored (with its validation predictions and, if asked, its `keep_mistakes` worst mistakes).
-    `phase` and `first_step` only label the epochs (`EpochResult`)."""
+    `phase` and `first_step` only label the epochs (`EpochResult`); `lr_schedule` and
+    `label_smoothing`: see `make_scheduler` and `train_epoch`."""
     result = PhaseResult(phase)
     best_state, since_best = None, 0
+    scheduler = None if lr_schedule == "constant" else make_scheduler(
+        optimizer, lr_schedule, max_epochs * max(1, len(train_loader)))
     for epoch in range(1, max_epochs + 1):
-        train_loss, train_acc = train_epoch(model, train_loader, optimizer, device, amp)
+        train_loss, train_acc = train_epoch(model, train_loader, optimizer, device, amp, label_smoothing, scheduler)
         if not math.isfinite(train_loss):
             lrs = ", ".join(f"{g['name']} {g['lr']:.3g}" for g in optimizer.param_groups)
             raise Diverged(f"training loss became {train_loss} in phase {phase}, epoch {epoch} (lr {lrs}): "
@@ -208,31 +239,38 @@ class HeadInputs:
 def fit_two_phase(model: nn.Module, train_loader, valid_loader, *, head_lr: float,
                   backbone_lr_ratio: float, patience: int, max_epochs_phase1: int,
                   max_epochs_phase2: int, device: torch.device, phase2_head_lr_factor: float = 1.0,
-                  phase1: HeadInputs | None = None, on_epoch=None, on_phase_end=None,
-                  amp: torch.dtype | None = None, keep_mistakes: int = 0) -> tuple[PhaseResult, PhaseResult]:
-    """The recipe: fit the head on a frozen backbone, then fine-tune everything.
+                  weight_decay: float = 0.0, label_smoothing: float = 0.0, lr_schedule: str = "constant",
+                  unfreeze: str | int = "all", phase1: HeadInputs | None = None, on_epoch=None,
+                  on_phase_end=None, amp: torch.dtype | None = None,
+                  keep_mistakes: int = 0) -> tuple[PhaseResult, PhaseResult]:
+    """The recipe: fit the head on a frozen backbone, then fine-tune (all of it, or its last
+    `unfreeze` stages).
 
-    `phase1` says what phase 1 fits (default: the model on the image loaders). `amp` (see
-    `device.amp_dtype`) and `keep_mistakes` (the best epoch's most confidently wrong validation
-    predictions, with their images) apply to phase 2 only: phase 1 may see features, not images,
-    and runs in fp32, so cached and recomputed phase 1 agree on every device (a linear head on
-    features costs next to nothing anyway)."""
+    Steps are phase-aligned: phase-1 epoch e is step e, phase-2 epoch e is step
+    `max_epochs_phase1 + e`, whenever phase 1 stopped, so a step means the same phase and epoch
+    in every trial. `phase1` says what phase 1 fits (default: the model on the image loaders).
+    `amp` (see `device.amp_dtype`) and `keep_mistakes` (the best epoch's most confidently wrong
+    validation predictions, with their images) apply to phase 2 only: phase 1 may see features,
+    not images, and runs in fp32, so cached and recomputed phase 1 agree on every device (a
+    linear head on features costs next to nothing anyway)."""
     model.to(device, memory_format=torch.channels_last)
     head = phase1 or HeadInputs(model, train_loader, valid_loader)
     done = on_phase_end or (lambda result, model: None)
-    fit = dict(patience=patience, device=device, on_epoch=on_epoch)
+    fit = dict(patience=patience, device=device, on_epoch=on_epoch, label_smoothing=label_smoothing,
+               lr_schedule=lr_schedule)
 
     # Phase 1: the backbone frozen (BatchNorm statistics too), the head alone learns.
     M.freeze_backbone(model)
-    head_only = make_optimizer(M.param_groups(head.module, head_lr))
+    head_only = make_optimizer(M.param_groups(head.module, head_lr, weight_decay=weight_decay))
     result1 = fit_phase(head.module, head.train, head.valid, head_only, max_epochs=max_epochs_phase1,
                         phase=1, **fit)
     done(result1, model)
 
-    # Phase 2: from phase 1's best state, everything learns; the backbone at a lower lr.
-    M.unfreeze(model)
-    both = make_optimizer(M.param_groups(model, head_lr * phase2_head_lr_factor, head_lr * backbone_lr_ratio))
+    # Phase 2: from phase 1's best state, the backbone (or its last stages) learns too, at a lower lr.
+    M.unfreeze(model, unfreeze)
+    both = make_optimizer(M.param_groups(model, head_lr * phase2_head_lr_factor, head_lr * backbone_lr_ratio,
+                                         weight_decay=weight_decay))
     result2 = fit_phase(model, train_loader, valid_loader, both, max_epochs=max_epochs_phase2, phase=2,
-                        first_step=result1.last_step + 1, amp=amp, keep_mistakes=keep_mistakes, **fit)
+                        first_step=max_epochs_phase1 + 1, amp=amp, keep_mistakes=keep_mistakes, **fit)
     done(result2, model)
     return result1, result2

@@ -169,7 +169,8 @@ class Objective:
                     prune = trial.should_prune()
                 raise_if_stopped()
                 if prune:
-                    raise optuna.TrialPruned(f"pruned at global epoch {rec.step} (valid/acc {rec.valid_acc:.4f})")
+                    raise optuna.TrialPruned(f"pruned at phase {rec.phase}, epoch {rec.epoch} (step {rec.step}, "
+                                             f"valid/acc {rec.valid_acc:.4f})")
 
             def on_phase_end(result, trained_model):
                 history.extend(result.history)
@@ -181,6 +182,8 @@ class Objective:
                 model, data.train, data.valid, head_lr=cfg.head_lr, backbone_lr_ratio=cfg.backbone_lr_ratio,
                 patience=cfg.patience, max_epochs_phase1=cfg.max_epochs_phase1,
                 max_epochs_phase2=cfg.max_epochs_phase2, device=self.ctx.pipeline.device,
-                phase2_head_lr_factor=cfg.phase2_head_lr_factor, phase1=data.phase1,
+                phase2_head_lr_factor=cfg.phase2_head_lr_factor, weight_decay=cfg.weight_decay,
+                label_smoothing=cfg.label_smoothing, lr_schedule=cfg.lr_schedule, unfreeze=cfg.unfreeze,
+                phase1=data.phase1,
                 on_epoch=on_epoch, on_phase_end=on_phase_end, amp=self.ctx.amp, keep_mistakes=MISTAKES_SHOWN)
         return phase2.best_valid_acc

@@ -24,6 +24,8 @@ TIMES_LOST_ATTR = "tlsweep.times_lost"  # how often its workers died (counts tow
 STUDY_UID_ATTR = "tlsweep.study_uid"    # ties a study to its parent run, whatever the store
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 SETTINGS_ATTR = "sweep_settings"        # fixed settings and search space, compared on resume
+STEPS_ATTR = "tlsweep.steps"            # how its trials number their epochs (STEPS)
+STEPS = "phase-aligned"                 # phase-1 epoch e = step e, phase-2 epoch e = max_epochs_phase1 + e
 
 
 def finished(study: optuna.Study) -> list[FrozenTrial]:
@@ -68,6 +70,14 @@ def claim_failed(study: optuna.Study, trial: FrozenTrial) -> FrozenTrial | None:
     except optuna.exceptions.UpdateFinishedTrialError:
         won = False
     return study._storage.get_trial(trial._trial_id) if won else None
+
+
+def with_steps(trial: FrozenTrial, values: dict[int, float]) -> FrozenTrial:
+    """A copy of a trial with other intermediate values (all else, its id included, the same)."""
+    return FrozenTrial(number=trial.number, state=trial.state, value=None, values=trial.values,
+                       datetime_start=trial.datetime_start, datetime_complete=trial.datetime_complete,
+                       params=trial.params, distributions=trial.distributions, user_attrs=trial.user_attrs,
+                       system_attrs=trial.system_attrs, intermediate_values=values, trial_id=trial._trial_id)
 
 
 def storage_identity(study: optuna.Study) -> tuple[str, int]:

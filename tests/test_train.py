@@ -174,8 +174,8 @@ def test_early_stopping_after_patience_epochs_without_improvement(loaders):
     assert p1.epochs == 3 and p1.best_epoch == 1 and p1.last_step == 3   # 1 best + 2 without gain
     assert len({r.valid_acc for r in p1.history}) == 1
     assert p1.best_valid_acc == p1.history[0].valid_acc
-    assert [r.step for r, _ in epochs] == [1, 2, 3, 4]
-    assert p2.history[0].phase == 2 and p2.history[0].step == 4
+    assert [r.step for r, _ in epochs] == [1, 2, 3, 10]  # phase-2 epoch 1 at 9 + 1, not at 4
+    assert p2.history[0].phase == 2 and p2.history[0].step == 10
 
 
 class _FrozenLabels:
