@@ -65,8 +65,8 @@ class PruneSettings:
     pruner: str = "median"      # median | percentile | halving (successive halving) | none
     phase1: bool = False        # also prune inside phase 1 (against other trials' phase-1 epochs)
     startup_trials: int = 5     # median/percentile: never prune before this many trials completed
-    warmup_epochs: int = 2      # median/percentile: never prune before this epoch of a phase
-    percentile: float = 25.0    # percentile: prune below this percentile of the others
+    warmup_epochs: int = 2      # never prune before this epoch of a phase (halving: its first rung)
+    percentile: float = 25.0    # percentile: keep the trials in the top this-many percent at an epoch (Optuna's)
 
 
 @dataclass(frozen=True)

@@ -72,7 +72,7 @@ def make_pruner(settings: PruneSettings, phase1_epochs: int, phase2_epochs: int,
     if not enabled or settings.pruner == "none":
         return optuna.pruners.NopPruner()
     if settings.pruner == "halving":
-        inner = optuna.pruners.SuccessiveHalvingPruner()
+        inner = optuna.pruners.SuccessiveHalvingPruner(min_resource=max(1, settings.warmup_epochs))
     else:
         percentile = 50.0 if settings.pruner == "median" else settings.percentile
         inner = optuna.pruners.PercentilePruner(percentile, n_startup_trials=settings.startup_trials,

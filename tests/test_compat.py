@@ -1,6 +1,8 @@
 """What the code before the trial-path redesign (issue 11) left on disk keeps working with the code
-now: its study resumes, its cache entries are found, its checkpoint is scored. The old code is
-taken from git history and run for real in a subprocess."""
+now: its cache entries are found, its checkpoint is scored, and its study (whose epochs are one
+global count across both phases, not phase-aligned steps) is refused with a clear message
+instead of being mixed with new step numbers. The old code is taken from git history and run
+for real in a subprocess."""
 from __future__ import annotations
 
 import os
@@ -38,9 +40,10 @@ def _entries(cache: Path) -> dict[str, int]:
 
 
 @pytest.mark.slow
-def test_a_study_cache_and_checkpoint_made_before_the_redesign_still_work(in_tmp, flat_folder):
+def test_a_study_cache_and_checkpoint_made_before_the_redesign_still_work(in_tmp, flat_folder, capsys):
     old = _old_code(in_tmp / "old")
-    args = sweep_args(in_tmp, flat_folder, 1)
+    four = ("--sweep", str(old / "sweeps" / "default.toml"))  # the four original parameters
+    args = sweep_args(in_tmp, flat_folder, 1, *four)
     child = subprocess.run([sys.executable, "-m", "src.sweep", *args], cwd=old, capture_output=True, text=True,
                            env={**os.environ, "PYTHONPATH": str(old)}, timeout=600)
     assert child.returncode == 0, child.stderr[-3000:]
@@ -49,16 +52,22 @@ def test_a_study_cache_and_checkpoint_made_before_the_redesign_still_work(in_tmp
     assert any(k.startswith("images/") for k in made_before) and any(k.startswith("features/") for k in made_before)
     first = optuna.load_study(study_name="s", storage=f"sqlite:///{in_tmp}/optuna.db").trials[0]
 
-    # The same parameters again: the resumed trial needs exactly the entries the old code made.
-    optuna.load_study(study_name="s", storage=f"sqlite:///{in_tmp}/optuna.db").enqueue_trial(first.params)
-    result = sweep.run_sweep(sweep.parse_args(sweep_args(in_tmp, flat_folder, 2)))  # resumes: one more trial
-    study = optuna.load_study(study_name="s", storage=f"sqlite:///{in_tmp}/optuna.db")
-    assert result.n_finished == 2 and len(study.trials) == 2
-    assert study.trials[0].params == first.params and study.trials[0].value == first.value
+    # Its study is refused (old step numbers), saying what to do; nothing is added to it.
+    assert sweep.main(sweep_args(in_tmp, flat_folder, 2, *four)) == 2
+    assert "new --study-name" in capsys.readouterr().err
+    assert len(optuna.load_study(study_name="s", storage=f"sqlite:///{in_tmp}/optuna.db").trials) == 1
+
+    # The same parameters in a new study: the trial needs exactly the entries the old code made.
+    args = sweep_args(in_tmp, flat_folder, 1, *four)
+    args[args.index("--study-name") + 1] = "s2"
+    study = optuna.create_study(study_name="s2", storage=f"sqlite:///{in_tmp}/optuna.db", direction="maximize")
+    study.enqueue_trial(first.params)
+    result = sweep.run_sweep(sweep.parse_args(args))
+    study = optuna.load_study(study_name="s2", storage=f"sqlite:///{in_tmp}/optuna.db")
+    assert result.n_finished == 1 and study.trials[0].params == first.params
+    assert study.trials[0].value == first.value  # the same training, whatever the steps are called
     assert _entries(cache) == made_before  # every entry found, none rebuilt, none added
     client = MlflowClient(f"sqlite:///{in_tmp}/mlflow.db")
-    parents = {client.get_run(t.user_attrs["mlflow_run_id"]).data.tags["mlflow.parentRunId"] for t in study.trials}
-    assert parents == {result.parent_run_id}  # the old parent run, reused
 
     # The old trial's checkpoint, scored by the code now
     old_run = first.user_attrs["mlflow_run_id"]
@@ -71,11 +80,13 @@ def test_a_study_cache_and_checkpoint_made_before_the_redesign_still_work(in_tmp
 @pytest.mark.slow
 def test_the_same_sweep_trains_the_same_trials_as_before_the_redesign(in_tmp, flat_folder):
     """Same seed, same CPU: the old and the new code sample the same parameters and reach the same
-    per-epoch validation accuracies (behaviour unchanged, not merely compatible)."""
+    per-epoch validation accuracies (behaviour unchanged, not merely compatible) with a sweep file
+    of the four original parameters; only the steps are numbered phase-aligned now (phase-2
+    epoch e at step max_epochs_phase1 + e = 2 + e; before, right after phase 1's last epoch)."""
     old = _old_code(in_tmp / "old")
-    runs = {}
+    runs, steps = {}, {}
     for name in ("before", "after"):
-        args = sweep_args(in_tmp / name, flat_folder, 3)
+        args = sweep_args(in_tmp / name, flat_folder, 3, "--sweep", str(old / "sweeps" / "default.toml"))
         (in_tmp / name).mkdir()
         if name == "before":
             child = subprocess.run([sys.executable, "-m", "src.sweep", *args], cwd=in_tmp / name, capture_output=True,
@@ -85,5 +96,11 @@ def test_the_same_sweep_trains_the_same_trials_as_before_the_redesign(in_tmp, fl
             os.chdir(in_tmp / name)
             assert sweep.main(args) == 0
         trials = optuna.load_study(study_name="s", storage=f"sqlite:///{in_tmp / name}/optuna.db").trials
-        runs[name] = [(t.state, t.params, t.intermediate_values, t.value) for t in trials]
+        runs[name] = [(t.state, t.params, [v for _, v in sorted(t.intermediate_values.items())], t.value)
+                      for t in trials]
+        steps[name] = [sorted(t.intermediate_values) for t in trials]
     assert len(runs["before"]) == 3 and runs["after"] == runs["before"]
+    for old_steps, new_steps in zip(steps["before"], steps["after"]):
+        phase1 = [s for s in new_steps if s <= 2]
+        assert old_steps == list(range(1, len(old_steps) + 1))  # one global count
+        assert new_steps == phase1 + [2 + e for e in range(1, len(new_steps) - len(phase1) + 1)]

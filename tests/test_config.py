@@ -247,3 +247,61 @@ def test_trial_config_round_trips_through_a_dict():
 ])
 def test_wrong_types_and_signs_name_the_key(tmp_path, bad, word):
     _raises_naming(_write(tmp_path, bad), word)
+
+
+# --- the optional parameters and [prune] -----------------------------------------------------
+
+OPTIONAL_SEARCH = GOOD + """\
+weight_decay = { low = 1e-5, high = 0.1, log = true }
+label_smoothing = { choices = [0.0, 0.1] }
+lr_schedule = { choices = ["constant", "cosine"] }
+unfreeze = { choices = ["all", 2] }
+
+[prune]
+pruner = "percentile"
+percentile = 40
+phase1 = true
+"""
+
+
+def test_optional_parameters_are_sampled_when_given_and_default_to_the_old_training_when_not(tmp_path):
+    from src.config import OPTIONAL, PruneSettings
+
+    full = load_sweep(_write(tmp_path, OPTIONAL_SEARCH))
+    assert set(full.search) == set(SEARCHED) | set(OPTIONAL)
+    assert full.prune == PruneSettings(pruner="percentile", percentile=40.0, phase1=True)
+    trial = optuna.trial.FixedTrial({"head_lr": 1e-3, "backbone_lr_ratio": 0.1, "patience": 3, "aug_strength": "none",
+                                     "weight_decay": 1e-3, "label_smoothing": 0.1, "lr_schedule": "cosine",
+                                     "unfreeze": 2})
+    cfg = TrialConfig.build(Fixed(), search_space.sample(trial, full.search), weights="none", seed=1, classes=["a"])
+    assert (cfg.weight_decay, cfg.label_smoothing, cfg.lr_schedule, cfg.unfreeze) == (1e-3, 0.1, "cosine", 2)
+
+    plain = load_sweep(_write(tmp_path, GOOD, "plain.toml"))
+    assert set(plain.search) == set(SEARCHED) and plain.prune == PruneSettings()
+    trial = optuna.trial.FixedTrial({"head_lr": 1e-3, "backbone_lr_ratio": 0.1, "patience": 3, "aug_strength": "none"})
+    cfg = TrialConfig.build(Fixed(), search_space.sample(trial, plain.search), weights="none", seed=1, classes=["a"])
+    assert {k: getattr(cfg, k) for k in OPTIONAL} == OPTIONAL == {
+        "weight_decay": 0.0, "label_smoothing": 0.0, "lr_schedule": "constant", "unfreeze": "all"}
+    assert set(cfg.to_dict()) >= set(OPTIONAL)  # logged as params on every trial run, given or not
+
+
+@pytest.mark.parametrize("line, words", [
+    ('weight_decay = -0.1', ["weight_decay", ">= 0"]),
+    ('label_smoothing = 1.0', ["label_smoothing", "< 1"]),
+    ('lr_schedule = "linear"', ["lr_schedule", "linear", "cosine"]),
+    ('unfreeze = { choices = ["all", 0] }', ["unfreeze", "whole numbers"]),
+    ('unfreeze = { low = 1, high = 3 }', ["unfreeze", "choices"]),
+    ('momentum = 0.9', ["momentum", "unknown"]),
+])
+def test_a_bad_optional_parameter_names_its_key_and_the_fix(tmp_path, line, words):
+    _raises_naming(_write(tmp_path, GOOD + line + "\n"), *words)
+
+
+@pytest.mark.parametrize("table, words", [
+    ('[prune]\npruner = "hyperband"', ["pruner", "hyperband", "median"]),
+    ('[prune]\nphase1 = "yes"', ["phase1", "true or false"]),
+    ('[prune]\nwarmup = 2', ["warmup", "unknown"]),
+    ('[prune]\npercentile = 100', ["percentile", "between 0 and 100"]),
+])
+def test_a_bad_prune_table_names_its_key(tmp_path, table, words):
+    _raises_naming(_write(tmp_path, GOOD + "\n" + table + "\n"), *words)

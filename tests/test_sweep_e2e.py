@@ -14,7 +14,6 @@ from mlflow.tracking import MlflowClient
 
 from conftest import sweep_args as _args
 from src import final_test, sweep
-from src import study as study_mod
 from src import model as M
 from src import device
 from src.errors import UserError
@@ -106,7 +105,8 @@ def test_sweep_logs_every_trial_and_never_decodes_test(in_tmp, flat_folder, monk
         assert _artifacts(client, run.info.run_id, "figures") == [
             "misclassified_valid.png", "per_class_valid.csv", "per_class_valid.png", "training_curves.png"]
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "valid/acc")]
-        assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 2  # global, increasing
+        p1, p2 = (int(run.data.metrics[f"phase{p}/epochs"]) for p in (1, 2))
+        assert steps == [*range(1, p1 + 1), *range(3, 3 + p2)] and p2 >= 1  # phase-aligned: phase-2 epoch e at 2 + e
         lr_head = client.get_metric_history(run.info.run_id, "lr/head")
         assert {m.step for m in client.get_metric_history(run.info.run_id, "lr/backbone")} < {m.step for m in lr_head}
     # The sweep listed the test files and read each once, to hash it when the split was made;
@@ -238,7 +238,9 @@ def test_pruned_trials_are_recorded_and_counted(in_tmp, flat_folder, monkeypatch
 
     from src.pipeline import Pipeline
 
-    monkeypatch.setattr(study_mod, "make_pruner", lambda enabled=True: optuna.pruners.ThresholdPruner(lower=1.1))
+    from src import start
+
+    monkeypatch.setattr(start, "make_pruner", lambda *a, **k: optuna.pruners.ThresholdPruner(lower=1.1))
     models, build = [], Pipeline.model
 
     def tracked(self, trial_seed):
@@ -256,7 +258,7 @@ def test_pruned_trials_are_recorded_and_counted(in_tmp, flat_folder, monkeypatch
     client = MlflowClient(f"sqlite:///{in_tmp}/mlflow.db")
     for run in _children(client, result.parent_run_id):
         assert run.data.tags["optuna.state"] == "PRUNED" and run.info.status == "FINISHED"
-        assert "global epoch 1" in run.data.tags["optuna.prune_reason"]
+        assert "phase 1, epoch 1 (step 1" in run.data.tags["optuna.prune_reason"]
     parent = client.get_run(result.parent_run_id)
     assert parent.data.metrics["sweep/epochs_saved_by_pruning_max"] == 2 * (2 + 2 - 1)
     assert sweep.main(_args(in_tmp, flat_folder, 3)) == 1  # nothing ever completed: not a success

@@ -12,6 +12,7 @@ from src import train as T
 from src.data import ImageList, build_transform, find_splits, loader
 from src.model import build_model, head_name
 from src.device import amp_dtype
+from src.errors import UserError
 from src.train import Evaluation, evaluate, fit_phase, fit_two_phase, make_optimizer
 
 CPU = torch.device("cpu")
@@ -301,3 +302,96 @@ def test_bf16_applies_to_phase2_only_and_phase1_is_unchanged(split_folder):
     assert p2_bf16.history[0].train_loss != p2_fp32.history[0].train_loss
     # bf16 rounds (differently at every step of a tiny random-init net), it does not break training
     assert p2_bf16.history[0].train_loss == pytest.approx(p2_fp32.history[0].train_loss, rel=0.25)
+
+
+# --- the transfer-aware parameters (config.OPTIONAL) -------------------------------------------
+
+def test_weight_decay_reaches_adamw_on_weights_but_never_on_biases_or_norm_layers():
+    model = build_model("resnet18", 3, weights="none")
+    M.unfreeze(model)
+    groups = M.param_groups(model, 1e-3, 1e-4, weight_decay=0.05)
+    optimizer = make_optimizer(groups)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    decayed = {id(p) for g in optimizer.param_groups if g["weight_decay"] == 0.05 for p in g["params"]}
+    plain = {id(p) for g in optimizer.param_groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    bn = {id(p) for _, m in _bn_layers(model) for p in m.parameters()}
+    biases = {id(p) for n, p in model.named_parameters() if n.endswith("bias")}
+    assert bn and biases and (bn | biases) <= plain and not (decayed & plain)
+    assert decayed | plain == {id(p) for p in model.parameters()}  # every parameter, once
+    assert {id(model.fc.weight), id(model.conv1.weight)} <= decayed
+    assert {g["name"]: g["lr"] for g in optimizer.param_groups} == {"head": 1e-3, "backbone": 1e-4}
+    assert isinstance(make_optimizer(M.param_groups(model, 1e-3, 1e-4)), torch.optim.Adam)  # 0: Adam, as before
+
+
+def test_label_smoothing_smooths_the_training_loss_only():
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 3, 4, 4), torch.arange(16) % 3
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 3))
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    frozen = torch.optim.SGD([{"params": model.parameters(), "lr": 0.0, "name": "head"}])  # nothing moves
+    with torch.no_grad():
+        plain = nn.functional.cross_entropy(model(x), y).item()
+        smooth = nn.functional.cross_entropy(model(x), y, label_smoothing=0.3).item()
+    assert smooth != pytest.approx(plain)
+    assert T.train_epoch(model, data, frozen, CPU, label_smoothing=0.3)[0] == pytest.approx(smooth, rel=1e-5)
+    result = fit_phase(model, data, data, frozen, max_epochs=1, patience=1, device=CPU, label_smoothing=0.3)
+    assert result.history[0].train_loss == pytest.approx(smooth, rel=1e-5)
+    assert result.history[0].valid_loss == pytest.approx(plain, rel=1e-5)  # valid/loss: plain cross-entropy
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero_per_optimizer_step():
+    param = nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([{"params": [param], "lr": 0.1, "name": "head"}])
+    scheduler = T.make_scheduler(optimizer, "cosine", steps=100)  # warmup: 5 steps
+    lrs = []
+    for _ in range(100):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == pytest.approx(0.1 / 5) and lrs[4] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:])) and lrs[-1] < 0.001
+    assert lrs[4 + 48] == pytest.approx(0.05, rel=0.05)  # half way down at the middle of the cosine
+    assert T.make_scheduler(optimizer, "constant", steps=100) is None
+
+
+def test_cosine_schedule_in_a_phase_runs_over_its_max_epochs(loaders):
+    train, valid = loaders  # 2 batches per epoch
+    torch.manual_seed(0)
+    model = build_model("resnet18", 3, weights="none")
+    result = _fit(model, 2, train, valid, head_lr=1e-2, backbone_lr=1e-3, max_epochs=4, patience=10,
+                  device=CPU, lr_schedule="cosine")
+    heads = [r.lrs["head"] for r in result.history]  # after each epoch's last step
+    assert heads[0] > heads[1] > heads[2] > heads[3] == pytest.approx(0.0, abs=1e-9)
+    assert [r.lrs["backbone"] / r.lrs["head"] for r in result.history[:3]] == pytest.approx([0.1] * 3)
+
+
+def test_unfreeze_last_stages_trains_them_and_leaves_earlier_stages_and_their_batchnorm_untouched(loaders):
+    train, valid = loaders
+    torch.manual_seed(0)
+    model = build_model("resnet18", 3, weights="none")
+    assert M.stages(model) == [["conv1", "bn1"], ["layer1"], ["layer2"], ["layer3"], ["layer4"]]
+    before = _snapshot(model)
+    p1, p2, _, _ = _run_two_phase(model, train, valid, head_lr=1e-2, backbone_lr_ratio=1.0, patience=10,
+                                  max_epochs_phase1=1, max_epochs_phase2=2, unfreeze=1)
+    after = model.state_dict()
+    frozen = [k for k in before if not k.startswith(("layer4.", "fc."))]
+    assert any("running_mean" in k for k in frozen)
+    for k in frozen:  # weights AND BatchNorm running statistics of the stem and layer1-3
+        assert torch.equal(before[k], after[k]), k
+    assert not torch.equal(before["layer4.1.conv2.weight"], after["layer4.1.conv2.weight"])
+    assert not torch.equal(before["layer4.1.bn2.running_mean"], after["layer4.1.bn2.running_mean"])  # in train mode
+    with pytest.raises(UserError, match="unfreeze = 6.*5 stages"):
+        M.unfreeze(model, 6)
+
+
+def test_unfreeze_gives_the_phase2_optimizer_only_the_stages_it_trains():
+    model = build_model("mobilenet_v2", 3, weights="none")
+    M.unfreeze(model, 2)
+    learning = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert learning and all(n.startswith(("classifier.1.", *[f"features.{i}." for i in range(7, 19)]))
+                            for n in learning)
+    backbone = next(g for g in M.param_groups(model, 1e-3, 1e-4) if g["name"] == "backbone")
+    assert {id(p) for p in backbone["params"]} == {id(p) for n, p in model.named_parameters()
+                                                 if p.requires_grad and not n.startswith("classifier.")}
+    M.train_mode(model)
+    assert not model.features[3].conv[0][1].training and model.features[14].conv[0][1].training
