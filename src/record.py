@@ -19,6 +19,7 @@ import optuna
 
 from . import figures, model as M
 from .config import TrialConfig
+from .stats import wilson
 from .stopping import writing
 from .tracking import Tracker
 from .train import PhaseResult
@@ -58,8 +59,10 @@ class TrialRecord:
         """Best checkpoint and validation confusion matrix of a finished phase; after phase 2 also
         the figures a user looks at."""
         tracker, p = self.tracker, result.phase
+        low, high = wilson(result.best_valid_acc, len(result.valid_targets))
         tracker.log_metrics(run_id, {f"phase{p}/epochs": result.epochs, f"phase{p}/best_epoch": result.best_epoch,
                                      f"phase{p}/best_valid_acc": result.best_valid_acc,
+                                     f"phase{p}/best_valid_acc_low": low, f"phase{p}/best_valid_acc_high": high,
                                      f"phase{p}/best_valid_loss": result.best_valid_loss}, step=result.last_step)
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = M.make_checkpoint(model, {**cfg.to_dict(), "mean": self.mean, "std": self.std},

@@ -11,6 +11,7 @@ import torch
 
 from . import data as D
 from . import model as M
+from . import trials as T
 from .config import Fixed, PruneSettings, SweepOptions, load_sweep, resolve_fixed
 from .device import amp_dtype, pick_device
 from .pipeline import Pipeline, initial_model
@@ -99,6 +100,7 @@ def start(opts: SweepOptions) -> Started:
     tracker.set_tags(parent_id, {"data.skipped_images": sum(len(v) for v in bad.values())})
     if bad:
         tracker.log_json(parent_id, bad, "dataset/skipped_images.json")
+    study.set_user_attr(T.VALID_IMAGES_ATTR, len(pipeline.labels("valid")))  # for accuracy intervals
     recover(study, tracker, parent_id)  # what a killed or interrupted earlier run left behind
     record = TrialRecord(tracker, parent_id, pipeline.mean, pipeline.std)
     return Started(Context(pipeline, sweep.search, record, amp, opts.trials), study,

@@ -20,6 +20,7 @@ from . import splits as S
 from . import trials as T
 from .config import Fixed, SweepFile
 from .errors import UserError
+from .stats import wilson
 from .recovery import GRACE_PERIOD_S, HEARTBEAT_INTERVAL_S
 from .tracking import ROLE, Tracker
 from .trials import PARENT_RUN_ATTR, SETTINGS_ATTR, STEPS, STEPS_ATTR, STUDY_UID_ATTR
@@ -100,8 +101,9 @@ def update_best(tracker: Tracker, parent_id: str, study: optuna.Study) -> None:
     best = T.best(study)
     if best is None:
         return  # nothing completed yet
+    low, high = wilson(best.value, int(study.user_attrs.get(T.VALID_IMAGES_ATTR, 0)))
     tags = {"best.trial_number": best.number, "best.run_id": T.run_id(best) or "",
-            "best.valid_acc": f"{best.value:.6f}"}
+            "best.valid_acc": f"{best.value:.6f}", "best.valid_acc_95": f"{low:.4f}-{high:.4f}"}
     tags.update({f"best.{k}": v for k, v in best.params.items()})
     tracker.set_tags(parent_id, tags)
     tracker.log_metrics(parent_id, {"best/valid_acc": best.value}, step=len(study.trials))

@@ -10,6 +10,7 @@ import optuna
 from . import trials as T
 from .report import SCORE, log_report, next_commands, summary_table, ui_base
 from .start import Started
+from .stats import wilson, within_noise
 from .study import pruning_savings
 
 log = logging.getLogger("tlsweep")
@@ -64,7 +65,16 @@ def print_summary(started: Started, study: optuna.Study, tracking_uri: str | Non
     spent, pruned_max = pruning_savings(study, started.ctx.pipeline.fixed)
     print(f"epochs spent: {spent}; pruned trials could have run up to {pruned_max} more without pruning")
     if best is not None:
-        print(f"\nbest: trial {best.number}, valid_acc {best.value:.4f} (run {T.run_id(best)}). Next:")
+        n = int(study.user_attrs.get(T.VALID_IMAGES_ATTR, 0))
+        low, high = wilson(best.value, n)
+        print(f"\nbest: trial {best.number}, valid_acc {best.value:.4f}, 95% interval {low:.3f}-{high:.3f} "
+              f"on {n} validation images (run {T.run_id(best)})")
+        close = within_noise(best.value, {t.number: t.value for t in completed if t.number != best.number}, n)
+        if close:
+            shown = ", ".join(str(k) for k in sorted(close)[:8]) + (" ..." if len(close) > 8 else "")
+            print(f"  within noise of it: trial(s) {shown} ({len(close)} in all) reach its interval; on this "
+                  f"validation set their order is not evidence (a larger split narrows it)")
+        print("Next:")
     else:
         print("\nno trial completed yet (see optuna.fail_reason on the trial runs). Next:")
     for what, cmd in commands(started, tracking_uri, storage).items():

@@ -24,6 +24,7 @@ TIMES_LOST_ATTR = "tlsweep.times_lost"  # how often its workers died (counts tow
 STUDY_UID_ATTR = "tlsweep.study_uid"    # ties a study to its parent run, whatever the store
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 SETTINGS_ATTR = "sweep_settings"        # fixed settings and search space, compared on resume
+VALID_IMAGES_ATTR = "tlsweep.valid_images"  # readable validation images: the n of accuracy intervals
 STEPS_ATTR = "tlsweep.steps"            # how its trials number their epochs (STEPS)
 STEPS = "phase-aligned"                 # phase-1 epoch e = step e, phase-2 epoch e = max_epochs_phase1 + e
 

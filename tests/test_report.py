@@ -105,3 +105,16 @@ def test_best_params_and_trials_table(tmp_path):
     assert csv_path.read_text().splitlines()[0].startswith("number,value,state,")
     assert "<table" in html_path.read_text()
     assert report.write_best_params(optuna.create_study(), tmp_path) == []
+
+
+def test_wilson_interval_matches_the_textbook_and_names_trials_within_noise():
+    import pytest
+
+    from src.stats import wilson, within_noise
+
+    low, high = wilson(0.8, 100)  # Wilson 95% for 80/100: 0.7112-0.8666
+    assert (round(low, 4), round(high, 4)) == (0.7112, 0.8666)
+    assert wilson(1.0, 20)[1] == 1.0 and wilson(1.0, 20)[0] == pytest.approx(0.8389, abs=1e-4)
+    assert wilson(0.5, 0) == (0.0, 1.0)
+    assert within_noise(0.835, {1: 0.825, 2: 0.814, 3: 0.70}, 100) == [1, 2]  # the top three: noise
+    assert within_noise(0.835, {1: 0.825, 2: 0.814, 3: 0.70}, 10_000) == []

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 from collections import Counter
 import sys
@@ -82,6 +83,8 @@ def test_sweep_logs_every_trial_and_never_decodes_test(in_tmp, flat_folder, monk
     assert [line.split(":")[0] for line in out.splitlines() if line.startswith("trial ") and ":" in line][:2] == [
         "trial 0", "trial 1"]
     assert "trial  valid_acc     state  epochs" in out
+    assert re.search(r"valid_acc \d\.\d{4}, 95% interval \d\.\d{3}-\d\.\d{3} on \d+ validation images", out)
+    assert "best.valid_acc_95" in parent.data.tags
     assert f"python -m src.final_test --run-id {result.parent_run_id} --tracking-uri sqlite:///{in_tmp}/mlflow.db" in out
     assert f"mlflow ui --port 5000 --backend-store-uri sqlite:///{in_tmp}/mlflow.db" in out
     assert f"optuna-dashboard sqlite:///{in_tmp}/optuna.db" in out
@@ -98,6 +101,9 @@ def test_sweep_logs_every_trial_and_never_decodes_test(in_tmp, flat_folder, monk
     for run in runs:
         assert run.data.tags["optuna.state"] == "COMPLETE" and run.info.status == "FINISHED"
         assert values[run.info.run_id] == pytest.approx(run.data.metrics["phase2/best_valid_acc"])
+        m = run.data.metrics  # its Wilson interval on the validation images
+        assert m["phase2/best_valid_acc_low"] <= m["phase2/best_valid_acc"] <= m["phase2/best_valid_acc_high"]
+        assert 0.0 < m["phase2/best_valid_acc_high"] - m["phase2/best_valid_acc_low"] < 1.0
         assert run.data.params["backbone"] == "resnet18" and "head_lr" in run.data.params
         assert _artifacts(client, run.info.run_id, "checkpoints") == ["phase1_best.pt", "phase2_best.pt"]
         assert _artifacts(client, run.info.run_id, "confusion") == [

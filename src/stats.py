@@ -1,0 +1,23 @@
+"""How sure an accuracy is: Wilson score intervals for a validation accuracy of n images."""
+from __future__ import annotations
+
+import math
+
+Z95 = 1.959964  # two-sided 95%
+
+
+def wilson(acc: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """The Wilson score interval of an accuracy measured on n images (n = 0: (0, 1)). Unlike
+    acc +- z*se it stays inside [0, 1] and is honest at 0 or 1 and at a few hundred images."""
+    if n <= 0:
+        return 0.0, 1.0
+    centre = (acc + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(acc * (1 - acc) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def within_noise(best: float, others: dict[int, float], n: int) -> list[int]:
+    """The keys of `others` whose accuracy lies inside the best one's 95% interval: on this
+    validation set their order against the best is noise, not evidence."""
+    low, _ = wilson(best, n)
+    return [k for k, acc in others.items() if acc >= low]
