@@ -152,6 +152,7 @@ class SweepOptions:
     max_bad_fraction: float
     no_prune: bool
     no_cache: bool
+    soup_top: int = 5
 
     def fixed_overrides(self) -> dict[str, Any]:
         """The flags that override [fixed] (`resolve_fixed`): --max-epochs sets both phases."""

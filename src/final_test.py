@@ -63,10 +63,17 @@ def resolve_runs(tracker: Tracker, run_id: str) -> tuple[str, str]:
     run = tracker.get_run(run_id)
     role = run.data.tags.get(ROLE)
     if role == "parent":
-        best = run.data.tags.get("best.run_id")
+        tags = run.data.tags
+        best = tags.get("best.run_id")
         if not best:
             raise UserError(f"sweep run {run_id} has no completed trial yet; run the sweep until one completes")
+        # The winner the sweep chose on validation (the soup or the best trial, src/soup.py), if it
+        # was chosen among the trials as they are now; else the best trial.
+        if tags.get("winner.run_id") and tags.get("winner.best_trial") == tags.get("best.trial_number"):
+            return tags["winner.run_id"], run_id
         return best, run_id
+    if role == "soup":
+        return run_id, run.data.tags[MLFLOW_PARENT_RUN_ID]
     if role == "trial":
         state = run.data.tags.get("optuna.state")
         if state != "COMPLETE":

@@ -12,7 +12,7 @@ from .config import SweepOptions
 from .errors import UserError
 from .start import start
 from .study import open_study
-from .summary import print_summary, write_report
+from .summary import print_summary, try_soup, write_report
 
 log = logging.getLogger("tlsweep")
 
@@ -44,6 +44,8 @@ def launch(opts: SweepOptions, argv: list[str]) -> int:
             p.wait()
         return 130
     study = open_study(started.study.study_name, opts.storage, started.ctx.pipeline.fixed.seed)
+    if not any(codes):  # every worker finished: the soup, once for the study (src/soup.py)
+        try_soup(started, study, opts.soup_top)
     write_report(started, study, opts.tracking_uri, opts.storage)  # each worker wrote one; this one sees them all
     print_summary(started, study, opts.tracking_uri, opts.storage)
     codes = [128 - c if c < 0 else c for c in codes]  # killed by signal N: 128 + N, as a shell says

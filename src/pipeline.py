@@ -147,6 +147,12 @@ class Pipeline:
         return D.SkippingLoader(D.loader(dataset, batch_size, train, seed, self.workers, pin,
                                          collate_fn=D.collate_skipping), log)
 
+    def valid_loader(self, batch_size: int):
+        """The validation images under the evaluation transform (what every trial is judged on)."""
+        logs = self.decode_logs if self.decoded is not None else {"valid": D.BadImageLog(
+            "valid", len(self.splits.valid), self.max_bad_fraction, root=self.splits.root)}
+        return self._loader(self._dataset("valid", "none", False), batch_size, False, log=logs["valid"])
+
     def loaders(self, cfg: TrialConfig, model: nn.Module) -> TrialData:
         """The trial's loaders, and phase 1's inputs: the head on cached features (caches on), or
         the model on the same views decoded every epoch."""

@@ -10,6 +10,7 @@ import optuna
 from . import trials as T
 from .report import SCORE, log_report, next_commands, summary_table, ui_base
 from .start import Started
+from .soup import make_soup
 from .stats import wilson, within_noise
 from .study import pruning_savings
 
@@ -39,6 +40,17 @@ def result(study: optuna.Study, parent_id: str, epochs_spent: int, interrupted: 
 
 def commands(started: Started, tracking_uri: str | None, storage: str) -> dict:
     return next_commands(started.parent_id, tracking_uri, storage, started.experiment_id)
+
+
+def try_soup(started: Started, study: optuna.Study, top: int) -> None:
+    """The soup (src/soup.py) is a candidate, the trials stand without it: a failure to make it is
+    a warning, and the best trial stays the winner."""
+    pipe = started.ctx.pipeline
+    try:
+        make_soup(started.tracker, started.parent_id, study, pipe.valid_loader(2 * pipe.fixed.batch_size),
+                  pipe.device, top)
+    except Exception as exc:  # noqa: BLE001 - artifact stores and checkpoints fail in many ways
+        log.warning("no soup was made (%s: %s); the best trial is the winner", type(exc).__name__, exc)
 
 
 def write_report(started: Started, study: optuna.Study, tracking_uri: str | None, storage: str) -> None:
@@ -74,6 +86,10 @@ def print_summary(started: Started, study: optuna.Study, tracking_uri: str | Non
             shown = ", ".join(str(k) for k in sorted(close)[:8]) + (" ..." if len(close) > 8 else "")
             print(f"  within noise of it: trial(s) {shown} ({len(close)} in all) reach its interval; on this "
                   f"validation set their order is not evidence (a larger split narrows it)")
+        tags = started.tracker.get_run(started.parent_id).data.tags
+        if tags.get("winner.kind") == "soup" and tags.get("winner.best_trial") == str(best.number):
+            print(f"winner: a soup of the best trials' weights, valid_acc {float(tags['winner.valid_acc']):.4f} "
+                  f"(run {tags['winner.run_id']}); the final test scores it")
         print("Next:")
     else:
         print("\nno trial completed yet (see optuna.fail_reason on the trial runs). Next:")

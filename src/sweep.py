@@ -26,10 +26,11 @@ from .launcher import launch
 from .pipeline import DEFAULT_MAX_BAD_FRACTION
 from .recovery import requeue_interrupted
 from .scheduler import optimize
+from .soup import SOUP_TOP
 from .start import start
 from .stopping import STOP, handling_signals, writing
 from .study import update_best
-from .summary import SweepResult, print_summary, result, write_report
+from .summary import SweepResult, print_summary, result, try_soup, write_report
 from .trial import Objective
 
 log = logging.getLogger("tlsweep")
@@ -71,7 +72,12 @@ def parse_args(argv=None) -> SweepOptions:
     p.add_argument("--no-prune", action="store_true", help="never prune (to compare epochs spent)")
     p.add_argument("--no-cache", action="store_true",
                    help="decode images and run the frozen backbone every epoch (slow; for comparison)")
+    p.add_argument("--soup-top", type=int, default=SOUP_TOP,
+                   help=f"at the end, a greedy weight-averaged soup of the K best trials competes with the best "
+                        f"one on validation (0 or 1: no soup; default {SOUP_TOP})")
     args = p.parse_args(argv)
+    if args.soup_top < 0:
+        p.error(f"--soup-top {args.soup_top}: give 0 (no soup) or more")
     if args.trials < 1:
         p.error(f"--trials {args.trials}: give at least 1 (the total of finished trials the study should have)")
     if not 0 <= args.max_bad_fraction < 1:
@@ -114,6 +120,8 @@ def run_sweep(opts: SweepOptions) -> SweepResult:
         with writing():  # a first Ctrl-C here only sets STOP; a second cuts the report, not the close
             try:
                 update_best(started.tracker, started.parent_id, study)
+                if status == "FINISHED" and not os.environ.get("TLSWEEP_WORKER"):  # once, by who sums up
+                    try_soup(started, study, opts.soup_top)
                 write_report(started, study, opts.tracking_uri, opts.storage)
             finally:
                 started.tracker.finish(started.parent_id, status)

@@ -124,6 +124,13 @@ class Tracker(Store):
         self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
         return run.info.run_id
 
+    def start_child(self, parent_id: str, run_name: str, role: str, tags: dict) -> str:
+        """A run of our own under the parent that is not an Optuna trial (e.g. the soup)."""
+        exp_id = self.client.get_run(parent_id).info.experiment_id
+        run = self.client.create_run(exp_id, run_name=run_name, tags={
+            MLFLOW_PARENT_RUN_ID: parent_id, ROLE: role, **{k: str(v) for k, v in tags.items()}})
+        return run.info.run_id
+
     def end_run(self, run_id: str, state: str, reason: str | None = None, status: str | None = None,
                 tags: dict | None = None) -> None:
         """state is the Optuna state name; the MLflow status follows from it unless given."""
