@@ -42,6 +42,8 @@ class TestResult:
     n_images: int
     per_class: list
     skipped: dict          # unreadable test files (relative path -> reason), not scored
+    preds: list = None     # per scored test image, in the split's order (for paired comparisons)
+    targets: list = None
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -144,7 +146,7 @@ def run_final_test(run_id: str, tracking_uri: str | None = None, force: bool = F
                               zero_division=0))
     per_class = figures.per_class_report(ev.targets, ev.preds, classes)
     result = TestResult(trial_id, parent_id, ev.acc, ev.loss, macro_f1, len(ev.targets), per_class,
-                        dict(bad.found))
+                        dict(bad.found), ev.preds, ev.targets)
     log_result(tracker, result, ev, classes, earlier, force)
     return result
 

@@ -1,0 +1,121 @@
+"""Is the sweep's winner better than the seed recipe, and for how much compute? Measured side by
+side on one image folder, through the product's own commands.
+
+    python benchmarks/bench_quality.py --data ~/data/openclipart --backbone mobilenet_v2 \\
+        --image-size 128 --max-epochs 15 --trials 30 --seeds 0 1 2 --out ~/quality
+
+Arms: `sweeps/seed-recipe.toml` (1 trial: the recipe) and the sweep file under test (`--sweep`,
+default `sweeps/default.toml`, `--trials` trials), each over `--seeds` study seeds, each on its
+own SQLite stores under `--out`. Every winner is scored once by `src.final_test` on the folder's
+one test split (the split is sealed in the folder, so every arm and seed shares it). Each arm's
+result is appended to `--out/results.jsonl` as it ends, and a rerun skips what is there: a
+cut-off session loses at most the arm that was running.
+
+Prints per arm: test accuracy and macro-F1 (mean, min, max), wall time; a paired bootstrap 95%
+interval of the test-accuracy gap (per test image, each arm's correctness averaged over its
+seeds; images resampled); and the machine-readable lines
+    quality sweep_minus_recipe_test_pt <x>   mean test accuracy, sweep - recipe, in points
+    quality sweep_vs_recipe_compute <x>      mean wall time, sweep / recipe
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from src.final_test import run_final_test  # noqa: E402
+
+
+def run_arm(name: str, sweep_file: str, trials: int, seed: int, args) -> dict:
+    out = Path(args.out) / f"{name}-seed{seed}"
+    out.mkdir(parents=True, exist_ok=True)
+    uri = f"sqlite:///{out}/mlflow.db"
+    cmd = [sys.executable, "-m", "src.sweep", "--data", str(args.data), "--sweep", sweep_file,
+           "--trials", str(trials), "--seed", str(seed), "--backbone", args.backbone,
+           "--image-size", str(args.image_size), "--max-epochs", str(args.max_epochs),
+           "--storage", f"sqlite:///{out}/optuna.db", "--tracking-uri", uri, "--study-name", name,
+           "--experiment", f"quality-{name}", *args.sweep_flags]
+    start = time.time()
+    with open(out / "sweep.log", "w") as log:
+        code = subprocess.call(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    wall = time.time() - start
+    text = (out / "sweep.log").read_text()
+    parents = re.findall(r"parent run ([0-9a-f]{32})", text)
+    if code != 0 or not parents:
+        raise SystemExit(f"{name} seed {seed}: the sweep failed (exit {code}); see {out / 'sweep.log'}")
+    r = run_final_test(parents[-1], uri)
+    epochs = sum(int(m) for m in re.findall(r"epochs spent: (\d+)", text)[-1:])
+    return {"arm": name, "seed": seed, "wall_s": wall, "test_acc": r.acc, "macro_f1": r.macro_f1,
+            "winner": r.trial_run_id, "epochs": epochs, "correct": [int(p == t) for p, t in zip(r.preds, r.targets)]}
+
+
+def _stats(values) -> str:
+    return f"{np.mean(values):.4f} (min {np.min(values):.4f}, max {np.max(values):.4f})"
+
+
+def report(rows: list[dict], sweep_arm: str) -> None:
+    arms = {}
+    for row in rows:
+        arms.setdefault(row["arm"], []).append(row)
+    for arm, got in arms.items():
+        print(f"{arm:>10}: {len(got)} seed(s), test acc {_stats([g['test_acc'] for g in got])}, macro-F1 "
+              f"{_stats([g['macro_f1'] for g in got])}, wall {np.mean([g['wall_s'] for g in got]):.0f} s, "
+              f"epochs {np.mean([g['epochs'] for g in got]):.0f}")
+    if "recipe" not in arms or sweep_arm not in arms:
+        return
+    rec, swp = arms["recipe"], arms[sweep_arm]
+    a = np.mean([g["correct"] for g in swp], axis=0)  # per test image, over seeds
+    b = np.mean([g["correct"] for g in rec], axis=0)
+    rng = np.random.default_rng(0)
+    boots = [np.mean((a - b)[idx]) for idx in rng.integers(0, len(a), size=(2000, len(a)))]
+    low, high = np.percentile(boots, [2.5, 97.5]) * 100
+    gap = (np.mean([g["test_acc"] for g in swp]) - np.mean([g["test_acc"] for g in rec])) * 100
+    beats = sum(g["test_acc"] > np.mean([r["test_acc"] for r in rec]) for g in swp)
+    print(f"paired bootstrap over {len(a)} test images: gap {gap:+.2f} points, 95% interval [{low:+.2f}, {high:+.2f}]; "
+          f"{beats} of {len(swp)} sweep winners beat the recipe's mean")
+    print(f"quality sweep_minus_recipe_test_pt {gap:.2f}")
+    print(f"quality sweep_vs_recipe_compute {np.mean([g['wall_s'] for g in swp]) / np.mean([g['wall_s'] for g in rec]):.2f}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--sweep", default="sweeps/default.toml", help="the sweep file under test")
+    p.add_argument("--name", default="sweep", help="its arm's name (results of several files can share --out)")
+    p.add_argument("--backbone", default="mobilenet_v2")
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--max-epochs", type=int, default=15)
+    p.add_argument("--trials", type=int, default=30)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--out", type=Path, default=Path("quality-out"))
+    p.add_argument("--sweep-flags", nargs=argparse.REMAINDER, default=[], help="passed to every src.sweep")
+    args = p.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = args.out / "results.jsonl"
+    rows = [json.loads(line) for line in results.read_text().splitlines()] if results.is_file() else []
+    done = {(r["arm"], r["seed"]) for r in rows}
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    for name, sweep_file, trials in (("recipe", "sweeps/seed-recipe.toml", 1), (args.name, args.sweep, args.trials)):
+        for seed in args.seeds:
+            if (name, seed) in done:
+                continue
+            row = run_arm(name, sweep_file, trials, seed, args)
+            rows.append(row)
+            with results.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(f"{name} seed {seed}: test acc {row['test_acc']:.4f}, wall {row['wall_s']:.0f} s", flush=True)
+    report(rows, args.name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
