@@ -10,8 +10,9 @@ members and its validation accuracy. The sweep's winner is the soup if its valid
 beats the single best trial's, else that trial: the parent's `winner.run_id` / `winner.kind`
 say which, and `final_test` scores it (once).
 
-A soup is made once per set of completed trials: the parent's `soup.trials` tag records which
-trials the last soup was made from, so a second worker or a rerun with nothing new skips it.
+A soup is made once per set of best trials, when no trial is running (the last worker to end
+makes it): the parent's `soup.trials` tag records which trials the last soup was made from, so
+another worker or a rerun with nothing new skips it.
 """
 from __future__ import annotations
 
@@ -68,8 +69,8 @@ def make_soup(tracker: Tracker, parent_id: str, study: optuna.Study, valid, devi
     """Make the soup of the study's `top` best trials unless it was made from these already, and
     record the winner on the parent; returns the soup's run id when it is the winner."""
     ranked = sorted(T.completed(study), key=lambda t: -t.value)[:top]
-    if top < 2 or len(ranked) < 2:
-        return None
+    if top < 2 or len(ranked) < 2 or T.running(study):
+        return None  # nothing to average, or other workers still at it: the last one makes it
     seen, tags = ",".join(str(t.number) for t in ranked), tracker.get_run(parent_id).data.tags
     if tags.get("soup.trials") == seen:  # made from these trials already (another worker, or a rerun)
         return tags.get("winner.run_id") if tags.get("winner.kind") == "soup" else None
