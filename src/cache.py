@@ -167,9 +167,74 @@ class StoredImages(torch.utils.data.Dataset):
             state["array"] = np.load(state["array"], mmap_mode="r")
         self.__dict__.update(state)
 
+    def image(self, row: int) -> torch.Tensor:
+        return torch.from_numpy(np.array(self.array[row])).permute(2, 0, 1)  # copy: the memmap is read-only
+
     def __getitem__(self, i: int):
         row = i if self.rows is None else self.rows[i]
-        image = torch.from_numpy(np.array(self.array[row])).permute(2, 0, 1)  # copy: the memmap is read-only
-        return D.apply_transform(self.transform, image, self.view_seed, self.epoch, row), self.labels[i]
+        return D.apply_transform(self.transform, self.image(row), self.view_seed, self.epoch, row), self.labels[i]
+
+
+# -- whole frames (the frame levels) --------------------------------------------------------------
+@dataclass
+class Frames:
+    """A split's whole frames decoded once: shorter side `side`, longer side cut evenly to at most
+    MAX_ASPECT x side, kept landscape in one uint8 N x side x W x 3 array (a portrait frame
+    transposed), each row's longer length and orientation beside it."""
+    array: np.ndarray
+    lengths: list[int]
+    portrait: list[bool]
+    rows: list[int]
+    bad: dict[str, str]
+
+
+def decode_frames(root: Path, entries, side: int, workers: int = 0) -> Frames:
+    decode = D.T.Compose([D.T.ToImage(), D.T.Resize(side, antialias=True), D.CapAspect(D.MAX_ASPECT)])
+    key = cache_key("frames", D.content_key(root, entries), side, repr(decode), D.DECODE_VERSION,
+                    torch.__version__, torchvision.__version__, PIL.__version__)
+    shape = (len(entries), side, round(D.MAX_ASPECT * side), 3)
+    write = lambda tmp: _frames_into(tmp, root, entries, decode, shape, workers)  # noqa: E731
+    array, meta = cached(D.cache_dir() / "frames" / f"{key}.npy", np.uint8, write, shape)
+    bad = dict(meta.get("bad", {}))
+    index = {rel: i for i, (rel, _) in enumerate(entries)}
+    skipped = {index[rel] for rel in bad}
+    return Frames(array, list(meta["lengths"]), list(meta["portrait"]),
+                  [i for i in range(len(entries)) if i not in skipped], bad)
+
+
+def collate_list(items):
+    """(the readable items as a list, [BadImage, ...]): frames differ in size, so no stacking."""
+    return [it for it in items if not isinstance(it, D.BadImage)], [it for it in items if isinstance(it, D.BadImage)]
+
+
+def _frames_into(tmp: Path, root: Path, entries, decode, shape, workers: int) -> dict:
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+    lengths, portrait = [0] * len(entries), [False] * len(entries)
+    dataset = D.ImageList(root, [(rel, i) for i, (rel, _) in enumerate(entries)], decode, skip_bad=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=64, num_workers=workers,
+                                         generator=torch.Generator(), collate_fn=collate_list)
+    bad = {}
+    for good, skipped in loader:
+        bad.update({b.path: b.reason for b in skipped})
+        for image, i in good:
+            h, w = image.shape[-2:]
+            portrait[i] = bool(h > w)
+            frame = (image.transpose(-1, -2) if h > w else image).permute(1, 2, 0).numpy()  # side x length x 3
+            lengths[i] = frame.shape[1]
+            out[i, :, :frame.shape[1]] = frame
+    out.flush()
+    return {"bad": bad, "lengths": lengths, "portrait": portrait}
+
+
+class StoredFrames(StoredImages):
+    """(transformed frame, label) from decoded whole frames (`decode_frames`)."""
+
+    def __init__(self, frames: Frames, labels, transform, view_seed=None):
+        super().__init__(frames.array, labels, transform, view_seed, frames.rows)
+        self.lengths, self.portrait = frames.lengths, frames.portrait
+
+    def image(self, row: int) -> torch.Tensor:
+        frame = torch.from_numpy(np.array(self.array[row, :, :self.lengths[row]])).permute(2, 0, 1)
+        return frame.transpose(-1, -2).contiguous() if self.portrait[row] else frame
 
 

@@ -33,17 +33,22 @@ OPTIONAL = {"weight_decay": 0.0, "label_smoothing": 0.0, "lr_schedule": "constan
 LR_SCHEDULES = ("constant", "cosine")
 PRUNERS = ("median", "percentile", "halving", "none")
 
-# Augmentation levels, weakest to strongest (built by `data.build_transform`). Every level starts
-# from the image resized (shorter side S = size / 0.875) and center-cropped to S x S, and ends at
-# size x size; "none" is exactly the evaluation transform; "seed" is the seed recipe's flip +
-# RandomCrop(pad 8).
+# Augmentation levels (built by `data.build_transform`); all end at size x size. The first five
+# start from the image resized (shorter side S = size / 0.875) and center-cropped to S x S:
+# "none" is exactly the evaluation transform; "seed" is the seed recipe's flip + RandomCrop(pad
+# 8). The FRAME_LEVELS start from the whole frame instead (shorter side S, the longer side
+# center-cropped to at most MAX_ASPECT x S), as the standard RandomResizedCrop recipe does.
 AUG_LEVELS = {
     "none":   "center crop (the evaluation transform)",
     "light":  "RandomResizedCrop(scale 0.6-1) + horizontal flip",
     "seed":   "center crop, horizontal flip + RandomCrop(pad 8)",
     "medium": "RandomResizedCrop(scale 0.35-1) + flip + ColorJitter(0.2, 0.2, 0.2)",
     "strong": "RandomResizedCrop(scale 0.2-1) + flip + TrivialAugmentWide",
+    "frame_light": "from the whole frame: RandomResizedCrop(scale 0.35-1, ratio 3/4-4/3) + flip",
+    "frame":  "from the whole frame: RandomResizedCrop(scale 0.08-1, ratio 3/4-4/3) + flip (the standard recipe)",
 }
+FRAME_LEVELS = ("frame_light", "frame")
+MAX_ASPECT = 1.5  # a frame's longer side is at most this times its shorter one (the rest is cut evenly)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import torch
 from PIL import Image, ImageFile
 from torchvision.transforms import v2 as T
 
-from .config import AUG_LEVELS
+from .config import AUG_LEVELS, FRAME_LEVELS, MAX_ASPECT
 from .errors import UnreadableImages, UserError
 from .files import remove_dead_temps, write_atomic
 from .splits import (IMAGE_EXTS, SPLIT_FILE, SPLITS, DataError, Splits, cache_dir,  # noqa: F401
@@ -46,25 +46,45 @@ def load_rgb(path: Path) -> Image.Image:
         raise DataError(f"cannot read image {path}: {type(exc).__name__}: {exc}; replace or delete the file") from exc
 
 
+class CapAspect(torch.nn.Module):
+    """Center-crop the longer side to at most `ratio` times the shorter (deterministic)."""
+
+    def __init__(self, ratio: float):
+        super().__init__()
+        self.ratio = ratio
+
+    def forward(self, image):
+        h, w = image.shape[-2:]
+        cap = round(self.ratio * min(h, w))
+        return T.functional.center_crop(image, [min(h, cap), min(w, cap)]) if max(h, w) > cap else image
+
+    def __repr__(self) -> str:
+        return f"CapAspect(ratio={self.ratio})"
+
+
 def build_transform(level: str, image_size: int, mean, std, train: bool) -> T.Compose:
     """Train transform for an augmentation level, or the (never augmented) eval transform."""
     if level not in AUG_LEVELS:
         raise UserError(f"aug_strength {level!r} is not one of {list(AUG_LEVELS)}")
     side = stored_side(image_size)
-    # Every level starts from the S x S center square (S = size / 0.875): exactly what the
-    # decode-once store holds, so stored and decoded-each-time inputs give identical tensors.
-    square = [T.Resize(side, antialias=True), T.CenterCrop(side)]
+    level = level if train else "none"
+    # Every square level starts from the S x S center square (S = size / 0.875), a frame level
+    # from the whole frame (shorter side S): exactly what the decode-once stores hold, so stored
+    # and decoded-each-time inputs give identical tensors.
+    start = ([T.Resize(side, antialias=True), CapAspect(MAX_ASPECT)] if level in FRAME_LEVELS
+             else [T.Resize(side, antialias=True), T.CenterCrop(side)])
     flip = T.RandomHorizontalFlip()
-    rrc = lambda lo: T.RandomResizedCrop(image_size, scale=(lo, 1.0), antialias=True)  # noqa: E731
+    rrc = lambda lo, **kw: T.RandomResizedCrop(image_size, scale=(lo, 1.0), antialias=True, **kw)  # noqa: E731
     steps = {
         "none": [T.CenterCrop(image_size)],
         "light": [rrc(0.6), flip],
         "seed": [T.CenterCrop(image_size), flip, T.RandomCrop(image_size, padding=8)],
         "medium": [rrc(0.35), flip, T.ColorJitter(0.2, 0.2, 0.2)],
         "strong": [rrc(0.2), flip, T.TrivialAugmentWide()],
-    }[level if train else "none"]
-    return T.Compose([T.ToImage(), *square, *steps, T.ToDtype(torch.float32, scale=True),
-                      T.Normalize(mean, std)])
+        "frame_light": [rrc(0.35, ratio=(3 / 4, 4 / 3)), flip],
+        "frame": [rrc(0.08, ratio=(3 / 4, 4 / 3)), flip],
+    }[level]
+    return T.Compose([T.ToImage(), *start, *steps, T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)])
 
 
 def stored_side(image_size: int) -> int:

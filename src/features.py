@@ -61,14 +61,15 @@ def feature_extractor(model: nn.Module, head: str) -> nn.Module:
 class FeatureCache:
     """Phase-1 features of one frozen model on one decoded dataset, per (level, view)."""
 
-    def __init__(self, extractor: nn.Module, model_key: dict, train_array: np.ndarray, train_labels,
-                 valid: StoredImages, transform_for, study_seed: int, device: torch.device,
-                 batch_size: int = 128, workers: int = 0, train_rows=None):
+    def __init__(self, extractor: nn.Module, model_key: dict, train_views, train_labels,
+                 valid: StoredImages, study_seed: int, device: torch.device,
+                 batch_size: int = 128, workers: int = 0, level_tags: dict | None = None):
+        # train_views(level): the train images under the level's transform with seeded views;
+        # train_labels: theirs; level_tags: extra entry-name parts of levels outside `model_key`
         self.extractor = extractor.to(device, memory_format=torch.channels_last)
         self.model_key, self.device = model_key, device
-        # labels of `train_rows` (the readable rows; all when None)
-        self.train_array, self.train_labels, self.train_rows = train_array, list(train_labels), train_rows
-        self.valid_images, self.transform_for, self.study_seed = valid, transform_for, study_seed
+        self.train_views, self.train_labels, self.level_tags = train_views, list(train_labels), level_tags or {}
+        self.valid_images, self.study_seed = valid, study_seed
         self.batch_size, self.workers = batch_size, workers
 
     def _extract(self, dataset) -> np.ndarray:
@@ -91,10 +92,9 @@ class FeatureCache:
 
     def train_view(self, level: str, epoch: int) -> np.ndarray:
         view = 0 if level == "none" else epoch
-        dataset = StoredImages(self.train_array, self.train_labels, self.transform_for(level),
-                               view_seed_fn(self.study_seed, level), self.train_rows)
+        dataset = self.train_views(level)
         dataset.epoch = view
-        return self._entry(f"train/{level}/view{view}/seed{self.study_seed}", dataset)
+        return self._entry(f"train/{level}{self.level_tags.get(level, '')}/view{view}/seed{self.study_seed}", dataset)
 
 
 class FeatureEpochs:

@@ -65,17 +65,19 @@ class Pipeline:
         self.workers = default_loader_workers(device) if loader_workers is None else loader_workers
         self.base = base if base is not None else initial_model(fixed.backbone, len(splits.classes), weights, fixed.seed)
         self.head = M.head_name(self.base)
-        self.decoded, self.features, self.valid_features = None, None, None
+        self.decoded, self.features, self.valid_features, self.frames = None, None, None, None
         self.rows = {name: list(range(len(getattr(splits, name)))) for name in ("train", "valid")}
         self.decode_logs: dict[str, D.BadImageLog] = {}  # the decode pass's unreadable files (caches on)
         if use_cache:
-            for folder in ("images", "features"):  # what writers killed mid-write left behind
+            for folder in ("images", "frames", "features"):  # what writers killed mid-write left behind
                 remove_dead_temps(D.cache_dir() / folder)
             self._decode_once()
             self.features = F.FeatureCache(
                 F.feature_extractor(self.base, self.head), self.model_key(),
-                self.decoded["train"].array, self.labels("train"), self._dataset("valid", "none", False),
-                self.transform, fixed.seed, device, workers=self.workers, train_rows=self.rows["train"])
+                lambda level: self._dataset("train", level, True), self.labels("train"),
+                self._dataset("valid", "none", False), fixed.seed, device, workers=self.workers,
+                level_tags={lvl: "-" + hashlib.sha256(repr(self.transform(lvl)).encode()).hexdigest()[:12]
+                            for lvl in D.FRAME_LEVELS})
 
     def _decode_once(self) -> None:
         """Decode train and valid once; unreadable files are skipped (too many stops the sweep:
@@ -97,6 +99,17 @@ class Pipeline:
                             "(--image-size %d / 0.875) and are upscaled, e.g. %s", dec.upscaled,
                             len(entries), name, side, self.fixed.image_size, "; ".join(dec.upscaled_examples))
 
+    def _frames(self) -> C.Frames:
+        """The train split's whole frames, decoded once, the first time a frame level asks."""
+        if self.frames is None:
+            self.frames = C.decode_frames(self.splits.root, self.splits.train,
+                                          D.stored_side(self.fixed.image_size), self.workers)
+            if self.frames.rows != self.rows["train"]:  # the same files, read twice: only if one changed
+                raise DataError(f"the train images under {self.splits.root} changed while the sweep read them "
+                                f"(unreadable now: {sorted(set(self.frames.bad) ^ set(self.decoded['train'].bad))[:3]}); "
+                                f"run the sweep again")
+        return self.frames
+
     def labels(self, split: str) -> list[int]:
         entries = getattr(self.splits, split)
         return [entries[r][1] for r in self.rows[split]]
@@ -117,7 +130,9 @@ class Pipeline:
                 "device": self.device.type,  # GPU kernels (TF32 and the like) give other low bits
                 "backbone": self.fixed.backbone, "image_size": self.fixed.image_size,
                 "backbone_state": state.hexdigest()[:16],
-                "transforms": {lvl: repr(self.transform(lvl)) for lvl in D.AUG_LEVELS},
+                # the square levels (a frame level's transform goes in its entries' names instead,
+                # so adding levels leaves the existing entries' key as it was)
+                "transforms": {lvl: repr(self.transform(lvl)) for lvl in D.AUG_LEVELS if lvl not in D.FRAME_LEVELS},
                 "versions": [torch.__version__, torchvision.__version__], "mean": self.mean, "std": self.std}
 
     def model(self, trial_seed: int) -> nn.Module:
@@ -135,6 +150,8 @@ class Pipeline:
         """The split's images from the decoded store (cache on) or decoded each time from files."""
         transform = self.transform(level if split == "train" else "none")
         view_seed = F.view_seed_fn(self.fixed.seed, level) if views else None
+        if self.decoded is not None and split == "train" and level in D.FRAME_LEVELS:
+            return C.StoredFrames(self._frames(), self.labels(split), transform, view_seed)
         if self.decoded is not None:
             return C.StoredImages(self.decoded[split].array, self.labels(split), transform, view_seed, self.rows[split])
         return D.ImageList(self.splits.root, getattr(self.splits, split), transform, view_seed, skip_bad=True)

@@ -26,7 +26,7 @@ import torch
 from . import model as M
 from . import trials as T
 from .stats import wilson
-from .tracking import Tracker
+from .tracking import MLFLOW_PARENT_RUN_ID, ROLE, Tracker
 from .train import evaluate
 
 log = logging.getLogger("tlsweep")
@@ -65,6 +65,16 @@ def greedy(candidates: list[tuple[str, dict]], model: torch.nn.Module, valid, de
     return members, best, state
 
 
+def _one_soup(tracker: Tracker, parent_id: str, seen: str, mine: str) -> str:
+    """Workers ending at once may each make the soup of the same trials (the same weights): all
+    keep the oldest, the others delete theirs."""
+    exp_id = tracker.get_run(parent_id).info.experiment_id
+    oldest = tracker.find_run(exp_id, {MLFLOW_PARENT_RUN_ID: parent_id, ROLE: "soup", "soup.trials": seen}) or mine
+    if oldest != mine:
+        tracker.client.delete_run(mine)
+    return oldest
+
+
 def make_soup(tracker: Tracker, parent_id: str, study: optuna.Study, valid, device, top: int) -> str | None:
     """Make the soup of the study's `top` best trials unless it was made from these already, and
     record the winner on the parent; returns the soup's run id when it is the winner."""
@@ -84,7 +94,7 @@ def make_soup(tracker: Tracker, parent_id: str, study: optuna.Study, valid, devi
     if len(members) >= 2:
         member_ids = [usable[i][0] for i in members]
         soup_id = tracker.start_child(parent_id, "soup", "soup", {"soup.members": ",".join(member_ids),
-                                                                   "soup.size": len(members)})
+                                                                   "soup.size": len(members), "soup.trials": seen})
         low, high = wilson(acc, len(valid.dataset))
         tracker.log_metrics(soup_id, {"soup/valid_acc": acc, "phase2/best_valid_acc": acc, "soup/size": len(members),
                                       "phase2/best_valid_acc_low": low, "phase2/best_valid_acc_high": high})
@@ -93,6 +103,7 @@ def make_soup(tracker: Tracker, parent_id: str, study: optuna.Study, valid, devi
             ckpt = M.make_checkpoint(model, {**first, "soup_members": member_ids}, 2, 0, acc)
             tracker.log_files(soup_id, [M.save_checkpoint(ckpt, Path(tmp) / "phase2_best.pt")], "checkpoints")
         tracker.end_run(soup_id, "COMPLETE")
+        soup_id = _one_soup(tracker, parent_id, seen, soup_id)
     wins = soup_id is not None and acc > single
     log.info("soup of %d of the %d best trials: valid_acc %.4f, the best single trial %.4f: the winner is the %s",
              len(members), len(ranked), acc, single, "soup" if wins else "single trial")

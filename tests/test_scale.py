@@ -103,7 +103,10 @@ def test_three_workers_one_study_one_killed_and_final_test_on_the_server(tmp_pat
     exp = client.get_run(parent_id).info.experiment_id
     parents = client.search_runs([exp], "tags.`tlsweep.role` = 'parent' and tags.`optuna.study_name` = 'scale'")
     assert [p.info.run_id for p in parents] == [parent_id]  # created once, found by the others
-    children = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=100)
+    runs = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=100)
+    children = [r for r in runs if r.data.tags["tlsweep.role"] == "trial"]
+    soups = [r for r in runs if r.data.tags["tlsweep.role"] == "soup"]
+    assert len(soups) <= 1 and len(runs) == len(children) + len(soups)  # made once, by the last worker to end
     with_runs = [t for t in study.trials if t.user_attrs.get("tlsweep.fail_kind") != "surplus"]
     assert sorted(int(r.data.tags["optuna.trial_number"]) for r in children) == [t.number for t in with_runs]
     assert not [r for r in children if r.info.status == "RUNNING"]

@@ -2,12 +2,17 @@
 trials, and the final test scores the winner the sweep chose (the soup or the best trial), once."""
 from __future__ import annotations
 
+import optuna
 import torch
 from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState, create_trial
 
 from conftest import sweep_args
 from src import final_test, sweep
-from src.soup import average
+from src import model as M
+from src.data import ImageList, build_transform, find_splits, loader
+from src.soup import average, make_soup
+from src.tracking import Tracker
 
 
 def test_average_is_the_mean_of_float_tensors_and_keeps_integer_buffers():
@@ -21,39 +26,55 @@ def _ckpt(client, run_id, dst):
 
 
 def test_the_soup_is_the_mean_of_its_members_made_once_and_final_test_scores_the_winner(in_tmp, flat_folder, capsys):
-    args = sweep_args(in_tmp, flat_folder, 4, "--soup-top", "4")
-    assert sweep.main(args) == 0
-    client = MlflowClient(f"sqlite:///{in_tmp}/mlflow.db")
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    parent = next(r for r in runs if r.data.tags.get("tlsweep.role") == "parent")
+    uri = f"sqlite:///{in_tmp}/mlflow.db"
+    assert sweep.main(sweep_args(in_tmp, flat_folder, 2, "--soup-top", "0")) == 0  # a real sweep, no soup yet
+    tracker, client = Tracker(uri), MlflowClient(uri)
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{in_tmp}/optuna.db")
+    parent = study.user_attrs["mlflow_parent_run_id"]
+    best = max(study.trials, key=lambda t: t.value)
+    # A third candidate that must join: the best trial's weights, nudged (the same predictions).
+    ckpt = _ckpt(client, best.user_attrs["mlflow_run_id"], in_tmp / "best")
+    ckpt["state_dict"] = {k: v + 1e-6 * torch.randn_like(v) if v.is_floating_point() else v
+                          for k, v in ckpt["state_dict"].items()}
+    twin = tracker.start_trial(parent, 2, {})
+    tracker.log_files(twin, [M.save_checkpoint(ckpt, in_tmp / "phase2_best.pt")], "checkpoints")
+    study.add_trial(create_trial(state=TrialState.COMPLETE, value=best.value - 1e-9, params={},
+                                 distributions={}, user_attrs={"mlflow_run_id": twin}))
+
+    splits = find_splits(flat_folder)
+    mean, std = M.norm_stats("resnet18")
+    valid = loader(ImageList(flat_folder, splits.valid, build_transform("none", 16, mean, std, False)), 8, False)
+    make_soup(tracker, parent, study, valid, torch.device("cpu"), top=3)
+    runs = client.search_runs([client.get_run(parent).info.experiment_id])
     soups = [r for r in runs if r.data.tags.get("tlsweep.role") == "soup"]
-    assert len(soups) == 1 and soups[0].data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert len(soups) == 1 and soups[0].data.tags["mlflow.parentRunId"] == parent
     soup = soups[0]
     members = soup.data.tags["soup.members"].split(",")
-    assert len(members) >= 2 and members[0] == parent.data.tags["best.run_id"]  # the best trial first
+    assert members[:2] == [best.user_attrs["mlflow_run_id"], twin]  # best first, then its twin, kept
     state = _ckpt(client, soup.info.run_id, in_tmp / "soup")
     assert state["config"]["soup_members"] == members
     expected = average([_ckpt(client, m, in_tmp / m)["state_dict"] for m in members])
-    for key, value in expected.items():
-        assert torch.allclose(state["state_dict"][key].float(), value.float(), atol=1e-6), key
-    tags = parent.data.tags
-    assert tags["soup.trials"].split(",")[0] == tags["best.trial_number"]
-    assert tags["winner.kind"] in ("soup", "trial") and tags["winner.best_trial"] == tags["best.trial_number"]
+    for key, value in expected.items():  # the mean of its members' weights, BatchNorm statistics too
+        got = state["state_dict"][key].float()
+        assert torch.allclose(got, value.float(), rtol=0, atol=1e-6), (key, members, (got - value.float()).abs().max())
+    tags = client.get_run(parent).data.tags
+    assert tags["soup.trials"].split(",")[:2] == [str(best.number), "2"]
+    assert tags["winner.best_trial"] == str(best.number) and tags["winner.kind"] in ("soup", "trial")
 
-    assert sweep.main(args) == 0  # nothing new: no second soup
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    make_soup(tracker, parent, study, valid, torch.device("cpu"), top=3)  # the same trials: not again
+    runs = client.search_runs([client.get_run(parent).info.experiment_id])
     assert len([r for r in runs if r.data.tags.get("tlsweep.role") == "soup"]) == 1
 
     # The winner the sweep chose is what the final test scores, once: here the soup.
-    client.set_tag(parent.info.run_id, "winner.run_id", soup.info.run_id)
-    client.set_tag(parent.info.run_id, "winner.kind", "soup")
+    client.set_tag(parent, "winner.run_id", soup.info.run_id)
+    client.set_tag(parent, "winner.kind", "soup")
+    client.set_tag(parent, "winner.best_trial", client.get_run(parent).data.tags["best.trial_number"])
     capsys.readouterr()
-    assert final_test.main(["--run-id", parent.info.run_id, "--tracking-uri", f"sqlite:///{in_tmp}/mlflow.db"]) == 0
+    assert final_test.main(["--run-id", parent, "--tracking-uri", uri]) == 0
     assert f"trial run {soup.info.run_id}" in capsys.readouterr().out
     assert client.get_run(soup.info.run_id).data.metrics["test/acc"] >= 0.0
-    assert client.get_run(parent.info.run_id).data.tags["final_test.trial_run_id"] == soup.info.run_id
-    assert final_test.main(["--run-id", parent.info.run_id, "--tracking-uri", f"sqlite:///{in_tmp}/mlflow.db"]) == 2
+    assert client.get_run(parent).data.tags["final_test.trial_run_id"] == soup.info.run_id
+    assert final_test.main(["--run-id", parent, "--tracking-uri", uri]) == 2  # once
     # A newer best trial than the soup was made from: the best trial wins, not a stale soup.
-    client.set_tag(parent.info.run_id, "winner.best_trial", "99")
-    assert final_test.resolve_runs(final_test.Tracker(f"sqlite:///{in_tmp}/mlflow.db"), parent.info.run_id)[0] == \
-        tags["best.run_id"]
+    client.set_tag(parent, "winner.best_trial", "99")
+    assert final_test.resolve_runs(tracker, parent)[0] == client.get_run(parent).data.tags["best.run_id"]
