@@ -51,18 +51,20 @@ def _load(tracker: Tracker, run_id: str, tmp: Path):
     return ckpt["config"], ckpt["state_dict"]
 
 
-def greedy(candidates: list[tuple[str, dict]], model: torch.nn.Module, valid, device) -> tuple[list[int], float, dict]:
-    """(indexes of the members, the soup's valid accuracy, its state): candidates best first."""
+def greedy(candidates: list[tuple[str, dict]], model: torch.nn.Module, valid,
+           device) -> tuple[list[int], float, dict, float]:
+    """(indexes of the members, the soup's valid accuracy, its state, the first candidate's valid
+    accuracy measured the same way): candidates best first."""
     members, state = [0], candidates[0][1]
     model.load_state_dict(state)
-    best = evaluate(model, valid, device).acc
+    best = single = evaluate(model, valid, device).acc
     for i in range(1, len(candidates)):
         trial_state = average([candidates[j][1] for j in (*members, i)])
         model.load_state_dict(trial_state)
         acc = evaluate(model, valid, device).acc
         if acc >= best:
             members, best, state = [*members, i], acc, trial_state
-    return members, best, state
+    return members, best, state, single
 
 
 def _one_soup(tracker: Tracker, parent_id: str, seen: str, mine: str) -> str:
@@ -89,8 +91,10 @@ def make_soup(tracker: Tracker, parent_id: str, study: optuna.Study, valid, devi
     first = loaded[0][1]
     usable = [(rid, state) for rid, cfg, state in loaded if all(cfg.get(k) == first.get(k) for k in MATCH)]
     model = M.build_model(first["backbone"], len(first["classes"]), weights="none")
-    members, acc, state = greedy(usable, model, valid, device)
-    single, soup_id = ranked[0].value, None
+    # The best trial is re-evaluated here, as the soup is (fp32, contiguous): the one comparison
+    # is then between two models measured the same way, not against its training-time figure.
+    members, acc, state, single = greedy(usable, model, valid, device)
+    soup_id = None
     if len(members) >= 2:
         member_ids = [usable[i][0] for i in members]
         soup_id = tracker.start_child(parent_id, "soup", "soup", {"soup.members": ",".join(member_ids),
@@ -109,6 +113,6 @@ def make_soup(tracker: Tracker, parent_id: str, study: optuna.Study, valid, devi
              len(members), len(ranked), acc, single, "soup" if wins else "single trial")
     tracker.set_tags(parent_id, {
         "winner.kind": "soup" if wins else "trial", "winner.run_id": soup_id if wins else T.run_id(ranked[0]),
-        "winner.valid_acc": f"{max(acc, single) if wins else single:.6f}", "winner.best_trial": ranked[0].number,
+        "winner.valid_acc": f"{acc if wins else ranked[0].value:.6f}", "winner.best_trial": ranked[0].number,
         "soup.trials": seen})  # last: a kill before it makes the soup again next time
     return soup_id if wins else None
