@@ -52,6 +52,36 @@ class TrialData:
         return D.skipped(self.unreadable)
 
 
+def decode_once(splits: D.Splits, image_size: int, workers: int, max_bad_fraction: float):
+    """Decode train and valid once: (split -> `cache.Decoded`, split -> the log of its unreadable
+    files). Unreadable files are skipped (too many stops the sweep: every trial would see the same
+    ones), images smaller than the stored square are upscaled; both are warned of."""
+    side = D.stored_side(image_size)
+    decoded, logs = {}, {}
+    for name in ("train", "valid"):
+        entries = getattr(splits, name)
+        dec = decoded[name] = C.decode_split(splits.root, entries, side, workers)
+        logs[name] = D.BadImageLog(name, len(entries), max_bad_fraction, error=DataError, root=splits.root)
+        if dec.bad:
+            log.warning("%d of %d %s images cannot be read and are skipped, e.g. %s",
+                        len(dec.bad), len(entries), name, "; ".join(list(dec.bad)[:3]))
+            logs[name].add(D.BadImage(p, why) for p, why in dec.bad.items())
+        if dec.upscaled:
+            log.warning("%d of %d %s images are smaller than the %d px square they are resized to "
+                        "(--image-size %d / 0.875) and are upscaled, e.g. %s", dec.upscaled,
+                        len(entries), name, side, image_size, "; ".join(dec.upscaled_examples))
+    return decoded, logs
+
+
+def decode_frames(splits: D.Splits, image_size: int, workers: int, square: C.Decoded) -> C.Frames:
+    """The train split's whole frames (`cache.decode_frames`); the same files as its squares."""
+    frames = C.decode_frames(splits.root, splits.train, D.stored_side(image_size), workers)
+    if frames.rows != square.rows:  # the same files, read twice: only if one changed in between
+        raise DataError(f"the train images under {splits.root} changed while the sweep read them (unreadable "
+                        f"now or before: {sorted(set(frames.bad) ^ set(square.bad))[:3]}); run the sweep again")
+    return frames
+
+
 class Pipeline:
     """The data and starting model every trial of a sweep shares (decoded images and cached
     features with caches on), and each trial's model copy and loaders."""
@@ -80,34 +110,14 @@ class Pipeline:
                             for lvl in D.FRAME_LEVELS})
 
     def _decode_once(self) -> None:
-        """Decode train and valid once; unreadable files are skipped (too many stops the sweep:
-        every trial would see the same ones), images smaller than the stored square are upscaled."""
-        side = D.stored_side(self.fixed.image_size)
-        self.decoded = {}
-        for name in ("train", "valid"):
-            entries = getattr(self.splits, name)
-            dec = C.decode_split(self.splits.root, entries, side, self.workers)
-            self.decoded[name], self.rows[name] = dec, dec.rows
-            self.decode_logs[name] = D.BadImageLog(name, len(entries), self.max_bad_fraction,
-                                                    error=DataError, root=self.splits.root)
-            if dec.bad:
-                log.warning("%d of %d %s images cannot be read and are skipped, e.g. %s",
-                            len(dec.bad), len(entries), name, "; ".join(list(dec.bad)[:3]))
-                self.decode_logs[name].add(D.BadImage(p, why) for p, why in dec.bad.items())
-            if dec.upscaled:
-                log.warning("%d of %d %s images are smaller than the %d px square they are resized to "
-                            "(--image-size %d / 0.875) and are upscaled, e.g. %s", dec.upscaled,
-                            len(entries), name, side, self.fixed.image_size, "; ".join(dec.upscaled_examples))
+        self.decoded, self.decode_logs = decode_once(self.splits, self.fixed.image_size, self.workers,
+                                                     self.max_bad_fraction)
+        self.rows = {name: dec.rows for name, dec in self.decoded.items()}
 
     def _frames(self) -> C.Frames:
         """The train split's whole frames, decoded once, the first time a frame level asks."""
         if self.frames is None:
-            self.frames = C.decode_frames(self.splits.root, self.splits.train,
-                                          D.stored_side(self.fixed.image_size), self.workers)
-            if self.frames.rows != self.rows["train"]:  # the same files, read twice: only if one changed
-                raise DataError(f"the train images under {self.splits.root} changed while the sweep read them "
-                                f"(unreadable now: {sorted(set(self.frames.bad) ^ set(self.decoded['train'].bad))[:3]}); "
-                                f"run the sweep again")
+            self.frames = decode_frames(self.splits, self.fixed.image_size, self.workers, self.decoded["train"])
         return self.frames
 
     def labels(self, split: str) -> list[int]:
@@ -164,19 +174,20 @@ class Pipeline:
         return D.SkippingLoader(D.loader(dataset, batch_size, train, seed, self.workers, pin,
                                          collate_fn=D.collate_skipping), log)
 
+    def _logs(self) -> dict[str, D.BadImageLog]:
+        """Where unreadable files go: the decode pass's logs (caches on), or new ones (decoding now)."""
+        return self.decode_logs if self.decoded is not None else {
+            name: D.BadImageLog(name, len(getattr(self.splits, name)), self.max_bad_fraction, root=self.splits.root)
+            for name in ("train", "valid")}
+
     def valid_loader(self, batch_size: int):
         """The validation images under the evaluation transform (what every trial is judged on)."""
-        logs = self.decode_logs if self.decoded is not None else {"valid": D.BadImageLog(
-            "valid", len(self.splits.valid), self.max_bad_fraction, root=self.splits.root)}
-        return self._loader(self._dataset("valid", "none", False), batch_size, False, log=logs["valid"])
+        return self._loader(self._dataset("valid", "none", False), batch_size, False, log=self._logs()["valid"])
 
     def loaders(self, cfg: TrialConfig, model: nn.Module) -> TrialData:
         """The trial's loaders, and phase 1's inputs: the head on cached features (caches on), or
         the model on the same views decoded every epoch."""
-        bs = cfg.batch_size
-        logs = self.decode_logs if self.decoded is not None else {  # decoding now: its own count
-            name: D.BadImageLog(name, len(getattr(self.splits, name)), self.max_bad_fraction, root=self.splits.root)
-            for name in ("train", "valid")}
+        bs, logs = cfg.batch_size, self._logs()
         train = self._loader(self._dataset("train", cfg.aug_strength, False), bs, True, cfg.seed, logs["train"])
         valid = self._loader(self._dataset("valid", "none", False), bs * 2, False, log=logs["valid"])
         if self.features is None:

@@ -40,7 +40,7 @@ def _phase1(pipeline, cfg, epochs=3):
     return result, model
 
 
-@pytest.mark.parametrize("level", ["none", "light", "strong"])
+@pytest.mark.parametrize("level", ["none", "light", "strong", "frame"])
 def test_cached_phase1_matches_recomputing_the_backbone(flat_folder, level):
     cached, splits = _setup(flat_folder, True)
     plain, _ = _setup(flat_folder, False)
@@ -205,3 +205,48 @@ def test_a_spawned_worker_serves_the_same_views(flat_folder):
     here = torch.cat([x for x, _ in torch.utils.data.DataLoader(dataset, batch_size=8)])
     spawned = torch.utils.data.DataLoader(dataset, batch_size=8, num_workers=1, multiprocessing_context="spawn")
     assert torch.equal(torch.cat([x for x, _ in spawned]), here)
+
+
+def _wide_images(root, n=3):
+    """30 x 20 images (aspect 1.5) whose outer columns are red (left) and blue (right)."""
+    from PIL import Image
+
+    for c, name in enumerate(("cat", "dog")):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            pixels = np.full((20, 30, 3), 60 + 40 * c + i, np.uint8)
+            pixels[:, :3] = (255, 0, 0)
+            pixels[:, -3:] = (0, 0, 255)
+            image = Image.fromarray(pixels)
+            (image.transpose(Image.Transpose.ROTATE_90) if i == 0 else image).save(root / name / f"{i}.png")
+    return root
+
+
+def test_frames_keep_the_whole_image_and_match_decoding_each_time(tmp_path):
+    root = _wide_images(tmp_path / "wide")
+    entries = [(f"{c}/{i}.png", k) for k, c in enumerate(("cat", "dog")) for i in range(3)]
+    side = D.stored_side(16)  # 18: a 30 x 20 image becomes 27 x 18, within the 1.5 cap
+    frames = C.decode_frames(root, entries, side)
+    assert frames.array.shape == (6, side, 27, 3) and frames.lengths == [27] * 6
+    assert frames.portrait == [True, False, False] * 2  # the rotated ones, stored transposed
+    square = C.decode_split(root, entries, side).array
+    red = lambda a: bool(((a[..., 0] > 200) & (a[..., 2] < 50)).any())  # noqa: E731
+    assert red(frames.array[1]) and not red(square[1])  # the frame keeps the edges the square cuts
+    for level in ("frame", "frame_light"):
+        tf = D.build_transform(level, 16, [0.5] * 3, [0.25] * 3, train=True)
+        stored = C.StoredFrames(frames, [k for _, k in entries], tf, F.view_seed_fn(0, level))
+        direct = D.ImageList(root, entries, tf, F.view_seed_fn(0, level))
+        for epoch in (0, 2):
+            stored.epoch = direct.epoch = epoch
+            for i in range(len(entries)):
+                assert torch.equal(stored[i][0], direct[i][0]), (level, epoch, i)
+
+
+def test_frames_are_decoded_only_when_a_frame_level_is_used(tmp_path):
+    root = _wide_images(tmp_path / "wide", n=6)
+    pipeline, splits = _setup(root, True)
+    frames = lambda: sorted((D.cache_dir() / "frames").glob("*.npy"))  # noqa: E731
+    _phase1(pipeline, _cfg(splits, "light"), epochs=1)
+    assert frames() == []
+    result, _ = _phase1(pipeline, _cfg(splits, "frame"), epochs=1)
+    assert len(frames()) == 1 and result.epochs == 1

@@ -66,8 +66,9 @@ def test_default_sweep_loads_with_documented_values():
     pat = sweep.search["patience"]
     assert (pat.low, pat.high, pat.log) == (2, 6, False)
     assert isinstance(pat.low, int) and isinstance(pat.high, int)
-    # every augmentation level offered by the sweep exists in src/data.py
-    assert sweep.search["aug_strength"].choices == tuple(AUG_LEVELS)
+    # the five square levels (the whole-frame ones are sweeps/transfer.toml's); all exist in src/config.py
+    assert sweep.search["aug_strength"].choices == ("none", "light", "seed", "medium", "strong")
+    assert set(sweep.search["aug_strength"].choices) <= set(AUG_LEVELS)
 
 
 def test_seed_recipe_loads_with_everything_pinned():
