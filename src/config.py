@@ -26,9 +26,8 @@ SEARCHED = ("head_lr", "backbone_lr_ratio", "patience", "aug_strength")
 #   label_smoothing  of the training loss only (valid/loss stays plain cross-entropy);
 #   lr_schedule      "constant", or "cosine": per optimizer step over the phase's max epochs, after
 #                    a linear warmup over its first WARMUP_FRACTION of steps (src/train.py);
-#   unfreeze         what phase 2 trains of the backbone: "all", or the last N of its natural
-#                    stages (runs of blocks at one resolution, `model.stages`; e.g. ResNet's
-#                    layer1-4 and stem, 5 in all); frozen stages keep BatchNorm in eval mode.
+#   unfreeze         what phase 2 trains of the backbone: "all", or its last N natural stages
+#                    (`model.stages`: runs of blocks at one resolution; ResNet: stem, layer1-4).
 OPTIONAL = {"weight_decay": 0.0, "label_smoothing": 0.0, "lr_schedule": "constant", "unfreeze": "all"}
 LR_SCHEDULES = ("constant", "cosine")
 PRUNERS = ("median", "percentile", "halving", "none")
@@ -251,6 +250,8 @@ def _prune_settings(raw: Any, path: Path) -> PruneSettings:
             raise UserError(f"{path}: [prune] {name} = {value!r} should be {want}")
     if raw.get("pruner", "median") not in PRUNERS:
         raise UserError(f"{path}: [prune] pruner = {raw['pruner']!r} is not one of {list(PRUNERS)}")
+    if raw.get("pruner") == "halving" and raw.get("phase1"):  # its rungs are one record per trial
+        raise UserError(f"{path}: [prune] pruner = \"halving\" judges phase 2 only; drop phase1 = true")
     return PruneSettings(**{k: (float(v) if fields[k] == "float" else v) for k, v in raw.items()})
 
 

@@ -132,7 +132,7 @@ def per_class_figure(rows: list[dict], title: str):
 
 # -- training curves ------------------------------------------------------------------------
 def training_curves_figure(history, title: str):
-    """Loss and accuracy, train and valid, against the global epoch of both phases (EpochResult
+    """Loss and accuracy, train and valid, against the phase-aligned step of both phases (EpochResult
     records: phase, step, train/valid loss and acc); a dashed line marks where phase 2 begins."""
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
     steps = [r.step for r in history]

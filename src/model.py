@@ -190,32 +190,30 @@ def stages(model: nn.Module, probe_px: int = 128) -> list[list[str]]:
 
 
 def unfreeze(model: nn.Module, last: str | int = "all") -> None:
-    """Everything learns ("all"), or the head and the backbone's last `last` stages (`stages`):
-    the earlier ones stay frozen, and `train_mode` keeps their BatchNorm in eval mode."""
+    """Everything learns ("all"), or all but the backbone's first stages (`stages`): the last
+    `last` stages, what follows them (e.g. a projection before the classifier) and the head. The
+    earlier stages stay frozen, and `train_mode` keeps them in eval mode (BatchNorm, dropout)."""
+    model.requires_grad_(True)
     if last == "all":
-        model.requires_grad_(True)
         return
     found = stages(model)
     if not 1 <= int(last) <= len(found):
         raise UserError(f"unfreeze = {last!r}: {type(model).__name__} has {len(found)} stages; "
                         f"use \"all\" or a number from 1 to {len(found)}")
-    model.requires_grad_(False)
-    for name in (n for stage in found[-int(last):] for n in stage):
-        model.get_submodule(name).requires_grad_(True)
-    for p in head_params(model):
-        p.requires_grad_(True)
+    for name in (n for stage in found[:len(found) - int(last)] for n in stage):
+        model.get_submodule(name).requires_grad_(False)
 
 
 def train_mode(model: nn.Module) -> None:
     """Train mode for what learns. A frozen backbone stays in eval mode as a whole: BatchNorm
     running stats are not parameters, so requires_grad=False alone would let them drift, and its
-    dropout is off too. With only its last stages unfrozen, every module whose own parameters are
-    all frozen (the earlier stages' BatchNorm) stays in eval mode."""
+    dropout is off too. With only its last stages unfrozen, every module whose parameters are all
+    frozen (the earlier stages, with their BatchNorm and stochastic depth) stays in eval mode."""
     if any(p.requires_grad for p in backbone_params(model)):
         model.train()
         for module in model.modules():
-            own = list(module.parameters(recurse=False))
-            if own and not any(p.requires_grad for p in own):
+            params = list(module.parameters())
+            if params and not any(p.requires_grad for p in params):
                 module.eval()
         return
     model.eval()

@@ -114,8 +114,9 @@ class Pipeline:
                                                      self.max_bad_fraction)
         self.rows = {name: dec.rows for name, dec in self.decoded.items()}
 
-    def _frames(self) -> C.Frames:
-        """The train split's whole frames, decoded once, the first time a frame level asks."""
+    def train_frames(self) -> C.Frames:
+        """The train split's whole frames (caches on), decoded once: at start-up when the search
+        offers a frame level, else the first time one asks."""
         if self.frames is None:
             self.frames = decode_frames(self.splits, self.fixed.image_size, self.workers, self.decoded["train"])
         return self.frames
@@ -161,7 +162,7 @@ class Pipeline:
         transform = self.transform(level if split == "train" else "none")
         view_seed = F.view_seed_fn(self.fixed.seed, level) if views else None
         if self.decoded is not None and split == "train" and level in D.FRAME_LEVELS:
-            return C.StoredFrames(self._frames(), self.labels(split), transform, view_seed)
+            return C.StoredFrames(self.train_frames(), self.labels(split), transform, view_seed)
         if self.decoded is not None:
             return C.StoredImages(self.decoded[split].array, self.labels(split), transform, view_seed, self.rows[split])
         return D.ImageList(self.splits.root, getattr(self.splits, split), transform, view_seed, skip_bad=True)

@@ -90,7 +90,7 @@ def make_soup(tracker: Tracker, parent_id: str, study: optuna.Study, valid, devi
         loaded = [(T.run_id(t), *_load(tracker, T.run_id(t), Path(tmp))) for t in ranked]
     first = loaded[0][1]
     usable = [(rid, state) for rid, cfg, state in loaded if all(cfg.get(k) == first.get(k) for k in MATCH)]
-    model = M.build_model(first["backbone"], len(first["classes"]), weights="none")
+    model = M.build_model(first["backbone"], len(first["classes"]), weights="none").to(device)
     # The best trial is re-evaluated here, as the soup is (fp32, contiguous): the one comparison
     # is then between two models measured the same way, not against its training-time figure.
     members, acc, state, single = greedy(usable, model, valid, device)

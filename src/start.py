@@ -14,6 +14,7 @@ from . import model as M
 from . import trials as T
 from .config import Fixed, PruneSettings, SweepOptions, load_sweep, resolve_fixed
 from .device import amp_dtype, pick_device
+from .errors import UserError
 from .pipeline import Pipeline, initial_model
 from .record import TrialRecord
 from .recovery import LostTrials, recover
@@ -63,6 +64,16 @@ def _prune_setting(sweep) -> dict:
     return {} if sweep.prune == PruneSettings() else {"prune": asdict(sweep.prune)}
 
 
+def _check_unfreeze(sweep, base: torch.nn.Module) -> None:
+    """Every `unfreeze` choice must fit the backbone's stages, known before any trial runs."""
+    spec = sweep.search.get("unfreeze")
+    counts = [v for v in (spec.choices if spec else ()) if v != "all"]
+    n = len(M.stages(base)) if counts else 0
+    if any(int(v) > n for v in counts):
+        raise UserError(f"{sweep.path}: [search] unfreeze = {list(spec.choices)}: {base.__class__.__name__} "
+                        f"has {n} stages; use \"all\" or numbers from 1 to {n}")
+
+
 def study_name(opts: SweepOptions) -> str:
     return opts.study_name or f"{opts.sweep.stem}-{'demo-digits' if opts.data is None else Path(opts.data).name}"
 
@@ -84,9 +95,12 @@ def start(opts: SweepOptions) -> Started:
     check_steps(study)
     check_same_settings(study, {**asdict(fixed), "weights": weights, "search": {
         n: asdict(spec) for n, spec in sweep.search.items()}, **_prune_setting(sweep)})
+    _check_unfreeze(sweep, base)
     # Decoding every image once happens here: after the cheap checks, before any training.
     pipeline = Pipeline(splits=splits, fixed=fixed, weights=weights, device=device, loader_workers=opts.loader_workers,
                         use_cache=not opts.no_cache, base=base, max_bad_fraction=opts.max_bad_fraction)
+    if not opts.no_cache and any(lvl in D.FRAME_LEVELS for lvl in sweep.search["aug_strength"].choices or ()):
+        pipeline.train_frames()  # once, here: --workers find it made
     tags = {"optuna.storage": opts.storage, "data.dir": str(splits.root), "data.demo": str(on_demo).lower(),
             "weights.requested": fixed.weights, "weights.effective": weights,
             "weights.unavailable": str(fell_back).lower(), "train.device": str(device),

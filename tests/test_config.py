@@ -303,6 +303,7 @@ def test_a_bad_optional_parameter_names_its_key_and_the_fix(tmp_path, line, word
     ('[prune]\nphase1 = "yes"', ["phase1", "true or false"]),
     ('[prune]\nwarmup = 2', ["warmup", "unknown"]),
     ('[prune]\npercentile = 100', ["percentile", "between 0 and 100"]),
+    ('[prune]\npruner = "halving"\nphase1 = true', ["halving", "phase1"]),
 ])
 def test_a_bad_prune_table_names_its_key(tmp_path, table, words):
     _raises_naming(_write(tmp_path, GOOD + "\n" + table + "\n"), *words)

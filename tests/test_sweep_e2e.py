@@ -338,3 +338,13 @@ def test_a_report_that_cannot_be_written_is_a_warning_not_the_outcome(in_tmp, fl
     monkeypatch.setattr(report, "write_study_plots", working)
     assert sweep.main(_args(in_tmp, flat_folder, 1)) == 0  # the same command again: the report is written
     assert "optuna_plots.html" in _artifacts(client, parent.info.run_id, "study")
+
+
+def test_an_unfreeze_choice_beyond_the_backbone_is_refused_before_any_trial(in_tmp, flat_folder, capsys):
+    sweep_file = in_tmp / "deep.toml"
+    text = (Path(sweep.__file__).resolve().parents[1] / "sweeps" / "default.toml").read_text()
+    sweep_file.write_text(text + 'unfreeze = { choices = ["all", 6] }\n')
+    assert sweep.main(_args(in_tmp, flat_folder, 1) + ["--sweep", str(sweep_file)]) == 2
+    err = capsys.readouterr().err
+    assert "unfreeze" in err and "5 stages" in err and str(sweep_file) in err
+    assert optuna.load_study(study_name="s", storage=f"sqlite:///{in_tmp}/optuna.db").trials == []

@@ -395,3 +395,15 @@ def test_unfreeze_gives_the_phase2_optimizer_only_the_stages_it_trains():
                                                  if p.requires_grad and not n.startswith("classifier.")}
     M.train_mode(model)
     assert not model.features[3].conv[0][1].training and model.features[14].conv[0][1].training
+
+
+def test_unfreezing_every_stage_trains_what_follows_them_too_and_frozen_stages_run_in_eval_mode():
+    model = build_model("mobilenet_v3_large", 3, weights="none")
+    M.unfreeze(model, len(M.stages(model)))  # all stages: the same as "all", the 960->1280 projection too
+    assert all(p.requires_grad for p in model.parameters())
+    model = build_model("efficientnet_b0", 3, weights="none")
+    M.unfreeze(model, 1)
+    M.train_mode(model)
+    frozen_depth = [m for n, m in model.named_modules() if n.startswith("features.2.") and "stochastic" in type(m).__name__.lower()]
+    assert frozen_depth and not any(m.training for m in frozen_depth)  # no random drops in a frozen stage
+    assert model.features[8].training and model.classifier.training
