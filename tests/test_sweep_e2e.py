@@ -34,9 +34,10 @@ def _audit(event, args):
 sys.addaudithook(_audit)
 
 
-def _children(client, parent_id):
+def _children(client, parent_id, role="trial"):
+    """The parent's trial runs (its other child, a soup, when one was made: role="soup")."""
     exp = client.get_run(parent_id).info.experiment_id
-    return client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    return client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`tlsweep.role` = '{role}'")
 
 
 def _artifacts(client, run_id, path):
@@ -96,6 +97,7 @@ def test_sweep_logs_every_trial_and_never_decodes_test(in_tmp, flat_folder, monk
     assert "user_attrs_tlsweep.worker" not in table.columns
     runs = _children(client, result.parent_run_id)
     assert sorted(r.info.run_name for r in runs) == ["trial-0", "trial-1"]
+    assert [r.info.run_name for r in _children(client, result.parent_run_id, "soup")] in ([], ["soup"])
     study = optuna.load_study(study_name="s", storage=f"sqlite:///{in_tmp}/optuna.db")
     values = {t.user_attrs["mlflow_run_id"]: t.value for t in study.trials}
     for run in runs:
