@@ -252,13 +252,22 @@ def save_checkpoint(checkpoint: dict, path: Path) -> Path:
     return write_atomic(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
-def model_from_checkpoint(path: Path) -> tuple[nn.Module, dict]:
-    """Rebuild the model (random init, then the saved state) and return it with its config."""
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint's dict (weights only, no pickled code); a damaged one is a UserError naming it."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        config = ckpt["config"]
+        missing = {"config", "state_dict"} - set(ckpt)
+        if missing:
+            raise KeyError(f"no {sorted(missing)}")
     except Exception as exc:
         raise UserError(f"checkpoint {path} cannot be loaded ({exc}); it is damaged or not ours") from exc
+    return ckpt
+
+
+def model_from_checkpoint(path: Path) -> tuple[nn.Module, dict]:
+    """Rebuild the model (random init, then the saved state) and return it with its config."""
+    ckpt = load_checkpoint(path)
+    config = ckpt["config"]
     model = build_model(config["backbone"], len(config["classes"]), weights="none")
     model.load_state_dict(ckpt["state_dict"])
     return model, config

@@ -73,7 +73,7 @@ def decode_once(splits: D.Splits, image_size: int, workers: int, max_bad_fractio
     return decoded, logs
 
 
-def decode_frames(splits: D.Splits, image_size: int, workers: int, square: C.Decoded) -> C.Frames:
+def checked_frames(splits: D.Splits, image_size: int, workers: int, square: C.Decoded) -> C.Frames:
     """The train split's whole frames (`cache.decode_frames`); the same files as its squares."""
     frames = C.decode_frames(splits.root, splits.train, D.stored_side(image_size), workers)
     if frames.rows != square.rows:  # the same files, read twice: only if one changed in between
@@ -118,7 +118,7 @@ class Pipeline:
         """The train split's whole frames (caches on), decoded once: at start-up when the search
         offers a frame level, else the first time one asks."""
         if self.frames is None:
-            self.frames = decode_frames(self.splits, self.fixed.image_size, self.workers, self.decoded["train"])
+            self.frames = checked_frames(self.splits, self.fixed.image_size, self.workers, self.decoded["train"])
         return self.frames
 
     def labels(self, split: str) -> list[int]:

@@ -46,8 +46,7 @@ def average(states: list[dict]) -> dict:
 
 
 def _load(tracker: Tracker, run_id: str, tmp: Path):
-    path = tracker.download(run_id, "checkpoints/phase2_best.pt", tmp / run_id)
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = M.load_checkpoint(tracker.download(run_id, "checkpoints/phase2_best.pt", tmp / run_id))
     return ckpt["config"], ckpt["state_dict"]
 
 
@@ -65,16 +64,6 @@ def greedy(candidates: list[tuple[str, dict]], model: torch.nn.Module, valid,
         if acc >= best:
             members, best, state = [*members, i], acc, trial_state
     return members, best, state, single
-
-
-def _one_soup(tracker: Tracker, parent_id: str, seen: str, mine: str) -> str:
-    """Workers ending at once may each make the soup of the same trials (the same weights): all
-    keep the oldest, the others delete theirs."""
-    exp_id = tracker.get_run(parent_id).info.experiment_id
-    oldest = tracker.find_run(exp_id, {MLFLOW_PARENT_RUN_ID: parent_id, ROLE: "soup", "soup.trials": seen}) or mine
-    if oldest != mine:
-        tracker.client.delete_run(mine)
-    return oldest
 
 
 def make_soup(tracker: Tracker, parent_id: str, study: optuna.Study, valid, device, top: int) -> str | None:
@@ -107,7 +96,9 @@ def make_soup(tracker: Tracker, parent_id: str, study: optuna.Study, valid, devi
             ckpt = M.make_checkpoint(model, {**first, "soup_members": member_ids}, 2, 0, acc)
             tracker.log_files(soup_id, [M.save_checkpoint(ckpt, Path(tmp) / "phase2_best.pt")], "checkpoints")
         tracker.end_run(soup_id, "COMPLETE")
-        soup_id = _one_soup(tracker, parent_id, seen, soup_id)
+        # Workers ending at once may each make the soup of the same trials (the same weights).
+        soup_id = tracker.keep_oldest(tracker.get_run(parent_id).info.experiment_id,
+                                      {MLFLOW_PARENT_RUN_ID: parent_id, ROLE: "soup", "soup.trials": seen}, soup_id)
     wins = soup_id is not None and acc > single
     log.info("soup of %d of the %d best trials: valid_acc %.4f, the best single trial %.4f: the winner is the %s",
              len(members), len(ranked), acc, single, "soup" if wins else "single trial")

@@ -72,10 +72,7 @@ def _elect_parent(tracker: Tracker, exp_id: str, study_name: str, uid: str, tags
     found = tracker.find_run(exp_id, wanted)
     mine = None if found else tracker.create_parent(exp_id, study_name, {STUDY_UID_ATTR: uid, **tags})
     time.sleep(settle_s)
-    parent_id = tracker.find_run(exp_id, wanted)
-    if mine is not None and parent_id != mine:
-        tracker.client.delete_run(mine)
-    return parent_id
+    return tracker.keep_oldest(exp_id, wanted, mine)
 
 
 def study_uid(study: optuna.Study) -> str:

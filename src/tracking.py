@@ -204,6 +204,14 @@ class Tracker(Store):
         runs = self.client.search_runs([experiment_id], filter_string=where, max_results=100)
         return min(runs, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id if runs else None
 
+    def keep_oldest(self, experiment_id: str, tags: dict, mine: str | None) -> str | None:
+        """Workers that may each have made a run with these tags (`mine`: this one's, if any) all
+        keep the oldest; this worker deletes its own if it is not that one."""
+        oldest = self.find_run(experiment_id, tags) or mine
+        if mine is not None and oldest != mine:
+            self.client.delete_run(mine)
+        return oldest
+
     def children(self, parent_id: str) -> list:
         exp_id = self.client.get_run(parent_id).info.experiment_id
         return self.client.search_runs([exp_id], filter_string=f"tags.{MLFLOW_PARENT_RUN_ID} = '{parent_id}'",
