@@ -9,7 +9,7 @@ default `sweeps/default.toml`, `--trials` trials), each over `--seeds` study see
 own SQLite stores under `--out`. Every winner is scored once by `src.final_test` on the folder's
 one test split (the split is sealed in the folder, so every arm and seed shares it). Each arm's
 result is appended to `--out/results.jsonl` as it ends, and a rerun skips what is there: a
-cut-off session loses at most the arm that was running.
+cut-off session loses at most the trial that was running: the arm's study resumes.
 
 Prints per arm: test accuracy and macro-F1 (mean, min, max), wall time; a paired bootstrap 95%
 interval of the test-accuracy gap (per test image, each arm's correctness averaged over its
@@ -25,6 +25,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -33,6 +34,14 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from src.final_test import run_final_test  # noqa: E402
+
+TICK_S = 15
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def run_arm(name: str, sweep_file: str, trials: int, seed: int, args) -> dict:
@@ -44,10 +53,24 @@ def run_arm(name: str, sweep_file: str, trials: int, seed: int, args) -> dict:
            "--image-size", str(args.image_size), "--max-epochs", str(args.max_epochs),
            "--storage", f"sqlite:///{out}/optuna.db", "--tracking-uri", uri, "--study-name", name,
            "--experiment", f"quality-{name}", *args.sweep_flags]
+    # An arm cut off mid-way resumes its study (the sweep runs only the trials still missing); its
+    # wall time is the sum over attempts, kept in `wall_s` by a ticker (a kill loses < TICK_S).
+    spent = out / "wall_s"
+    before = float(spent.read_text()) if spent.is_file() else 0.0
     start = time.time()
-    with open(out / "sweep.log", "w") as log:
+    stop = threading.Event()
+
+    def tick():
+        while not stop.wait(TICK_S):
+            _write_atomic(spent, f"{before + time.time() - start:.1f}")
+
+    ticker = threading.Thread(target=tick, daemon=True)
+    ticker.start()
+    with open(out / "sweep.log", "a") as log:
         code = subprocess.call(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    wall = time.time() - start
+    stop.set()
+    wall = before + time.time() - start
+    _write_atomic(spent, f"{wall:.1f}")
     text = (out / "sweep.log").read_text()
     parents = re.findall(r"parent run ([0-9a-f]{32})", text)
     if code != 0 or not parents:
