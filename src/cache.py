@@ -175,6 +175,34 @@ class StoredImages(torch.utils.data.Dataset):
         return D.apply_transform(self.transform, self.image(row), self.view_seed, self.epoch, row), self.labels[i]
 
 
+class Pooled:
+    """Several decoded arrays read as one, rows of the first then of the next (no copy): the
+    train + valid pool that confirmation runs re-split (src/confirm.py). Indexed like an array by
+    a row, or a (row, ...) tuple."""
+
+    def __init__(self, *arrays):
+        self.arrays = list(arrays)
+        self.starts = np.cumsum([0] + [len(a) for a in arrays]).tolist()
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def __getitem__(self, key):
+        row, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
+        if not 0 <= row < len(self):
+            raise IndexError(f"row {row} of a pool of {len(self)}")
+        part = int(np.searchsorted(self.starts, row, side="right")) - 1
+        return self.arrays[part][(row - self.starts[part], *rest)]
+
+    def __getstate__(self) -> dict:  # spawned DataLoader workers: file names, not pixels
+        return {"arrays": [Path(a.filename) if isinstance(a, np.memmap) and a.filename else a for a in self.arrays],
+                "starts": self.starts}
+
+    def __setstate__(self, state: dict) -> None:
+        self.arrays = [np.load(a, mmap_mode="r") if isinstance(a, Path) else a for a in state["arrays"]]
+        self.starts = state["starts"]
+
+
 # -- whole frames (the frame levels) --------------------------------------------------------------
 @dataclass
 class Frames:

@@ -21,13 +21,11 @@ from .errors import UserError
 
 SEARCHED = ("head_lr", "backbone_lr_ratio", "patience", "aug_strength")
 # Optional searched parameters and what a sweep file without them trains with (as before them):
-#   weight_decay     AdamW's decoupled decay in both phases, never on biases and norm weights
-#                    (parameters of one dimension); 0 = plain Adam;
+#   weight_decay     AdamW's decoupled decay, never on 1-D parameters (biases, norm weights); 0: Adam;
 #   label_smoothing  of the training loss only (valid/loss stays plain cross-entropy);
 #   lr_schedule      "constant", or "cosine": per optimizer step over the phase's max epochs, after
 #                    a linear warmup over its first WARMUP_FRACTION of steps (src/train.py);
-#   unfreeze         what phase 2 trains of the backbone: "all", or its last N natural stages
-#                    (`model.stages`: runs of blocks at one resolution; ResNet: stem, layer1-4).
+#   unfreeze         phase 2 trains the backbone's last N natural stages (`model.stages`), or "all".
 OPTIONAL = {"weight_decay": 0.0, "label_smoothing": 0.0, "lr_schedule": "constant", "unfreeze": "all"}
 LR_SCHEDULES = ("constant", "cosine")
 PRUNERS = ("median", "percentile", "halving", "none")
@@ -157,6 +155,8 @@ class SweepOptions:
     no_prune: bool
     no_cache: bool
     soup_top: int = 5
+    confirm_top: int = 0   # --confirm-top K, --confirm-folds F (src/confirm.py); K = 0: off
+    confirm_folds: int = 3
 
     def fixed_overrides(self) -> dict[str, Any]:
         """The flags that override [fixed] (`resolve_fixed`): --max-epochs sets both phases."""

@@ -24,6 +24,7 @@ from sklearn.metrics import f1_score
 
 from . import data as D
 from . import figures, model as M
+from .confirm import confirmed_winner
 from .device import pick_device
 from .errors import UserError
 from .pipeline import DEFAULT_MAX_BAD_FRACTION
@@ -69,11 +70,16 @@ def resolve_runs(tracker: Tracker, run_id: str) -> tuple[str, str]:
         best = tags.get("best.run_id")
         if not best:
             raise UserError(f"sweep run {run_id} has no completed trial yet; run the sweep until one completes")
-        # The winner the sweep chose on validation (the soup or the best trial, src/soup.py), if it
-        # was chosen among the trials as they are now; else the best trial.
-        if tags.get("winner.run_id") and tags.get("winner.best_trial") == tags.get("best.trial_number"):
+        # The single model the sweep selected: the trial --confirm-top chose (src/confirm.py) if
+        # it was made for the best trial as it is now, else the best trial. Then the winner chosen
+        # on validation beside it (the soup or that trial, src/soup.py), if made from it.
+        number, selected = confirmed_winner(tags) or (tags.get("best.trial_number"), best)
+        if tags.get("winner.run_id") and tags.get("winner.best_trial") == number:
             return tags["winner.run_id"], run_id
-        return best, run_id
+        return selected, run_id
+    if role == "confirm":
+        raise UserError(f"run {run_id} is a confirmation run (a configuration re-trained on a re-drawn split, "
+                        f"src/confirm.py): it keeps no model; pass the sweep's parent run id")
     if role == "soup":
         return run_id, run.data.tags[MLFLOW_PARENT_RUN_ID]
     if role == "trial":

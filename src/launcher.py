@@ -12,7 +12,7 @@ from .config import SweepOptions
 from .errors import UserError
 from .start import start
 from .study import open_study
-from .summary import print_summary, try_soup, write_report
+from .summary import print_summary, try_confirm, try_soup, write_report
 
 log = logging.getLogger("tlsweep")
 
@@ -44,7 +44,8 @@ def launch(opts: SweepOptions, argv: list[str]) -> int:
             p.wait()
         return 130
     study = open_study(started.study.study_name, opts.storage, started.ctx.pipeline.fixed.seed)
-    if not any(codes):  # every worker finished: the soup, once for the study (src/soup.py)
+    # every worker finished: the confirmation and the soup, once for the study (src/confirm.py, src/soup.py)
+    if not any(codes) and try_confirm(started, study, opts.confirm_top, opts.confirm_folds):
         try_soup(started, study, opts.soup_top)
     write_report(started, study, opts.tracking_uri, opts.storage)  # each worker wrote one; this one sees them all
     print_summary(started, study, opts.tracking_uri, opts.storage)

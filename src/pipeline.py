@@ -8,6 +8,7 @@ phase-1 views, so they give the same phase-1 metrics (tests/test_cache.py checks
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from . import features as F
 from . import model as M
 from .config import Fixed, TrialConfig
 from .device import default_loader_workers
-from .errors import DataError
+from .errors import DataError, UserError
 from .files import remove_dead_temps
 from .train import HeadInputs
 
@@ -82,6 +83,15 @@ def checked_frames(splits: D.Splits, image_size: int, workers: int, square: C.De
     return frames
 
 
+def feature_cache(pipe: "Pipeline", extractor: nn.Module, key: dict) -> F.FeatureCache:
+    """The phase-1 feature cache of a pipeline's train views and valid images, under `key`."""
+    return F.FeatureCache(
+        extractor, key, lambda level: pipe._dataset("train", level, True), pipe.labels("train"),
+        pipe._dataset("valid", "none", False), pipe.fixed.seed, pipe.device, workers=pipe.workers,
+        level_tags={lvl: "-" + hashlib.sha256(repr(pipe.transform(lvl)).encode()).hexdigest()[:12]
+                    for lvl in D.FRAME_LEVELS})
+
+
 class Pipeline:
     """The data and starting model every trial of a sweep shares (decoded images and cached
     features with caches on), and each trial's model copy and loaders."""
@@ -96,18 +106,14 @@ class Pipeline:
         self.base = base if base is not None else initial_model(fixed.backbone, len(splits.classes), weights, fixed.seed)
         self.head = M.head_name(self.base)
         self.decoded, self.features, self.valid_features, self.frames = None, None, None, None
+        self.whole = None  # a re-split pipeline's original (`refold`)
         self.rows = {name: list(range(len(getattr(splits, name)))) for name in ("train", "valid")}
         self.decode_logs: dict[str, D.BadImageLog] = {}  # the decode pass's unreadable files (caches on)
         if use_cache:
             for folder in ("images", "frames", "features"):  # what writers killed mid-write left behind
                 remove_dead_temps(D.cache_dir() / folder)
             self._decode_once()
-            self.features = F.FeatureCache(
-                F.feature_extractor(self.base, self.head), self.model_key(),
-                lambda level: self._dataset("train", level, True), self.labels("train"),
-                self._dataset("valid", "none", False), fixed.seed, device, workers=self.workers,
-                level_tags={lvl: "-" + hashlib.sha256(repr(self.transform(lvl)).encode()).hexdigest()[:12]
-                            for lvl in D.FRAME_LEVELS})
+            self.features = feature_cache(self, F.feature_extractor(self.base, self.head), self.model_key())
 
     def _decode_once(self) -> None:
         self.decoded, self.decode_logs = decode_once(self.splits, self.fixed.image_size, self.workers,
@@ -118,7 +124,8 @@ class Pipeline:
         """The train split's whole frames (caches on), decoded once: at start-up when the search
         offers a frame level, else the first time one asks."""
         if self.frames is None:
-            self.frames = checked_frames(self.splits, self.fixed.image_size, self.workers, self.decoded["train"])
+            self.frames = (pool_frames(self) if self.whole is not None else
+                           checked_frames(self.splits, self.fixed.image_size, self.workers, self.decoded["train"]))
         return self.frames
 
     def labels(self, split: str) -> list[int]:
@@ -200,3 +207,43 @@ class Pipeline:
         phase1_train = F.FeatureEpochs(self.features, cfg.aug_strength, bs, torch.Generator().manual_seed(cfg.seed))
         return TrialData(train, valid, HeadInputs(model.get_submodule(self.head), phase1_train,
                                                   self._loader(valid_features, bs * 2, False)), logs)
+
+
+# -- the train + valid pool, re-split (src/confirm.py) ---------------------------------------------
+def pool(pipe: Pipeline) -> list[tuple[int, int]]:
+    """(pool row, label) of every readable train and valid image: train row r is pool row r,
+    valid row r is pool row len(train entries) + r."""
+    n = len(pipe.splits.train)
+    return ([(r, y) for r, y in zip(pipe.rows["train"], pipe.labels("train"))]
+            + [(n + r, y) for r, y in zip(pipe.rows["valid"], pipe.labels("valid"))])
+
+
+def refold(pipe: Pipeline, train_rows: list[int], valid_rows: list[int]) -> Pipeline:
+    """The pipeline on another split of the pool (pool rows, see `pool`): the same starting
+    model, decoded images (read in place, not copied or decoded again) and device; phase-1
+    features of its own, cached under a key that names the rows. Needs the caches."""
+    if pipe.decoded is None:
+        raise UserError("re-split runs (--confirm-top) read the decoded images: drop --no-cache")
+    fold = copy.copy(pipe)
+    entries = pipe.splits.train + pipe.splits.valid
+    fold.splits = dataclasses.replace(pipe.splits, train=entries, valid=entries)
+    fold.rows = {"train": list(train_rows), "valid": list(valid_rows)}
+    array = C.Pooled(pipe.decoded["train"].array, pipe.decoded["valid"].array)
+    fold.decoded = {name: dataclasses.replace(pipe.decoded[name], array=array, rows=fold.rows[name], bad={})
+                    for name in ("train", "valid")}
+    fold.frames, fold.valid_features, fold.whole = None, None, pipe
+    rows = hashlib.sha256(repr((fold.rows["train"], fold.rows["valid"])).encode()).hexdigest()[:16]
+    fold.features = feature_cache(fold, pipe.features.extractor, {**fold.model_key(), "rows": rows})
+    return fold
+
+
+def pool_frames(fold: Pipeline) -> C.Frames:
+    """A re-split pipeline's train frames: the whole frames of train and valid, pooled."""
+    whole = fold.whole
+    train = whole.train_frames()
+    valid = C.decode_frames(whole.splits.root, whole.splits.valid, D.stored_side(fold.fixed.image_size), fold.workers)
+    if valid.rows != whole.rows["valid"]:
+        raise DataError(f"the valid images under {whole.splits.root} changed while the sweep read them; "
+                        f"run the sweep again")
+    return C.Frames(C.Pooled(train.array, valid.array), train.lengths + valid.lengths,
+                    train.portrait + valid.portrait, fold.rows["train"], {})

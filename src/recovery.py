@@ -27,7 +27,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from . import trials as T
 from .files import process_alive
-from .tracking import Tracker
+from .tracking import ROLE, Tracker
 from .trials import FAIL_KIND_ATTR, FAIL_REASON_ATTR, PRUNE_REASON_ATTR, WORKER_ATTR
 
 log = logging.getLogger("tlsweep")
@@ -136,6 +136,13 @@ def _lost(trial: FrozenTrial) -> bool:
 def recover(study: optuna.Study, tracker: Tracker, parent_id: str) -> None:
     """Fail the trials whose worker is gone and queue them again, and close the MLflow runs of
     trials that are over. (An interrupted trial was queued again by its own worker.)"""
+    recover_lost(study, tracker)
+    close_orphan_runs(study, tracker, parent_id)
+
+
+def recover_lost(study: optuna.Study, tracker: Tracker) -> None:
+    """Fail the RUNNING trials whose worker is gone (heartbeat-stale, or dead on this machine),
+    queue them again and close their runs (also for the confirmation jobs' study, src/confirm.py)."""
     lost = LostTrials(tracker)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -145,9 +152,8 @@ def recover(study: optuna.Study, tracker: Tracker, parent_id: str) -> None:
             continue
         claimed = T.claim_failed(study, t)  # for exactly one worker: only that one queues it again
         if claimed is not None:
-            log.warning("trial %d: its worker is gone; marked failed", t.number)
+            log.warning("trial %d of study %r: its worker is gone; marked failed", t.number, study.study_name)
             lost(study, claimed)
-    close_orphan_runs(study, tracker, parent_id)
 
 
 def close_orphan_runs(study: optuna.Study, tracker: Tracker, parent_id: str) -> None:
@@ -156,8 +162,8 @@ def close_orphan_runs(study: optuna.Study, tracker: Tracker, parent_id: str) -> 
     trial owns the run."""
     by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
     for run in tracker.children(parent_id):
-        if run.info.status != "RUNNING":
-            continue
+        if run.info.status != "RUNNING" or run.data.tags.get(ROLE) != "trial":
+            continue  # the soup and confirmation runs are not the trials' (src/confirm.py closes its own)
         trial = by_number.get(int(run.data.tags.get("optuna.trial_number", -1)))
         if trial is not None and not trial.state.is_finished():
             continue  # still running (another worker) or waiting

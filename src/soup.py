@@ -7,8 +7,9 @@ validation accuracy does not drop (Wortsman et al., 2022, "Model soups", greedy 
 or more members it becomes a run of its own under the parent (role `soup`, run name `soup`): its
 checkpoint `checkpoints/phase2_best.pt` (the first member's config, plus `soup_members`), its
 members and its validation accuracy. The sweep's winner is the soup if its validation accuracy
-beats the single best trial's, else that trial: the parent's `winner.run_id` / `winner.kind`
-say which, and `final_test` scores it (once).
+beats the single best trial's (or the trial --confirm-top chose, src/confirm.py: then the soup
+starts from it), else that trial: the parent's `winner.run_id` / `winner.kind` say which, and
+`final_test` scores it (once).
 
 A soup is made once per set of best trials, when no trial is running (the last worker to end
 makes it): the parent's `soup.trials` tag records which trials the last soup was made from, so
@@ -66,10 +67,14 @@ def greedy(candidates: list[tuple[str, dict]], model: torch.nn.Module, valid,
     return members, best, state, single
 
 
-def make_soup(tracker: Tracker, parent_id: str, study: optuna.Study, valid, device, top: int) -> str | None:
+def make_soup(tracker: Tracker, parent_id: str, study: optuna.Study, valid, device, top: int,
+              first: int | None = None) -> str | None:
     """Make the soup of the study's `top` best trials unless it was made from these already, and
-    record the winner on the parent; returns the soup's run id when it is the winner."""
-    ranked = sorted(T.completed(study), key=lambda t: -t.value)[:top]
+    record the winner on the parent; returns the soup's run id when it is the winner. `first`:
+    the trial the soup starts from and competes with (the confirmed winner, src/confirm.py),
+    else the best."""
+    ranked = sorted(T.completed(study), key=lambda t: (-t.value, t.number))
+    ranked = ([t for t in ranked if t.number == first] + [t for t in ranked if t.number != first])[:top]
     if top < 2 or len(ranked) < 2 or T.running(study):
         return None  # nothing to average, or other workers still at it: the last one makes it
     seen, tags = ",".join(str(t.number) for t in ranked), tracker.get_run(parent_id).data.tags

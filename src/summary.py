@@ -10,6 +10,8 @@ import optuna
 from . import trials as T
 from .report import SCORE, log_report, next_commands, summary_table, ui_base
 from .start import Started
+from .confirm import Confirmation, confirmed_winner
+from .errors import UserError
 from .soup import make_soup
 from .stats import wilson, within_noise
 from .study import pruning_savings
@@ -42,13 +44,35 @@ def commands(started: Started, tracking_uri: str | None, storage: str) -> dict:
     return next_commands(started.parent_id, tracking_uri, storage, started.experiment_id)
 
 
-def try_soup(started: Started, study: optuna.Study, top: int) -> None:
-    """The soup (src/soup.py) is a candidate, the trials stand without it: a failure to make it is
-    a warning, and the best trial stays the winner."""
+def try_confirm(started: Started, study: optuna.Study, top: int, folds: int) -> bool:
+    """--confirm-top (src/confirm.py), when asked and no trial runs any more; True when nothing is
+    left to it here (settled, off, or given up on), False while other workers run its jobs. A
+    failure that is not a trial's fault is a warning: the jobs done are kept, the same command
+    takes it up again, and the best trial stays the winner meanwhile."""
+    if top < 2:
+        return True
+    if T.running(study):
+        log.info("confirmation: trials still run elsewhere; the worker that ends last confirms")
+        return False
     pipe = started.ctx.pipeline
     try:
+        return Confirmation(started.tracker, started.parent_id, study, pipe, top, folds, started.ctx.amp).run()
+    except (KeyboardInterrupt, UserError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - storages and artifact stores fail in many ways
+        log.warning("confirmation stopped (%s: %s); re-run the same command to finish it (its finished "
+                    "jobs are kept); until then the best trial is the winner", type(exc).__name__, exc)
+        return True
+
+
+def try_soup(started: Started, study: optuna.Study, top: int) -> None:
+    """The soup (src/soup.py) is a candidate, the trials stand without it: a failure to make it is
+    a warning, and the best trial (or the confirmed one, src/confirm.py) stays the winner."""
+    pipe = started.ctx.pipeline
+    try:
+        picked = confirmed_winner(started.tracker.get_run(started.parent_id).data.tags)
         make_soup(started.tracker, started.parent_id, study, pipe.valid_loader(2 * pipe.fixed.batch_size),
-                  pipe.device, top)
+                  pipe.device, top, first=int(picked[0]) if picked else None)
     except Exception as exc:  # noqa: BLE001 - artifact stores and checkpoints fail in many ways
         log.warning("no soup was made (%s: %s); the best trial is the winner", type(exc).__name__, exc)
 
@@ -87,7 +111,14 @@ def print_summary(started: Started, study: optuna.Study, tracking_uri: str | Non
             print(f"  within noise of it: trial(s) {shown} ({len(close)} in all) reach its interval; on this "
                   f"validation set their order is not evidence (a larger split narrows it)")
         tags = started.tracker.get_run(started.parent_id).data.tags
-        if tags.get("winner.kind") == "soup" and tags.get("winner.best_trial") == str(best.number):
+        picked = confirmed_winner(tags)
+        if picked:
+            means = ", ".join(f"trial {n} {float(tags[f'confirm.mean.{n}']):.4f}"
+                              for n in tags["confirm.trials"].split(","))
+            print(f"confirmed on {tags['confirm.folds']} re-drawn train/valid splits (mean valid_acc): {means}; "
+                  f"the winner is trial {picked[0]} (its original run {picked[1]})")
+        chosen = picked[0] if picked else str(best.number)
+        if tags.get("winner.kind") == "soup" and tags.get("winner.best_trial") == chosen:
             print(f"winner: a soup of the best trials' weights, valid_acc {float(tags['winner.valid_acc']):.4f} "
                   f"(run {tags['winner.run_id']}); the final test scores it")
         print("Next:")

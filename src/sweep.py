@@ -26,11 +26,12 @@ from .launcher import launch
 from .pipeline import DEFAULT_MAX_BAD_FRACTION
 from .recovery import requeue_interrupted
 from .scheduler import optimize
+from .confirm import DEFAULT_FOLDS
 from .soup import SOUP_TOP
 from .start import start
 from .stopping import STOP, handling_signals, writing
 from .study import update_best
-from .summary import SweepResult, print_summary, result, try_soup, write_report
+from .summary import SweepResult, print_summary, result, try_confirm, try_soup, write_report
 from .trial import Objective
 
 log = logging.getLogger("tlsweep")
@@ -75,7 +76,19 @@ def parse_args(argv=None) -> SweepOptions:
     p.add_argument("--soup-top", type=int, default=SOUP_TOP,
                    help=f"at the end, a greedy weight-averaged soup of the K best trials competes with the best "
                         f"one on validation (0 or 1: no soup; default {SOUP_TOP})")
+    p.add_argument("--confirm-top", type=int, default=0, metavar="K",
+                   help="after the trials, re-train the K best configurations on --confirm-folds re-drawn "
+                        "train/valid splits; the best mean wins, its original trial is the model (0: off, "
+                        "the default; see src/confirm.py)")
+    p.add_argument("--confirm-folds", type=int, default=DEFAULT_FOLDS, metavar="F",
+                   help=f"re-drawn splits per configuration for --confirm-top (default {DEFAULT_FOLDS})")
     args = p.parse_args(argv)
+    if args.confirm_top == 1 or args.confirm_top < 0:
+        p.error(f"--confirm-top {args.confirm_top}: give 0 (off) or at least 2 configurations to compare")
+    if args.confirm_folds < 1:
+        p.error(f"--confirm-folds {args.confirm_folds}: give at least 1 re-drawn split")
+    if args.confirm_top and args.no_cache:
+        p.error("--confirm-top re-splits the decoded images: it cannot run with --no-cache")
     if args.soup_top < 0:
         p.error(f"--soup-top {args.soup_top}: give 0 (no soup) or more")
     if args.trials < 1:
@@ -99,7 +112,7 @@ def run_sweep(opts: SweepOptions) -> SweepResult:
     remaining = max(opts.trials - done, 0)
     log.info("study %r: %d finished, running up to %d more; tracking %s, parent run %s",
              study.study_name, done, remaining, started.tracker.uri, started.parent_id)
-    status, interrupted, stopped_reason = "FINISHED", False, None
+    status, interrupted, stopped_reason, settled = "FINISHED", False, None, False
     # What start-up built (modules, stores, caches, the starting model) lives all sweep: freeze it
     # out of the collector, so the collection that frees each trial scans only the trial's objects
     # (0.4 s a trial otherwise, with torch, MLflow and Optuna loaded).
@@ -108,6 +121,9 @@ def run_sweep(opts: SweepOptions) -> SweepResult:
     try:
         if remaining:
             stopped_reason = optimize(study, Objective(started.ctx), opts.trials, opts.timeout)
+        if not os.environ.get("TLSWEEP_WORKER"):  # once, by who sums up; not after a --timeout or a stop
+            full = stopped_reason is None and len(T.finished(study)) >= opts.trials
+            settled = try_confirm(started, study, opts.confirm_top, opts.confirm_folds) if full else True
     except KeyboardInterrupt:
         status, interrupted = "KILLED", True
         log.warning("interrupted: finished trials are kept; re-run the same command to continue")
@@ -120,7 +136,7 @@ def run_sweep(opts: SweepOptions) -> SweepResult:
         with writing():  # a first Ctrl-C here only sets STOP; a second cuts the report, not the close
             try:
                 update_best(started.tracker, started.parent_id, study)
-                if status == "FINISHED" and not os.environ.get("TLSWEEP_WORKER"):  # once, by who sums up
+                if status == "FINISHED" and settled:  # once, by who sums up, after the confirmation
                     try_soup(started, study, opts.soup_top)
                 write_report(started, study, opts.tracking_uri, opts.storage)
             finally:

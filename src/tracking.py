@@ -124,11 +124,11 @@ class Tracker(Store):
         self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
         return run.info.run_id
 
-    def start_child(self, parent_id: str, run_name: str, role: str, tags: dict) -> str:
-        """A run of our own under the parent that is not an Optuna trial (e.g. the soup)."""
-        exp_id = self.client.get_run(parent_id).info.experiment_id
-        run = self.client.create_run(exp_id, run_name=run_name, tags={
+    def start_child(self, parent_id: str, run_name: str, role: str, tags: dict, params: dict | None = None) -> str:
+        """A run of our own under the parent that is not an Optuna trial (the soup, a confirmation)."""
+        run = self.client.create_run(self.client.get_run(parent_id).info.experiment_id, run_name=run_name, tags={
             MLFLOW_PARENT_RUN_ID: parent_id, ROLE: role, **{k: str(v) for k, v in tags.items()}})
+        self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in (params or {}).items()])
         return run.info.run_id
 
     def end_run(self, run_id: str, state: str, reason: str | None = None, status: str | None = None,

@@ -236,6 +236,15 @@ class HeadInputs:
     valid: object
 
 
+RECIPE = ("head_lr", "backbone_lr_ratio", "patience", "max_epochs_phase1", "max_epochs_phase2",
+          "phase2_head_lr_factor", "weight_decay", "label_smoothing", "lr_schedule", "unfreeze")
+
+
+def recipe(cfg) -> dict:
+    """`fit_two_phase`'s keyword arguments from a `config.TrialConfig` (the rest is the data's)."""
+    return {name: getattr(cfg, name) for name in RECIPE}
+
+
 def fit_two_phase(model: nn.Module, train_loader, valid_loader, *, head_lr: float,
                   backbone_lr_ratio: float, patience: int, max_epochs_phase1: int,
                   max_epochs_phase2: int, device: torch.device, phase2_head_lr_factor: float = 1.0,

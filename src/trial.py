@@ -33,7 +33,7 @@ from .record import BARS, MISTAKES_SHOWN, TrialRecord
 from .recovery import queue_retry, worker_id
 from .stopping import computing, raise_if_stopped, writing
 from .study import derive_seed
-from .train import fit_two_phase
+from .train import fit_two_phase, recipe
 
 log = logging.getLogger("tlsweep")
 
@@ -179,11 +179,6 @@ class Objective:
                 raise_if_stopped()
 
             _, phase2 = fit_two_phase(
-                model, data.train, data.valid, head_lr=cfg.head_lr, backbone_lr_ratio=cfg.backbone_lr_ratio,
-                patience=cfg.patience, max_epochs_phase1=cfg.max_epochs_phase1,
-                max_epochs_phase2=cfg.max_epochs_phase2, device=self.ctx.pipeline.device,
-                phase2_head_lr_factor=cfg.phase2_head_lr_factor, weight_decay=cfg.weight_decay,
-                label_smoothing=cfg.label_smoothing, lr_schedule=cfg.lr_schedule, unfreeze=cfg.unfreeze,
-                phase1=data.phase1,
+                model, data.train, data.valid, **recipe(cfg), device=self.ctx.pipeline.device, phase1=data.phase1,
                 on_epoch=on_epoch, on_phase_end=on_phase_end, amp=self.ctx.amp, keep_mistakes=MISTAKES_SHOWN)
         return phase2.best_valid_acc

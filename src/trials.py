@@ -27,6 +27,9 @@ SETTINGS_ATTR = "sweep_settings"        # fixed settings and search space, compa
 VALID_IMAGES_ATTR = "tlsweep.valid_images"  # readable validation images: the n of accuracy intervals
 STEPS_ATTR = "tlsweep.steps"            # how its trials number their epochs (STEPS)
 STEPS = "phase-aligned"                 # phase-1 epoch e = step e, phase-2 epoch e = max_epochs_phase1 + e
+# the confirmation jobs' study (src/confirm.py): `<study name>:confirm` in the same storage
+CONFIRM_SUFFIX = ":confirm"
+JOB_ATTR = "tlsweep.job"                # system attribute of a job: {"trial": original trial number, "fold": f}
 
 
 def finished(study: optuna.Study) -> list[FrozenTrial]:
@@ -95,3 +98,18 @@ def taken_over(exc: BaseException) -> bool:
     if isinstance(exc, optuna.exceptions.UpdateFinishedTrialError):
         return True
     return isinstance(exc, ValueError) and str(exc).startswith("Cannot tell a")
+
+
+def side_study(study: optuna.Study, suffix: str) -> optuna.Study:
+    """A study of our own beside this one, in the same storage object (so with its heartbeat
+    and lost-trial callback): created by the first caller, loaded by the others."""
+    return optuna.create_study(study_name=study.study_name + suffix, storage=study._storage,
+                               load_if_exists=True, direction="maximize")
+
+
+def heartbeat(trial: optuna.Trial):
+    """Optuna's heartbeat for a trial run outside `study.optimize` (a context; nothing where the
+    storage has none): another worker takes the trial over when it goes silent."""
+    from optuna.storages._heartbeat import get_heartbeat_thread
+
+    return get_heartbeat_thread(trial._trial_id, trial.study._storage)
