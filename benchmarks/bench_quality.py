@@ -11,6 +11,11 @@ one test split (the split is sealed in the folder, so every arm and seed shares 
 result is appended to `--out/results.jsonl` as it ends, and a rerun skips what is there: a
 cut-off session loses at most the trial that was running: the arm's study resumes.
 
+`--confirm K F` adds the arm `<name>+confirm`: each finished sweep run again with `--confirm-top
+K --confirm-folds F` (only the confirmation and the soup run) and its winner scored (a second
+scoring of that sweep, recorded as forced: the two arms share their trials, so the difference is
+the selection rule's alone); its wall time is the sweep's plus the confirmation's.
+
 Prints per arm: test accuracy and macro-F1 (mean, min, max), wall time; a paired bootstrap 95%
 interval of the test-accuracy gap (per test image, each arm's correctness averaged over its
 seeds; images resampled); and the machine-readable lines
@@ -44,7 +49,10 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def run_arm(name: str, sweep_file: str, trials: int, seed: int, args) -> dict:
+def run_arm(name: str, sweep_file: str, trials: int, seed: int, args, confirm: list[int] | None = None) -> dict:
+    """One sweep (or, with `confirm` = [K, F], the same sweep again: its study is complete, so only
+    the confirmation runs, then the soup), its winner scored once (the confirmed one: a second
+    scoring of that sweep, recorded as forced, to compare the selection rules on one set of trials)."""
     out = Path(args.out) / f"{name}-seed{seed}"
     out.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{out}/mlflow.db"
@@ -53,6 +61,10 @@ def run_arm(name: str, sweep_file: str, trials: int, seed: int, args) -> dict:
            "--image-size", str(args.image_size), "--max-epochs", str(args.max_epochs),
            "--storage", f"sqlite:///{out}/optuna.db", "--tracking-uri", uri, "--study-name", name,
            "--experiment", f"quality-{name}", *args.sweep_flags]
+    if confirm:
+        cmd += ["--confirm-top", str(confirm[0]), "--confirm-folds", str(confirm[1])]
+        out = out / "confirm"
+        out.mkdir(exist_ok=True)
     # An arm cut off mid-way resumes its study (the sweep runs only the trials still missing); its
     # wall time is the sum over attempts, kept in `wall_s` by a ticker (a kill loses < TICK_S).
     spent = out / "wall_s"
@@ -75,9 +87,10 @@ def run_arm(name: str, sweep_file: str, trials: int, seed: int, args) -> dict:
     parents = re.findall(r"parent run ([0-9a-f]{32})", text)
     if code != 0 or not parents:
         raise SystemExit(f"{name} seed {seed}: the sweep failed (exit {code}); see {out / 'sweep.log'}")
-    r = run_final_test(parents[-1], uri)
+    r = run_final_test(parents[-1], uri, force=bool(confirm))
     epochs = sum(int(m) for m in re.findall(r"epochs spent: (\d+)", text)[-1:])
-    return {"arm": name, "seed": seed, "wall_s": wall, "test_acc": r.acc, "macro_f1": r.macro_f1,
+    return {"arm": name + ("+confirm" if confirm else ""), "seed": seed, "wall_s": wall, "test_acc": r.acc,
+            "macro_f1": r.macro_f1,
             "winner": r.trial_run_id, "epochs": epochs, "correct": [int(p == t) for p, t in zip(r.preds, r.targets)]}
 
 
@@ -85,28 +98,32 @@ def _stats(values) -> str:
     return f"{np.mean(values):.4f} (min {np.min(values):.4f}, max {np.max(values):.4f})"
 
 
-def report(rows: list[dict], sweep_arm: str) -> None:
+def report(rows: list[dict], sweep_arms: list[str]) -> None:
+    """Each arm's figures, then each of `sweep_arms` against the recipe; the quality lines are
+    the first one's (the arm under test, `--name`)."""
     arms = {}
     for row in rows:
         arms.setdefault(row["arm"], []).append(row)
     for arm, got in arms.items():
-        print(f"{arm:>10}: {len(got)} seed(s), test acc {_stats([g['test_acc'] for g in got])}, macro-F1 "
+        print(f"{arm:>16}: {len(got)} seed(s), test acc {_stats([g['test_acc'] for g in got])}, macro-F1 "
               f"{_stats([g['macro_f1'] for g in got])}, wall {np.mean([g['wall_s'] for g in got]):.0f} s, "
               f"epochs {np.mean([g['epochs'] for g in got]):.0f}")
-    if "recipe" not in arms or sweep_arm not in arms:
-        return
-    rec, swp = arms["recipe"], arms[sweep_arm]
-    a = np.mean([g["correct"] for g in swp], axis=0)  # per test image, over seeds
-    b = np.mean([g["correct"] for g in rec], axis=0)
-    rng = np.random.default_rng(0)
-    boots = [np.mean((a - b)[idx]) for idx in rng.integers(0, len(a), size=(2000, len(a)))]
-    low, high = np.percentile(boots, [2.5, 97.5]) * 100
-    gap = (np.mean([g["test_acc"] for g in swp]) - np.mean([g["test_acc"] for g in rec])) * 100
-    beats = sum(g["test_acc"] > np.mean([r["test_acc"] for r in rec]) for g in swp)
-    print(f"paired bootstrap over {len(a)} test images: gap {gap:+.2f} points, 95% interval [{low:+.2f}, {high:+.2f}]; "
-          f"{beats} of {len(swp)} sweep winners beat the recipe's mean")
-    print(f"quality sweep_minus_recipe_test_pt {gap:.2f}")
-    print(f"quality sweep_vs_recipe_compute {np.mean([g['wall_s'] for g in swp]) / np.mean([g['wall_s'] for g in rec]):.2f}")
+    for sweep_arm in [a for a in sweep_arms if a in arms and "recipe" in arms]:
+        rec, swp = arms["recipe"], arms[sweep_arm]
+        a = np.mean([g["correct"] for g in swp], axis=0)  # per test image, over seeds
+        b = np.mean([g["correct"] for g in rec], axis=0)
+        rng = np.random.default_rng(0)
+        boots = [np.mean((a - b)[idx]) for idx in rng.integers(0, len(a), size=(2000, len(a)))]
+        low, high = np.percentile(boots, [2.5, 97.5]) * 100
+        gap = (np.mean([g["test_acc"] for g in swp]) - np.mean([g["test_acc"] for g in rec])) * 100
+        beats = sum(g["test_acc"] > np.mean([r["test_acc"] for r in rec]) for g in swp)
+        compute = np.mean([g["wall_s"] for g in swp]) / np.mean([g["wall_s"] for g in rec])
+        print(f"{sweep_arm} vs recipe, paired bootstrap over {len(a)} test images: gap {gap:+.2f} points, 95% "
+              f"interval [{low:+.2f}, {high:+.2f}]; {beats} of {len(swp)} winners beat the recipe's mean; "
+              f"compute {compute:.2f}x")
+        if sweep_arm == sweep_arms[0]:
+            print(f"quality sweep_minus_recipe_test_pt {gap:.2f}")
+            print(f"quality sweep_vs_recipe_compute {compute:.2f}")
 
 
 def main(argv=None) -> int:
@@ -120,6 +137,8 @@ def main(argv=None) -> int:
     p.add_argument("--trials", type=int, default=30)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--out", type=Path, default=Path("quality-out"))
+    p.add_argument("--confirm", type=int, nargs=2, metavar=("K", "F"),
+                   help="also the arm <name>+confirm: each sweep again with --confirm-top K --confirm-folds F")
     p.add_argument("--sweep-flags", nargs=argparse.REMAINDER, default=[], help="passed to every src.sweep")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -127,16 +146,23 @@ def main(argv=None) -> int:
     rows = [json.loads(line) for line in results.read_text().splitlines()] if results.is_file() else []
     done = {(r["arm"], r["seed"]) for r in rows}
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    for name, sweep_file, trials in (("recipe", "sweeps/seed-recipe.toml", 1), (args.name, args.sweep, args.trials)):
-        for seed in args.seeds:
-            if (name, seed) in done:
-                continue
-            row = run_arm(name, sweep_file, trials, seed, args)
-            rows.append(row)
-            with results.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            print(f"{name} seed {seed}: test acc {row['test_acc']:.4f}, wall {row['wall_s']:.0f} s", flush=True)
-    report(rows, args.name)
+    # The recipe's seeds first (quick), then per seed the sweep and, with --confirm, its confirmation.
+    runs = [("recipe", "sweeps/seed-recipe.toml", 1, None, seed) for seed in args.seeds]
+    for seed in args.seeds:
+        runs.append((args.name, args.sweep, args.trials, None, seed))
+        if args.confirm:
+            runs.append((args.name, args.sweep, args.trials, args.confirm, seed))
+    for name, sweep_file, trials, confirm, seed in runs:
+        if (name + ("+confirm" if confirm else ""), seed) in done:
+            continue
+        row = run_arm(name, sweep_file, trials, seed, args, confirm)
+        if confirm:  # its compute: the sweep's, then the confirmation's
+            row["wall_s"] += next(r["wall_s"] for r in rows if (r["arm"], r["seed"]) == (name, seed))
+        rows.append(row)
+        with results.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"{row['arm']} seed {seed}: test acc {row['test_acc']:.4f}, wall {row['wall_s']:.0f} s", flush=True)
+    report(rows, [args.name, args.name + "+confirm"])
     return 0
 
 

@@ -15,7 +15,8 @@ worker that ends while others still run trials leaves it to the last):
    parent, `confirm/folds.json` (each fold's seed and validation files).
 2. Jobs. Each (trial, fold) is a job: a WAITING trial of the study `<study>:confirm` in the same
    storage (its system attribute `tlsweep.job`). Workers take jobs atomically, with Optuna's
-   heartbeat: workers ending together share them, none runs a job twice, and a job whose worker
+   heartbeat: workers ending together share them, none runs a job twice (two that plan at once
+   may queue a job twice: only its earliest trial not failed runs), and a job whose worker
    died is taken up again (at once on this machine, elsewhere after the grace period), so a
    killed sweep resumes its confirmation when the same command runs again. A job trains the
    trial's configuration (its seed re-drawn per fold) on the decoded images and cached features
@@ -190,6 +191,12 @@ class Confirmation:
         if job is None or job[0] not in self.by_number:
             # Another worker took the last job between our look and our ask (Optuna then made a
             # new, empty trial), or a job of an older plan: closed, never run.
+            side.tell(trial, state=TrialState.FAIL)
+            return
+        if any(_job(t) == job and t.number < trial.number and t.state != TrialState.FAIL
+               for t in side.get_trials(deepcopy=False)):
+            # Workers planning at once may queue a job twice: only its earliest live trial runs.
+            trial.set_user_attr(T.FAIL_KIND_ATTR, "duplicate")
             side.tell(trial, state=TrialState.FAIL)
             return
         number, fold = job

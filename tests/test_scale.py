@@ -55,6 +55,9 @@ _SLOW_WORKER = ("import sys, time; import src.train as T; f = T.train_epoch; "
                 "from src.sweep import main; sys.exit(main(sys.argv[1:]))")
 
 
+_PLAIN_WORKER = "import sys; from src.sweep import main; sys.exit(main(sys.argv[1:]))"
+
+
 def _worker(tmp_path, args, code=_SLOW_WORKER):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.Popen([sys.executable, "-c", code, *args], cwd=tmp_path, env=env,
@@ -118,6 +121,31 @@ def test_three_workers_one_study_one_killed_and_final_test_on_the_server(tmp_pat
 
     assert final_test.main(["--run-id", parent_id, "--tracking-uri", servers["tracking_uri"]]) == 0
     assert 0 <= client.get_run(parent_id).data.metrics["test/acc"] <= 1
+
+
+@pytest.mark.slow
+def test_workers_that_confirm_at_once_run_each_job_once(tmp_path, flat_folder, servers, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = _args(flat_folder, servers["storage"], servers["tracking_uri"], 3, "confirm")
+    assert sweep.main(args) == 0  # the trials; then two hosts' sweeps end at once and confirm
+    both = [_worker(tmp_path, [*args, "--confirm-top", "2", "--confirm-folds", "3"], code=_PLAIN_WORKER)
+            for _ in range(2)]
+    for w in both:
+        out, err = w.communicate(timeout=300)
+        assert w.returncode == 0, err[-3000:]
+    storage = optuna.storages.RDBStorage(servers["storage"])
+    study = optuna.load_study(study_name="confirm", storage=storage)
+    side = optuna.load_study(study_name="confirm:confirm", storage=storage)
+    done = [t for t in side.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    jobs = sorted((t.system_attrs["tlsweep.job"]["trial"], t.system_attrs["tlsweep.job"]["fold"]) for t in done)
+    plan = sorted(sorted(study.trials, key=lambda t: (-t.value, t.number))[:2], key=lambda t: t.number)
+    assert jobs == sorted((t.number, f) for t in plan for f in range(3))  # each job once, none missing
+    client = MlflowClient(servers["tracking_uri"])
+    parent = study.user_attrs["mlflow_parent_run_id"]
+    exp = client.get_run(parent).info.experiment_id
+    runs = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent}' and tags.`tlsweep.role` = 'confirm'")
+    assert len(runs) == 6 and all(r.info.status == "FINISHED" for r in runs)
+    assert client.get_run(parent).data.tags["confirm.winner_trial"] in {str(t.number) for t in plan}
 
 
 def _race(n, fn):
