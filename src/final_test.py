@@ -23,8 +23,8 @@ import torch
 from sklearn.metrics import f1_score
 
 from . import data as D
+from . import trials as T
 from . import figures, model as M
-from .confirm import confirmed_winner
 from .device import pick_device
 from .errors import UserError
 from .pipeline import DEFAULT_MAX_BAD_FRACTION
@@ -73,7 +73,7 @@ def resolve_runs(tracker: Tracker, run_id: str) -> tuple[str, str]:
         # The single model the sweep selected: the trial --confirm-top chose (src/confirm.py) if
         # it was made for the best trial as it is now, else the best trial. Then the winner chosen
         # on validation beside it (the soup or that trial, src/soup.py), if made from it.
-        number, selected = confirmed_winner(tags) or (tags.get("best.trial_number"), best)
+        number, selected = T.confirmed_winner(tags) or (tags.get("best.trial_number"), best)
         if tags.get("winner.run_id") and tags.get("winner.best_trial") == number:
             return tags["winner.run_id"], run_id
         return selected, run_id

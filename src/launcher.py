@@ -8,8 +8,10 @@ import signal
 import subprocess
 import sys
 
+from . import trials as T
 from .config import SweepOptions
 from .errors import UserError
+from .recovery import LostTrials
 from .start import start
 from .study import open_study
 from .summary import print_summary, try_confirm, try_soup, write_report
@@ -43,9 +45,12 @@ def launch(opts: SweepOptions, argv: list[str]) -> int:
         for p in procs:
             p.wait()
         return 130
-    study = open_study(started.study.study_name, opts.storage, started.ctx.pipeline.fixed.seed)
-    # every worker finished: the confirmation and the soup, once for the study (src/confirm.py, src/soup.py)
-    if not any(codes) and try_confirm(started, study, opts.confirm_top, opts.confirm_folds):
+    study = open_study(started.study.study_name, opts.storage, started.ctx.pipeline.fixed.seed,
+                       on_lost=LostTrials(started.tracker))
+    # Every worker finished: the confirmation (not after a --timeout) and the soup, once for the
+    # study (src/confirm.py, src/soup.py); the launcher runs the confirmation's jobs alone.
+    full = len(T.finished(study)) >= opts.trials
+    if not any(codes) and (not full or try_confirm(started, study, opts.confirm_top, opts.confirm_folds)):
         try_soup(started, study, opts.soup_top)
     write_report(started, study, opts.tracking_uri, opts.storage)  # each worker wrote one; this one sees them all
     print_summary(started, study, opts.tracking_uri, opts.storage)

@@ -10,7 +10,7 @@ import optuna
 from . import trials as T
 from .report import SCORE, log_report, next_commands, summary_table, ui_base
 from .start import Started
-from .confirm import Confirmation, confirmed_winner
+from .confirm import Confirmation
 from .errors import UserError
 from .soup import make_soup
 from .stats import wilson, within_noise
@@ -45,10 +45,9 @@ def commands(started: Started, tracking_uri: str | None, storage: str) -> dict:
 
 
 def try_confirm(started: Started, study: optuna.Study, top: int, folds: int) -> bool:
-    """--confirm-top (src/confirm.py), when asked and no trial runs any more; True when nothing is
-    left to it here (settled, off, or given up on), False while other workers run its jobs. A
-    failure that is not a trial's fault is a warning: the jobs done are kept, the same command
-    takes it up again, and the best trial stays the winner meanwhile."""
+    """--confirm-top (src/confirm.py), when asked and no trial runs any more; False while trials
+    still run elsewhere (the worker that ends last confirms), else True. A failure that is not a
+    training fault is a warning: the jobs done are kept and the same command takes it up again."""
     if top < 2:
         return True
     if T.running(study):
@@ -56,12 +55,14 @@ def try_confirm(started: Started, study: optuna.Study, top: int, folds: int) -> 
         return False
     pipe = started.ctx.pipeline
     try:
-        return Confirmation(started.tracker, started.parent_id, study, pipe, top, folds, started.ctx.amp).run()
+        Confirmation(started.tracker, started.parent_id, study, pipe, started.ctx.search, top, folds,
+                     started.ctx.amp).run()
+        return True
     except (KeyboardInterrupt, UserError):
         raise
     except Exception as exc:  # noqa: BLE001 - storages and artifact stores fail in many ways
         log.warning("confirmation stopped (%s: %s); re-run the same command to finish it (its finished "
-                    "jobs are kept); until then the best trial is the winner", type(exc).__name__, exc)
+                    "jobs are kept); until then the parent's tags name the winner as before", type(exc).__name__, exc)
         return True
 
 
@@ -70,7 +71,7 @@ def try_soup(started: Started, study: optuna.Study, top: int) -> None:
     a warning, and the best trial (or the confirmed one, src/confirm.py) stays the winner."""
     pipe = started.ctx.pipeline
     try:
-        picked = confirmed_winner(started.tracker.get_run(started.parent_id).data.tags)
+        picked = T.confirmed_winner(started.tracker.get_run(started.parent_id).data.tags)
         make_soup(started.tracker, started.parent_id, study, pipe.valid_loader(2 * pipe.fixed.batch_size),
                   pipe.device, top, first=int(picked[0]) if picked else None)
     except Exception as exc:  # noqa: BLE001 - artifact stores and checkpoints fail in many ways
@@ -111,7 +112,7 @@ def print_summary(started: Started, study: optuna.Study, tracking_uri: str | Non
             print(f"  within noise of it: trial(s) {shown} ({len(close)} in all) reach its interval; on this "
                   f"validation set their order is not evidence (a larger split narrows it)")
         tags = started.tracker.get_run(started.parent_id).data.tags
-        picked = confirmed_winner(tags)
+        picked = T.confirmed_winner(tags)
         if picked:
             means = ", ".join(f"trial {n} {float(tags[f'confirm.mean.{n}']):.4f}"
                               for n in tags["confirm.trials"].split(","))

@@ -26,7 +26,7 @@ from .launcher import launch
 from .pipeline import DEFAULT_MAX_BAD_FRACTION
 from .recovery import requeue_interrupted
 from .scheduler import optimize
-from .confirm import DEFAULT_FOLDS
+from .confirm import DEFAULT_FOLDS, MAX_TOP
 from .soup import SOUP_TOP
 from .start import start
 from .stopping import STOP, handling_signals, writing
@@ -83,8 +83,8 @@ def parse_args(argv=None) -> SweepOptions:
     p.add_argument("--confirm-folds", type=int, default=DEFAULT_FOLDS, metavar="F",
                    help=f"re-drawn splits per configuration for --confirm-top (default {DEFAULT_FOLDS})")
     args = p.parse_args(argv)
-    if args.confirm_top == 1 or args.confirm_top < 0:
-        p.error(f"--confirm-top {args.confirm_top}: give 0 (off) or at least 2 configurations to compare")
+    if args.confirm_top == 1 or not 0 <= args.confirm_top <= MAX_TOP:
+        p.error(f"--confirm-top {args.confirm_top}: give 0 (off) or 2 to {MAX_TOP} configurations to compare")
     if args.confirm_folds < 1:
         p.error(f"--confirm-folds {args.confirm_folds}: give at least 1 re-drawn split")
     if args.confirm_top and args.no_cache:

@@ -54,6 +54,15 @@ def run_id(trial: FrozenTrial) -> str | None:
     return trial.user_attrs.get(RUN_ID_ATTR)
 
 
+def confirmed_winner(tags: dict) -> tuple[str, str] | None:
+    """(trial number, run id) the confirmation (src/confirm.py) chose, from the parent run's tags,
+    if it was made for the study's best trial as they record it now (a later, better trial makes
+    it stale; `confirm.best_trial` is written last)."""
+    if tags.get("confirm.winner_run_id") and tags.get("confirm.best_trial") == tags.get("best.trial_number"):
+        return tags["confirm.winner_trial"], tags["confirm.winner_run_id"]
+    return None
+
+
 # -- Optuna's private API, used here only ---------------------------------------------------------
 def original_number(trial: optuna.Trial) -> int:
     """The number of the trial a live trial stands in for: the lost trial it retries, or its own."""

@@ -147,21 +147,37 @@ def test_the_final_test_takes_the_confirmed_winner_not_the_best_trial(in_tmp, fl
         final_test.resolve_runs(tracker, confirm_run)
 
 
-@pytest.mark.slow
-def test_an_interrupted_confirmation_resumes_and_loses_no_finished_job(in_tmp, flat_folder, monkeypatch):
-    real, calls = Confirmation._train, []
+def test_a_job_scores_its_result_zero_for_a_training_fault_and_is_queued_again_when_it_died():
+    side = optuna.create_study()
+    add = lambda key, state, value=None, **attrs: side.add_trial(optuna.trial.create_trial(  # noqa: E731
+        state=state, value=value, user_attrs=attrs, system_attrs={T.JOB_ATTR: {"trial": key[0], "fold": key[1]}}))
+    add((0, 0), TrialState.FAIL, **{T.FAIL_KIND_ATTR: T.INTERRUPTED})
+    add((0, 0), TrialState.COMPLETE, 0.8)                                # a retry that finished
+    add((0, 1), TrialState.FAIL, **{confirm.FAULT_ATTR: True, T.FAIL_KIND_ATTR: "diverged"})
+    add((1, 0), TrialState.FAIL)                                         # lost, or a storage error
+    add((1, 1), TrialState.WAITING)
+    for _ in range(confirm.MAX_DEAD_TRIES):
+        add((2, 0), TrialState.FAIL)                                     # died again and again
+    assert outcomes(side) == {(0, 0): 0.8, (0, 1): 0.0, (1, 1): None, (2, 0): 0.0}  # (1, 0): queued again
 
-    def stopping(self, original, fold, run_id):
-        calls.append((original.number, fold))
+
+@pytest.mark.slow
+def test_an_interrupted_or_failed_confirmation_resumes_and_loses_no_finished_job(in_tmp, flat_folder, monkeypatch):
+    real, calls = confirm.train_on_fold, []
+
+    def stopping(*args):
+        calls.append(args[3])
         if len(calls) == 2:
             raise KeyboardInterrupt("signal 2")
-        return real(self, original, fold, run_id)
+        if len(calls) == 3:
+            raise OSError("the disk is full")  # not the recipe's fault: no score, queued again
+        return real(*args)
 
-    monkeypatch.setattr(Confirmation, "_train", stopping)
+    monkeypatch.setattr(confirm, "train_on_fold", stopping)
     assert sweep.main(sweep_args(in_tmp, flat_folder, 3, *ARGS)) == 130
     side = _side(in_tmp)
-    done = outcomes(side)
-    assert sum(v is not None for v in done.values()) == 1 and sum(v is None for v in done.values()) == 3
+    done = outcomes(side)  # one finished, two waiting; the interrupted one is queued again next time
+    assert sorted(v is None for v in done.values()) == [False, True, True] and len(side.trials) == 4
     interrupted = [t for t in side.trials if t.state == TrialState.FAIL]
     assert len(interrupted) == 1 and interrupted[0].user_attrs[T.FAIL_KIND_ATTR] == T.INTERRUPTED
     client = MlflowClient(f"sqlite:///{in_tmp}/mlflow.db")
@@ -169,11 +185,13 @@ def test_an_interrupted_confirmation_resumes_and_loses_no_finished_job(in_tmp, f
         "mlflow_parent_run_id"]
     assert "confirm.winner_trial" not in client.get_run(parent).data.tags  # not decided on a part
 
-    monkeypatch.setattr(Confirmation, "_train", real)
+    assert sweep.main(sweep_args(in_tmp, flat_folder, 3, *ARGS)) == 0  # the storage error: a warning
+    assert "confirm.winner_trial" not in client.get_run(parent).data.tags
+    monkeypatch.setattr(confirm, "train_on_fold", real)
     assert sweep.main(sweep_args(in_tmp, flat_folder, 3, *ARGS)) == 0
-    runs = _runs(client, parent, "confirm")
-    states = Counter(r.info.status for r in runs)
-    assert states == {"FINISHED": 4, "KILLED": 1}  # the finished job kept, the interrupted one run again
+    states = Counter(r.info.status for r in _runs(client, parent, "confirm"))
+    assert states == {"FINISHED": 4, "KILLED": 1, "FAILED": 1}  # the finished job kept, the others run again
+    assert len(outcomes(_side(in_tmp))) == 4 and None not in outcomes(_side(in_tmp)).values()
     assert len(optuna.load_study(study_name="s", storage=f"sqlite:///{in_tmp}/optuna.db").trials) == 3
     assert "confirm.winner_trial" in client.get_run(parent).data.tags
 

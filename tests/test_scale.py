@@ -138,7 +138,8 @@ def test_workers_that_confirm_at_once_run_each_job_once(tmp_path, flat_folder, s
     side = optuna.load_study(study_name="confirm:confirm", storage=storage)
     done = [t for t in side.trials if t.state == optuna.trial.TrialState.COMPLETE]
     jobs = sorted((t.system_attrs["tlsweep.job"]["trial"], t.system_attrs["tlsweep.job"]["fold"]) for t in done)
-    plan = sorted(sorted(study.trials, key=lambda t: (-t.value, t.number))[:2], key=lambda t: t.number)
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    plan = sorted(sorted(complete, key=lambda t: (-t.value, t.number))[:2], key=lambda t: t.number)
     assert jobs == sorted((t.number, f) for t in plan for f in range(3))  # each job once, none missing
     client = MlflowClient(servers["tracking_uri"])
     parent = study.user_attrs["mlflow_parent_run_id"]
