@@ -109,8 +109,8 @@ def outcomes(side: optuna.Study) -> dict[tuple[int, int], float | None]:
     (interrupted, its worker lost, a storage error, a duplicate) is left out: it is queued again."""
     by_job = defaultdict(list)
     for t in side.get_trials(deepcopy=False):
-        if _job(t) is not None:
-            by_job[_job(t)].append(t)
+        if (key := _job(t)) is not None:
+            by_job[key].append(t)
     out = {}
     for key, tries in by_job.items():
         done = [t.value for t in tries if t.state == TrialState.COMPLETE]
