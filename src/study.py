@@ -180,8 +180,10 @@ def check_same_settings(study: optuna.Study, settings: dict) -> None:
     changed = {k: (recorded.get(k), v) for k, v in settings.items() if recorded.get(k) != v}
     if changed:
         detail = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items()))
+        hint = ("; its sweep file is on its parent run under sweep/ (a study started with sweeps/default.toml "
+                "before the transfer-aware parameters resumes with --sweep sweeps/four.toml)") if "search" in changed else ""
         raise UserError(f"study {study.study_name!r} was started with other settings ({detail}); "
-                        f"rerun with the original ones, or start a new --study-name")
+                        f"rerun with the original ones{hint}, or start a new --study-name")
 
 
 def pruning_savings(study: optuna.Study, fixed: Fixed) -> tuple[int, int]:

@@ -54,11 +54,26 @@ def _raises_naming(path, *words):
 
 # --- the shipped sweep files -------------------------------------------------------------
 
-def test_default_sweep_loads_with_documented_values():
-    sweep = load_sweep(SWEEPS / "default.toml")
+@pytest.mark.parametrize("name", ["default.toml", "four.toml"])
+def test_shipped_sweeps_load_with_documented_values(name):
+    from src.config import OPTIONAL, PruneSettings
+    sweep = load_sweep(SWEEPS / name)
     assert sweep.fixed == Fixed()  # the file states the dataclass defaults
     assert sweep.demo == {"image_size": 32, "batch_size": 64, "max_epochs_phase1": 3, "max_epochs_phase2": 6}
-    assert set(sweep.search) == set(SEARCHED)
+    assert sweep.prune == PruneSettings()  # [prune] spelled out in default.toml is the built-in default
+    if name == "four.toml":  # the design's four parameters over the five square levels
+        assert set(sweep.search) == set(SEARCHED)
+        assert sweep.search["aug_strength"].choices == ("none", "light", "seed", "medium", "strong")
+    else:  # and the transfer-aware ones, with the whole-frame levels
+        assert set(sweep.search) == set(SEARCHED) | set(OPTIONAL)
+        assert sweep.search["aug_strength"].choices == ("none", "light", "seed", "medium", "strong",
+                                                        "frame_light", "frame")
+        wd = sweep.search["weight_decay"]
+        assert (wd.low, wd.high, wd.log) == (1e-4, 0.1, True)
+        assert sweep.search["label_smoothing"].choices == (0.0, 0.1)
+        assert sweep.search["lr_schedule"].choices == ("constant", "cosine")
+        assert sweep.search["unfreeze"].choices == ("all", 1, 2, 3)
+    assert set(sweep.search["aug_strength"].choices) <= set(AUG_LEVELS)
     lr = sweep.search["head_lr"]
     assert (lr.low, lr.high, lr.log, lr.choices) == (1e-4, 1e-2, True, None)
     ratio = sweep.search["backbone_lr_ratio"]
@@ -66,9 +81,6 @@ def test_default_sweep_loads_with_documented_values():
     pat = sweep.search["patience"]
     assert (pat.low, pat.high, pat.log) == (2, 6, False)
     assert isinstance(pat.low, int) and isinstance(pat.high, int)
-    # the five square levels (the whole-frame ones are sweeps/transfer.toml's); all exist in src/config.py
-    assert sweep.search["aug_strength"].choices == ("none", "light", "seed", "medium", "strong")
-    assert set(sweep.search["aug_strength"].choices) <= set(AUG_LEVELS)
 
 
 def test_seed_recipe_loads_with_everything_pinned():

@@ -342,10 +342,24 @@ def test_a_report_that_cannot_be_written_is_a_warning_not_the_outcome(in_tmp, fl
     assert "optuna_plots.html" in _artifacts(client, parent.info.run_id, "study")
 
 
+def test_a_study_of_the_old_default_is_told_to_resume_with_four_toml(in_tmp, flat_folder, capsys):
+    """A study started with the four-parameter default resumes under sweeps/four.toml; the new
+    default (its search space changed) is refused, naming the file, and runs nothing."""
+    four = ["--sweep", str(Path(sweep.__file__).resolve().parents[1] / "sweeps" / "four.toml")]
+    assert sweep.main(_args(in_tmp, flat_folder, 1) + four) == 0
+    assert sweep.main(_args(in_tmp, flat_folder, 2)) == 2  # sweeps/default.toml
+    err = capsys.readouterr().err
+    assert "started with other settings" in err and "weight_decay" in err and "--sweep sweeps/four.toml" in err
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{in_tmp}/optuna.db")
+    assert len(study.trials) == 1
+    assert sweep.main(_args(in_tmp, flat_folder, 2) + four) == 0
+    assert len(optuna.load_study(study_name="s", storage=f"sqlite:///{in_tmp}/optuna.db").trials) == 2
+
+
 def test_an_unfreeze_choice_beyond_the_backbone_is_refused_before_any_trial(in_tmp, flat_folder, capsys):
     sweep_file = in_tmp / "deep.toml"
     text = (Path(sweep.__file__).resolve().parents[1] / "sweeps" / "default.toml").read_text()
-    sweep_file.write_text(text + 'unfreeze = { choices = ["all", 6] }\n')
+    sweep_file.write_text(text.replace('unfreeze = { choices = ["all", 1, 2, 3] }', 'unfreeze = { choices = ["all", 6] }'))
     assert sweep.main(_args(in_tmp, flat_folder, 1) + ["--sweep", str(sweep_file)]) == 2
     err = capsys.readouterr().err
     assert "unfreeze" in err and "5 stages" in err and str(sweep_file) in err
