@@ -8,8 +8,11 @@ import signal
 import subprocess
 import sys
 
+import torch
+
 from . import trials as T
 from .config import SweepOptions
+from .device import THREADS_ENV, cores
 from .errors import UserError
 from .recovery import LostTrials
 from .start import start
@@ -26,17 +29,40 @@ def check_storage_for_workers(storage: str, workers: int) -> None:
                         f"postgresql://USER@HOST/DB (python -m src.stack start prints one, and a --tracking-uri)")
 
 
+def worker_env(i: int, workers: int, environ: dict, cores: int, gpus: int, device: str) -> dict:
+    """Worker i's environment: its number, its share of the cores (torch threads, OpenMP and MKL
+    pools; the user's OMP_NUM_THREADS wins), and, with several GPUs and --device auto or cuda,
+    one GPU of them in turn (CUDA_VISIBLE_DEVICES; one the user set wins)."""
+    share = environ.get("OMP_NUM_THREADS") or str(max(1, cores // workers))
+    env = {**environ, "TLSWEEP_WORKER": str(i), THREADS_ENV: share, "OMP_NUM_THREADS": share,
+           "MKL_NUM_THREADS": share}
+    if gpus > 1 and device in ("auto", "cuda") and "CUDA_VISIBLE_DEVICES" not in environ:
+        env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
+    return env
+
+
+def check_worker_count(workers: int, cores: int) -> None:
+    if workers > cores:
+        log.warning("--workers %d is more than the %d CPU core(s) this sweep may use: each worker gets one "
+                    "thread and they take turns on the cores, no faster in total than --workers %d",
+                    workers, cores, cores)
+
+
 def launch(opts: SweepOptions, argv: list[str]) -> int:
     """Start-up (checks, decoding, study and parent run) runs once here first, so the workers find
     everything made; then they share the trials. Returns the exit code (the workers' worst)."""
     check_storage_for_workers(opts.storage, opts.workers)
+    check_worker_count(opts.workers, cores())
     started = start(dataclasses.replace(opts, workers=1, trials=1))  # fails fast, before any worker starts
+    gpus = torch.cuda.device_count() if started.ctx.pipeline.device.type == "cuda" else 0
+    envs = [worker_env(i, opts.workers, dict(os.environ), cores(), gpus, opts.device) for i in range(opts.workers)]
     # Each worker in its own session: a Ctrl-C (or SIGTERM) reaches them once, forwarded from here.
     # The appended "--workers 1" wins over the user's (argparse keeps the last).
-    procs = [subprocess.Popen([sys.executable, "-m", "src.sweep", *argv, "--workers", "1"],
-                              env={**os.environ, "TLSWEEP_WORKER": str(i)}, start_new_session=True)
-             for i in range(opts.workers)]
-    log.info("started %d workers: pids %s", opts.workers, [p.pid for p in procs])
+    procs = [subprocess.Popen([sys.executable, "-m", "src.sweep", *argv, "--workers", "1"], env=env,
+                              start_new_session=True) for env in envs]
+    spread = [e["CUDA_VISIBLE_DEVICES"] for e in envs if e.get("CUDA_VISIBLE_DEVICES") != os.environ.get("CUDA_VISIBLE_DEVICES")]
+    log.info("started %d workers: pids %s, %s CPU thread(s) each%s", opts.workers, [p.pid for p in procs],
+             envs[0][THREADS_ENV], f", on GPUs {spread}" if spread else "")
     try:
         codes = [p.wait() for p in procs]
     except KeyboardInterrupt:

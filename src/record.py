@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 import optuna
+import torch
 
 from . import figures, model as M
 from .config import TrialConfig
@@ -44,11 +45,12 @@ class TrialRecord:
         params = {k: v for k, v in cfg.to_dict().items() if k != "classes"}
         run_id = self.tracker.start_trial(self.parent_id, trial.number, params)
         trial.set_user_attr(RUN_ID_ATTR, run_id)
-        tags = {"weights.random_init": "true"} if cfg.weights == "none" else {}
+        tags = {"train.threads": torch.get_num_threads()}  # CPU threads (a --workers child: its share)
+        if cfg.weights == "none":
+            tags["weights.random_init"] = "true"
         if retry_of != trial.number:
             tags["optuna.retry_of"] = retry_of
-        if tags:
-            self.tracker.set_tags(run_id, tags)
+        self.tracker.set_tags(run_id, tags)
         return run_id
 
     def epoch(self, run_id: str, record) -> None:

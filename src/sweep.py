@@ -20,7 +20,7 @@ import optuna
 
 from . import trials as T
 from .config import SweepOptions
-from .device import PRECISIONS
+from .device import PRECISIONS, use_my_cores
 from .errors import UserError
 from .launcher import launch
 from .pipeline import DEFAULT_MAX_BAD_FRACTION
@@ -152,6 +152,9 @@ def main(argv=None) -> int:
     # ERROR: Optuna would log every failed trial with a traceback; the sweep prints one line instead.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     opts = parse_args(argv)
+    threads = use_my_cores()  # a --workers child: its share of the cores (src/launcher.py)
+    if os.environ.get("TLSWEEP_WORKER"):
+        log.info("worker %s: %d CPU thread(s)", os.environ["TLSWEEP_WORKER"], threads)
     try:
         with handling_signals():  # Ctrl-C and SIGTERM: see src/stopping.py
             if opts.workers > 1:

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from src import final_test, stack, sweep
+from src import device, final_test, launcher, stack, sweep
 from src.study import make_storage
 
 REPO = Path(__file__).resolve().parents[1]
@@ -210,6 +210,26 @@ def test_workers_flag_on_a_journal_file(tmp_path, flat_folder, monkeypatch, caps
     assert len(done) == 4
     assert len({t.user_attrs["tlsweep.worker"]["pid"] for t in done}) == 2  # both worked
     assert len({tuple(sorted(t.params.items())) for t in done}) == 4  # no worker repeats another's draw
+    # each worker computed on its half of the cores, not on all of them
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    threads = {client.get_run(t.user_attrs["mlflow_run_id"]).data.tags["train.threads"] for t in done}
+    assert threads == {str(max(1, device.cores() // 2))}, threads
+
+
+def test_workers_get_their_share_of_the_cores_and_gpus_in_turn(caplog):
+    env = launcher.worker_env(1, 2, {"PATH": "/bin"}, cores=16, gpus=0, device="auto")
+    assert (env["TLSWEEP_WORKER"], env["TLSWEEP_THREADS"], env["OMP_NUM_THREADS"], env["MKL_NUM_THREADS"]) == \
+        ("1", "8", "8", "8") and env["PATH"] == "/bin" and "CUDA_VISIBLE_DEVICES" not in env
+    assert launcher.worker_env(0, 3, {}, cores=2, gpus=0, device="cpu")["TLSWEEP_THREADS"] == "1"  # never 0
+    assert launcher.worker_env(0, 2, {"OMP_NUM_THREADS": "3"}, cores=16, gpus=0, device="cpu")["TLSWEEP_THREADS"] == "3"
+    assert [launcher.worker_env(i, 3, {}, 48, 2, "auto")["CUDA_VISIBLE_DEVICES"] for i in range(3)] == ["0", "1", "0"]
+    assert "CUDA_VISIBLE_DEVICES" not in launcher.worker_env(0, 2, {}, 48, 2, "cuda:1")  # the user named one
+    assert launcher.worker_env(1, 2, {"CUDA_VISIBLE_DEVICES": "3"}, 48, 2, "auto")["CUDA_VISIBLE_DEVICES"] == "3"
+    with caplog.at_level("WARNING", logger="tlsweep"):
+        launcher.check_worker_count(2, 2)
+        assert not caplog.records
+        launcher.check_worker_count(4, 2)
+    assert "--workers 4 is more than the 2 CPU core(s)" in caplog.text and "--workers 2" in caplog.text
 
 
 def test_workers_on_sqlite_are_refused(tmp_path, flat_folder, capsys):
