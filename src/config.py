@@ -58,6 +58,7 @@ class Fixed:
     max_epochs_phase2: int = 10         # fine-tuning epochs
     phase2_head_lr_factor: float = 1.0  # phase-2 head lr = head_lr * this
     seed: int = 0                       # study seed
+    search_size: int = 0                # trials train at this side, the best again at image_size (0: off)
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,7 @@ class TrialConfig:
     label_smoothing: float = 0.0
     lr_schedule: str = "constant"
     unfreeze: str | int = "all"
+    search_size: int = 0                # the study's (Fixed); image_size == search_size: a search-size model
     classes: tuple[str, ...] = field(default_factory=tuple)
 
     @classmethod
@@ -129,42 +131,6 @@ class TrialConfig:
         return cls(**{k: (tuple(v) if k == "classes" else v) for k, v in d.items() if k in known})
 
 
-@dataclass(frozen=True)
-class SweepOptions:
-    """What `python -m src.sweep` was asked for: its flags, parsed and checked once (the flags'
-    help says what each means); the fixed-setting flags are None where not given."""
-    trials: int
-    timeout: float | None
-    data: Path | None
-    sweep: Path
-    backbone: str | None
-    weights: str | None
-    image_size: int | None
-    batch_size: int | None
-    max_epochs: int | None
-    seed: int | None
-    study_name: str | None
-    storage: str
-    experiment: str | None
-    tracking_uri: str | None
-    device: str
-    precision: str
-    workers: int
-    loader_workers: int | None
-    max_bad_fraction: float
-    no_prune: bool
-    no_cache: bool
-    soup_top: int = 5
-    confirm_top: int = 0   # --confirm-top K, --confirm-folds F (src/confirm.py); K = 0: off
-    confirm_folds: int = 3
-
-    def fixed_overrides(self) -> dict[str, Any]:
-        """The flags that override [fixed] (`resolve_fixed`): --max-epochs sets both phases."""
-        return {"backbone": self.backbone, "weights": self.weights, "image_size": self.image_size,
-                "batch_size": self.batch_size, "max_epochs_phase1": self.max_epochs,
-                "max_epochs_phase2": self.max_epochs, "seed": self.seed}
-
-
 def _check_keys(table: dict, allowed: set[str], where: str, path: Path) -> None:
     unknown = sorted(set(table) - allowed)
     if unknown:
@@ -177,10 +143,10 @@ def _fixed_value(name: str, value: Any, path: Path, where: str) -> Any:
           "float": isinstance(value, (int, float)) and not isinstance(value, bool)}[expected]
     if not ok:
         raise UserError(f"{path}: [{where}] {name} = {value!r} should be a {expected}")
-    if expected in ("int", "float") and name != "seed" and value <= 0:
+    if expected in ("int", "float") and name not in ("seed", "search_size") and value <= 0:
         raise UserError(f"{path}: [{where}] {name} = {value!r} must be > 0")
-    if name == "seed" and value < 0:
-        raise UserError(f"{path}: [{where}] seed = {value!r} must be >= 0")
+    if name in ("seed", "search_size") and value < 0:
+        raise UserError(f"{path}: [{where}] {name} = {value!r} must be >= 0")
     return float(value) if expected == "float" else value
 
 
@@ -297,4 +263,7 @@ def resolve_fixed(sweep: SweepFile, on_demo: bool, overrides: dict[str, Any]) ->
             raise UserError(f"{name} = {values[name]!r} must be at least 1")
     if int(values["seed"]) < 0:
         raise UserError(f"seed = {values['seed']!r} must be >= 0")
+    if not 0 <= int(values["search_size"]) < int(values["image_size"]):
+        raise UserError(f"search_size = {values['search_size']!r} must be below image_size = {values['image_size']!r} "
+                        f"(trials search at search_size px, the best are trained again at image_size px; 0: off)")
     return Fixed(**values)

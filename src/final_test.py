@@ -73,10 +73,20 @@ def resolve_runs(tracker: Tracker, run_id: str) -> tuple[str, str]:
         # The single model the sweep selected: the trial --confirm-top chose (src/confirm.py) if
         # it was made for the best trial as it is now, else the best trial. Then the winner chosen
         # on validation beside it (the soup or that trial, src/soup.py), if made from it.
-        number, selected = T.confirmed_winner(tags) or (tags.get("best.trial_number"), best)
+        picked = T.confirmed_winner(tags)
+        if picked is None and int(tags.get("fixed.search_size", 0)):
+            raise UserError(f"sweep run {run_id} searched at {tags['fixed.search_size']} px and has no full-size model "
+                            f"for its best trial yet (its confirmation has not run since that trial): run the same "
+                            f"sweep command again to finish it; it trains no new trial")
+        number, selected = picked or (tags.get("best.trial_number"), best)
         if tags.get("winner.run_id") and tags.get("winner.best_trial") == number:
             return tags["winner.run_id"], run_id
         return selected, run_id
+    if role == "full":
+        if run.data.tags.get("optuna.state") != "COMPLETE":
+            raise UserError(f"full-size run {run_id} is {run.data.tags.get('optuna.state')}, not COMPLETE; pass the "
+                            f"sweep's parent run id to score its winner")
+        return run_id, run.data.tags[MLFLOW_PARENT_RUN_ID]
     if role == "confirm":
         raise UserError(f"run {run_id} is a confirmation run (a configuration re-trained on a re-drawn split, "
                         f"src/confirm.py): it keeps no model; pass the sweep's parent run id")
@@ -146,6 +156,9 @@ def run_final_test(run_id: str, tracking_uri: str | None = None, force: bool = F
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = tracker.download(trial_id, "checkpoints/phase2_best.pt", Path(tmp))
         model, config = M.model_from_checkpoint(ckpt)
+    if config.get("search_size") and config["image_size"] == config["search_size"]:
+        raise UserError(f"run {trial_id} trained at the search size ({config['image_size']} px), which only ranks "
+                        f"configurations; pass the sweep's parent run id {parent_id}: its winner is a full-size model")
     ev, bad = score(model, config, split, torch_device, batch_size, max_bad_fraction)
     classes = split["classes"]
     macro_f1 = float(f1_score(ev.targets, ev.preds, average="macro", labels=list(range(len(classes))),

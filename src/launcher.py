@@ -11,9 +11,9 @@ import sys
 import torch
 
 from . import trials as T
-from .config import SweepOptions
 from .device import THREADS_ENV, cores
 from .errors import UserError
+from .options import SweepOptions
 from .recovery import LostTrials
 from .start import start
 from .study import open_study
@@ -76,7 +76,7 @@ def launch(opts: SweepOptions, argv: list[str]) -> int:
     # Every worker finished: the confirmation (not after a --timeout) and the soup, once for the
     # study (src/confirm.py, src/soup.py); the launcher runs the confirmation's jobs alone.
     full = len(T.finished(study)) >= opts.trials
-    if not any(codes) and (not full or try_confirm(started, study, opts.confirm_top, opts.confirm_folds)):
+    if not any(codes) and (not full or try_confirm(started, study)):
         try_soup(started, study, opts.soup_top)
     write_report(started, study, opts.tracking_uri, opts.storage)  # each worker wrote one; this one sees them all
     print_summary(started, study, opts.tracking_uri, opts.storage)

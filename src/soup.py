@@ -11,6 +11,10 @@ beats the single best trial's (or the trial --confirm-top chose, src/confirm.py:
 starts from it), else that trial: the parent's `winner.run_id` / `winner.kind` say which, and
 `final_test` scores it (once).
 
+With a search size (src/confirm.py) the candidates are the confirmed configurations' full-size
+runs instead, the winner first (`soup.trials` then starts with FULL_LABEL): trial models, trained
+at the search size, never join.
+
 A soup is made once per set of best trials, when no trial is running (the last worker to end
 makes it): the parent's `soup.trials` tag records which trials the last soup was made from, so
 another worker or a rerun with nothing new skips it.
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
@@ -32,6 +37,7 @@ from .train import evaluate
 
 log = logging.getLogger("tlsweep")
 SOUP_TOP = 5  # --soup-top: how many of the best trials a soup may draw on
+FULL_LABEL = "full:"  # `soup.trials` of a soup of full-size runs (a search size, src/confirm.py)
 MATCH = ("backbone", "classes", "image_size", "mean", "std")  # what members must share
 
 
@@ -67,21 +73,37 @@ def greedy(candidates: list[tuple[str, dict]], model: torch.nn.Module, valid,
     return members, best, state, single
 
 
-def make_soup(tracker: Tracker, parent_id: str, study: optuna.Study, valid, device, top: int,
-              first: int | None = None) -> str | None:
-    """Make the soup of the study's `top` best trials unless it was made from these already, and
-    record the winner on the parent; returns the soup's run id when it is the winner. `first`:
-    the trial the soup starts from and competes with (the confirmed winner, src/confirm.py),
-    else the best."""
+@dataclass(frozen=True)
+class Candidate:
+    """A model that may join the soup: its configuration's trial number, the run holding its
+    phase-2 checkpoint, and its validation accuracy as recorded there."""
+    number: int
+    run_id: str
+    value: float
+
+
+def trial_candidates(study: optuna.Study, first: int | None = None) -> list[Candidate]:
+    """The study's complete trials, best first (ties: the earlier), `first` (the confirmed
+    winner, src/confirm.py) put ahead of them."""
     ranked = sorted(T.completed(study), key=lambda t: (-t.value, t.number))
-    ranked = ([t for t in ranked if t.number == first] + [t for t in ranked if t.number != first])[:top]
-    if top < 2 or len(ranked) < 2 or T.running(study):
-        return None  # nothing to average, or other workers still at it: the last one makes it
-    seen, tags = ",".join(str(t.number) for t in ranked), tracker.get_run(parent_id).data.tags
+    ranked = [t for t in ranked if t.number == first] + [t for t in ranked if t.number != first]
+    return [Candidate(t.number, T.run_id(t), t.value) for t in ranked]
+
+
+def make_soup(tracker: Tracker, parent_id: str, candidates: list[Candidate], valid, device, top: int,
+              label: str = "") -> str | None:
+    """Make the soup of the `top` first candidates (best first: the first is what the soup starts
+    from and competes with) unless it was made from these already, and record the winner on the
+    parent; returns the soup's run id when it is the winner. `label` marks the kind of candidates
+    in `soup.trials` (e.g. "full:" for full-size models of a search size)."""
+    ranked = candidates[:top]
+    if top < 2 or len(ranked) < 2:
+        return None  # nothing to average
+    seen, tags = label + ",".join(str(c.number) for c in ranked), tracker.get_run(parent_id).data.tags
     if tags.get("soup.trials") == seen:  # made from these trials already (another worker, or a rerun)
         return tags.get("winner.run_id") if tags.get("winner.kind") == "soup" else None
     with tempfile.TemporaryDirectory() as tmp:
-        loaded = [(T.run_id(t), *_load(tracker, T.run_id(t), Path(tmp))) for t in ranked]
+        loaded = [(c.run_id, *_load(tracker, c.run_id, Path(tmp))) for c in ranked]
     first = loaded[0][1]
     usable = [(rid, state) for rid, cfg, state in loaded if all(cfg.get(k) == first.get(k) for k in MATCH)]
     model = M.build_model(first["backbone"], len(first["classes"]), weights="none").to(device)
@@ -108,7 +130,7 @@ def make_soup(tracker: Tracker, parent_id: str, study: optuna.Study, valid, devi
     log.info("soup of %d of the %d best trials: valid_acc %.4f, the best single trial %.4f: the winner is the %s",
              len(members), len(ranked), acc, single, "soup" if wins else "single trial")
     tracker.set_tags(parent_id, {
-        "winner.kind": "soup" if wins else "trial", "winner.run_id": soup_id if wins else T.run_id(ranked[0]),
+        "winner.kind": "soup" if wins else "trial", "winner.run_id": soup_id if wins else ranked[0].run_id,
         "winner.valid_acc": f"{acc if wins else ranked[0].value:.6f}", "winner.best_trial": ranked[0].number,
         "soup.trials": seen})  # last: a kill before it makes the soup again next time
     return soup_id if wins else None

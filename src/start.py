@@ -3,7 +3,7 @@ run, decode the images once, take up what an earlier run left, before any traini
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import optuna
@@ -12,9 +12,11 @@ import torch
 from . import data as D
 from . import model as M
 from . import trials as T
-from .config import Fixed, PruneSettings, SweepOptions, load_sweep, resolve_fixed
+from .config import Fixed, PruneSettings, load_sweep, resolve_fixed
+from .confirm import DEFAULT_FOLDS, FULL_TOP
 from .device import amp_dtype, pick_device
 from .errors import UserError
+from .options import SweepOptions
 from .pipeline import Pipeline, initial_model
 from .record import TrialRecord
 from .recovery import LostTrials, recover
@@ -30,10 +32,26 @@ PARENT_SETTLE_S = 3.0  # on a shared storage, wait this long after creating a pa
 @dataclass
 class Started:
     """What start-up made: what every trial shares (with the trials' record, which knows the
-    tracker and the parent run), the study, and the parent's experiment."""
+    tracker and the parent run), the study, and the parent's experiment; the confirmation's plan
+    (K, F: `confirm_plan`) and the sweep's full-size settings (the trials' pipeline is at the
+    search size when one is set; `full_pipeline` builds the full-size one when first asked)."""
     ctx: Context
     study: optuna.Study
     experiment_id: str
+    fixed: Fixed | None = None
+    confirm: tuple[int, int] = (0, DEFAULT_FOLDS)
+    _full: Pipeline | None = None
+
+    def full_pipeline(self) -> Pipeline | None:
+        """The pipeline at the full image size (decoded once more, at that size; the same starting
+        model), when the trials searched at a smaller one; else None."""
+        pipe = self.ctx.pipeline
+        if self.fixed is None or not self.fixed.search_size:
+            return None
+        if self._full is None:
+            self._full = Pipeline(splits=pipe.splits, fixed=self.fixed, weights=pipe.weights, device=pipe.device,
+                                  loader_workers=pipe.workers, base=pipe.base, max_bad_fraction=pipe.max_bad_fraction)
+        return self._full
 
     @property
     def tracker(self) -> Tracker:
@@ -74,6 +92,22 @@ def _check_unfreeze(sweep, base: torch.nn.Module) -> None:
                         f"has {n} stages; use \"all\" or numbers from 1 to {n}")
 
 
+def confirm_plan(opts: SweepOptions, fixed: Fixed) -> tuple[int, int]:
+    """(K, F) of the confirmation (src/confirm.py): as asked; with a search size, K = FULL_TOP and
+    F = 0 unless given (the K best are trained at full size on the original split)."""
+    if fixed.search_size:
+        if opts.no_cache:
+            raise UserError(f"search_size = {fixed.search_size} re-trains the best configurations on the decoded "
+                            f"images: it cannot run with --no-cache; drop one of them")
+        return opts.confirm_top or FULL_TOP, 0 if opts.confirm_folds is None else opts.confirm_folds
+    top, folds = opts.confirm_top, DEFAULT_FOLDS if opts.confirm_folds is None else opts.confirm_folds
+    if top == 1 or (top and folds < 1):
+        raise UserError(f"--confirm-top {top} --confirm-folds {folds}: a confirmation compares 2 or more "
+                        f"configurations on 1 or more re-drawn splits (with a --search-size, --confirm-top 1 "
+                        f"and --confirm-folds 0 train the best at full size)")
+    return top, folds
+
+
 def study_name(opts: SweepOptions) -> str:
     return opts.study_name or f"{opts.sweep.stem}-{'demo-digits' if opts.data is None else Path(opts.data).name}"
 
@@ -83,6 +117,7 @@ def start(opts: SweepOptions) -> Started:
     sweep = load_sweep(opts.sweep)
     on_demo = opts.data is None
     fixed = resolve_fixed(sweep, on_demo, opts.fixed_overrides())
+    plan = confirm_plan(opts, fixed)
     M.check_backbone(fixed.backbone)
     splits = D.find_splits(D.demo_data_dir() if on_demo else opts.data, seed=fixed.seed)
     device = pick_device(opts.device)
@@ -93,11 +128,13 @@ def start(opts: SweepOptions) -> Started:
     pruner = make_pruner(sweep.prune, fixed.max_epochs_phase1, fixed.max_epochs_phase2, not opts.no_prune)
     study = open_study(study_name(opts), opts.storage, fixed.seed, pruner, on_lost=LostTrials(tracker))
     check_steps(study)
-    check_same_settings(study, {**asdict(fixed), "weights": weights, "search": {
+    settings = {k: v for k, v in asdict(fixed).items() if k != "search_size" or v}  # 0: as before it existed
+    check_same_settings(study, {**settings, "weights": weights, "search": {
         n: asdict(spec) for n, spec in sweep.search.items()}, **_prune_setting(sweep)})
     _check_unfreeze(sweep, base)
     # Decoding every image once happens here: after the cheap checks, before any training.
-    pipeline = Pipeline(splits=splits, fixed=fixed, weights=weights, device=device, loader_workers=opts.loader_workers,
+    searched = replace(fixed, image_size=fixed.search_size) if fixed.search_size else fixed  # what trials train at
+    pipeline = Pipeline(splits=splits, fixed=searched, weights=weights, device=device, loader_workers=opts.loader_workers,
                         use_cache=not opts.no_cache, base=base, max_bad_fraction=opts.max_bad_fraction)
     if not opts.no_cache and any(lvl in D.FRAME_LEVELS for lvl in sweep.search["aug_strength"].choices or ()):
         pipeline.train_frames()  # once, here: --workers find it made
@@ -118,4 +155,4 @@ def start(opts: SweepOptions) -> Started:
     recover(study, tracker, parent_id)  # what a killed or interrupted earlier run left behind
     record = TrialRecord(tracker, parent_id, pipeline.mean, pipeline.std)
     return Started(Context(pipeline, sweep.search, record, amp, opts.trials), study,
-                   tracker.get_run(parent_id).info.experiment_id)
+                   tracker.get_run(parent_id).info.experiment_id, fixed, plan)

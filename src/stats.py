@@ -1,4 +1,5 @@
-"""How sure an accuracy is: Wilson score intervals for a validation accuracy of n images."""
+"""How sure an accuracy is: Wilson score intervals for a validation accuracy of n images; how
+well two measurements rank the same configurations (Spearman)."""
 from __future__ import annotations
 
 import math
@@ -21,3 +22,13 @@ def within_noise(best: float, others: dict[int, float], n: int) -> list[int]:
     validation set their order against the best is noise, not evidence."""
     low, _ = wilson(best, n)
     return [k for k, acc in others.items() if acc >= low]
+
+
+def spearman(xs: list[float], ys: list[float]) -> float | None:
+    """Spearman's rank correlation (ties take their mean rank); None with fewer than 2 pairs or
+    when either side has no spread (every configuration scored the same)."""
+    from scipy.stats import spearmanr  # scipy comes with scikit-learn
+
+    if len(xs) < 2 or len(set(xs)) < 2 or len(set(ys)) < 2:
+        return None
+    return float(spearmanr(xs, ys).statistic)

@@ -11,12 +11,14 @@ from . import trials as T
 from .report import SCORE, log_report, next_commands, summary_table, ui_base
 from .start import Started
 from .confirm import Confirmation
+from .confirm_jobs import FULL, RELIABLE_FROM, completed_runs
 from .errors import UserError
-from .soup import make_soup
+from .soup import FULL_LABEL, Candidate, make_soup, trial_candidates
 from .stats import wilson, within_noise
 from .study import pruning_savings
 
 log = logging.getLogger("tlsweep")
+LOW_AGREEMENT = 0.5  # a rank agreement below this is warned of
 
 
 @dataclass
@@ -44,19 +46,21 @@ def commands(started: Started, tracking_uri: str | None, storage: str) -> dict:
     return next_commands(started.parent_id, tracking_uri, storage, started.experiment_id)
 
 
-def try_confirm(started: Started, study: optuna.Study, top: int, folds: int) -> bool:
-    """--confirm-top (src/confirm.py), when asked and no trial runs any more; False while trials
-    still run elsewhere (the worker that ends last confirms), else True. A failure that is not a
-    training fault is a warning: the jobs done are kept and the same command takes it up again."""
-    if top < 2:
+def try_confirm(started: Started, study: optuna.Study) -> bool:
+    """The confirmation (src/confirm.py; `started.confirm`: K, F), when asked (or a search size
+    needs it) and no trial runs any more; False while trials still run elsewhere (the worker that
+    ends last confirms), else True. A failure that is not a training fault is a warning: the jobs
+    done are kept and the same command takes it up again."""
+    top, folds = started.confirm
+    full = started.full_pipeline()
+    if top < (1 if full else 2):
         return True
     if T.running(study):
         log.info("confirmation: trials still run elsewhere; the worker that ends last confirms")
         return False
-    pipe = started.ctx.pipeline
     try:
-        Confirmation(started.tracker, started.parent_id, study, pipe, started.ctx.search, top, folds,
-                     started.ctx.amp).run()
+        Confirmation(started.tracker, started.parent_id, study, started.ctx.pipeline, started.ctx.search, top, folds,
+                     started.ctx.amp, full=started.full_pipeline()).run()
         return True
     except (KeyboardInterrupt, UserError):
         raise
@@ -66,14 +70,32 @@ def try_confirm(started: Started, study: optuna.Study, top: int, folds: int) -> 
         return True
 
 
+def soup_candidates(started: Started, study: optuna.Study) -> tuple[list[Candidate], str]:
+    """What the soup may draw on, best first, and its label: the trials (the confirmed winner
+    first); with a search size, the confirmed configurations' full-size runs (the winner first,
+    then by full-size valid accuracy), none before the confirmation decided."""
+    tags = started.tracker.get_run(started.parent_id).data.tags
+    picked = T.confirmed_winner(tags)
+    if started.full_pipeline() is None:
+        return trial_candidates(study, int(picked[0]) if picked else None), ""
+    if not picked:
+        return [], FULL_LABEL
+    runs = completed_runs(T.side_study(study, T.CONFIRM_SUFFIX), FULL)
+    plan = [int(n) for n in tags["confirm.trials"].split(",") if int(n) in runs]
+    ranked = sorted(plan, key=lambda n: (n != int(picked[0]), -float(tags[f"confirm.full.{n}"]), n))
+    return [Candidate(n, runs[n], float(tags[f"confirm.full.{n}"])) for n in ranked], FULL_LABEL
+
+
 def try_soup(started: Started, study: optuna.Study, top: int) -> None:
     """The soup (src/soup.py) is a candidate, the trials stand without it: a failure to make it is
     a warning, and the best trial (or the confirmed one, src/confirm.py) stays the winner."""
-    pipe = started.ctx.pipeline
+    pipe = started.full_pipeline() or started.ctx.pipeline  # judged at the size the winner has
+    if T.running(study):
+        return  # other workers still at it: the last one makes it
     try:
-        picked = T.confirmed_winner(started.tracker.get_run(started.parent_id).data.tags)
-        make_soup(started.tracker, started.parent_id, study, pipe.valid_loader(2 * pipe.fixed.batch_size),
-                  pipe.device, top, first=int(picked[0]) if picked else None)
+        candidates, label = soup_candidates(started, study)
+        make_soup(started.tracker, started.parent_id, candidates, pipe.valid_loader(2 * pipe.fixed.batch_size),
+                  pipe.device, top, label)
     except Exception as exc:  # noqa: BLE001 - artifact stores and checkpoints fail in many ways
         log.warning("no soup was made (%s: %s); the best trial is the winner", type(exc).__name__, exc)
 
@@ -90,6 +112,26 @@ def write_report(started: Started, study: optuna.Study, tracking_uri: str | None
         log.warning("could not write the sweep's report on parent run %s (%s: %s); the trials are "
                     "unaffected, and re-running the same command writes it", started.parent_id,
                     type(exc).__name__, exc)
+
+
+def print_confirmation(tags: dict, picked: tuple[str, str]) -> None:
+    """The confirmation's decision (src/confirm.py), and with a search size the sizes and how well
+    the search size ranked the configurations (warned when low)."""
+    means = ", ".join(f"trial {n} {float(tags[f'confirm.mean.{n}']):.4f}" for n in tags["confirm.trials"].split(","))
+    search, full = int(tags.get("fixed.search_size", 0)), tags.get("fixed.image_size")
+    folds = int(tags["confirm.folds"])
+    how = (f"on {folds} re-drawn train/valid splits" if folds else "on the original split") + (
+        f" at the full {full} px" if search else "")
+    print(f"confirmed {how} (mean valid_acc): {means}; the winner is trial {picked[0]} (its "
+          f"{'full-size' if search else 'original'} run {picked[1]})")
+    if not search:
+        return
+    rho, n = tags.get("confirm.rank_agreement", "undefined"), int(tags.get("confirm.rank_agreement_configs", 0))
+    print(f"trials searched at {search} px; rank agreement (Spearman) of their valid_acc with the full size's: {rho} "
+          f"over {n} configurations" + ("" if n >= RELIABLE_FROM else f" (unreliable below {RELIABLE_FROM})"))
+    if rho != "undefined" and float(rho) < LOW_AGREEMENT:
+        print(f"  warning: at {search} px the configurations rank unlike at {full} px; a larger --search-size "
+              f"(or 0: none) searches more faithfully")
 
 
 def print_summary(started: Started, study: optuna.Study, tracking_uri: str | None, storage: str) -> int:
@@ -114,10 +156,7 @@ def print_summary(started: Started, study: optuna.Study, tracking_uri: str | Non
         tags = started.tracker.get_run(started.parent_id).data.tags
         picked = T.confirmed_winner(tags)
         if picked:
-            means = ", ".join(f"trial {n} {float(tags[f'confirm.mean.{n}']):.4f}"
-                              for n in tags["confirm.trials"].split(","))
-            print(f"confirmed on {tags['confirm.folds']} re-drawn train/valid splits (mean valid_acc): {means}; "
-                  f"the winner is trial {picked[0]} (its original run {picked[1]})")
+            print_confirmation(tags, picked)
         chosen = picked[0] if picked else str(best.number)
         if tags.get("winner.kind") == "soup" and tags.get("winner.best_trial") == chosen:
             print(f"winner: a soup of the best trials' weights, valid_acc {float(tags['winner.valid_acc']):.4f} "

@@ -19,14 +19,14 @@ if __name__ == "__main__":  # Ctrl-C while the libraries load: nothing has start
 import optuna
 
 from . import trials as T
-from .config import SweepOptions
 from .device import PRECISIONS, use_my_cores
 from .errors import UserError
 from .launcher import launch
+from .options import SweepOptions
 from .pipeline import DEFAULT_MAX_BAD_FRACTION
 from .recovery import requeue_interrupted
 from .scheduler import optimize
-from .confirm import DEFAULT_FOLDS, MAX_TOP
+from .confirm import DEFAULT_FOLDS, FULL_TOP, MAX_TOP
 from .soup import SOUP_TOP
 from .start import start
 from .stopping import STOP, handling_signals, writing
@@ -54,6 +54,9 @@ def parse_args(argv=None) -> SweepOptions:
     p.add_argument("--batch-size", type=int, help="batch size (default from the sweep file)")
     p.add_argument("--max-epochs", type=int, help="max epochs of EACH phase (default from the sweep file)")
     p.add_argument("--seed", type=int, help="study seed (default from the sweep file)")
+    p.add_argument("--search-size", type=int, metavar="S",
+                   help="trials train at S px, the --confirm-top best again at --image-size, and only those "
+                        "can win (0: off; default from the sweep file; see src/confirm.py)")
     p.add_argument("--study-name", help="Optuna study; reusing a name resumes it (default <sweep>-<data>)")
     p.add_argument("--storage", default=DEFAULT_STORAGE, help="Optuna storage URL (default: optuna.db in the repo)")
     p.add_argument("--experiment", help="MLflow experiment (default: the sweep file's name)")
@@ -79,16 +82,25 @@ def parse_args(argv=None) -> SweepOptions:
     p.add_argument("--confirm-top", type=int, default=0, metavar="K",
                    help="after the trials, re-train the K best configurations on --confirm-folds re-drawn "
                         "train/valid splits; the best mean wins, its original trial is the model (0: off, "
-                        "the default; see src/confirm.py)")
-    p.add_argument("--confirm-folds", type=int, default=DEFAULT_FOLDS, metavar="F",
-                   help=f"re-drawn splits per configuration for --confirm-top (default {DEFAULT_FOLDS})")
+                        f"the default, but {FULL_TOP} with a search size; see src/confirm.py)")
+    p.add_argument("--confirm-folds", type=int, default=None, metavar="F",
+                   help=f"re-drawn splits per configuration for --confirm-top (default {DEFAULT_FOLDS}; with a "
+                        f"search size 0: the configurations are judged at full size on the original split)")
     args = p.parse_args(argv)
-    if args.confirm_top == 1 or not 0 <= args.confirm_top <= MAX_TOP:
-        p.error(f"--confirm-top {args.confirm_top}: give 0 (off) or 2 to {MAX_TOP} configurations to compare")
-    if args.confirm_folds < 1:
-        p.error(f"--confirm-folds {args.confirm_folds}: give at least 1 re-drawn split")
-    if args.confirm_top and args.no_cache:
-        p.error("--confirm-top re-splits the decoded images: it cannot run with --no-cache")
+    _check(p, args)
+    return SweepOptions(**vars(args))
+
+
+def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Flags that cannot be right, whatever the sweep file says: an argparse error (exit 2)."""
+    if not 0 <= args.confirm_top <= MAX_TOP:
+        p.error(f"--confirm-top {args.confirm_top}: give 0 (off) to {MAX_TOP} configurations")
+    if args.confirm_folds is not None and args.confirm_folds < 0:
+        p.error(f"--confirm-folds {args.confirm_folds}: give 0 or more re-drawn splits")
+    if args.search_size is not None and args.search_size < 0:
+        p.error(f"--search-size {args.search_size}: give a side in pixels below --image-size, or 0 (off)")
+    if (args.confirm_top or args.search_size) and args.no_cache:
+        p.error("--confirm-top and --search-size re-train on the decoded images: they cannot run with --no-cache")
     if args.soup_top < 0:
         p.error(f"--soup-top {args.soup_top}: give 0 (no soup) or more")
     if args.trials < 1:
@@ -99,7 +111,6 @@ def parse_args(argv=None) -> SweepOptions:
         p.error(f"--workers {args.workers}: give at least 1")
     if args.timeout is not None and args.timeout <= 0:
         p.error(f"--timeout {args.timeout}: give a positive number of seconds")
-    return SweepOptions(**vars(args))
 
 
 
@@ -123,7 +134,7 @@ def run_sweep(opts: SweepOptions) -> SweepResult:
             stopped_reason = optimize(study, Objective(started.ctx), opts.trials, opts.timeout)
         if not os.environ.get("TLSWEEP_WORKER"):  # once, by who sums up; not after a --timeout or a stop
             full = stopped_reason is None and len(T.finished(study)) >= opts.trials
-            settled = try_confirm(started, study, opts.confirm_top, opts.confirm_folds) if full else True
+            settled = try_confirm(started, study) if full else True
     except KeyboardInterrupt:
         status, interrupted = "KILLED", True
         log.warning("interrupted: finished trials are kept; re-run the same command to continue")

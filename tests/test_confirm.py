@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 
 from conftest import sweep_args
 from src import cache as C
-from src import confirm, final_test, sweep
+from src import confirm, confirm_jobs, final_test, sweep
 from src import trials as T
 from src.config import Fixed
 from src.confirm import Confirmation, draw_folds, outcomes
@@ -99,7 +99,11 @@ def test_the_best_mean_over_re_drawn_splits_wins_once_per_study(in_tmp, flat_fol
     by_number = {t.number: t for t in study.trials}
     for r in runs:
         assert r.info.status == "FINISHED" and "valid/acc" in r.data.metrics
-        assert r.data.params == {k: str(v) for k, v in by_number[int(r.data.tags["confirm.trial"])].params.items()}
+        original = by_number[int(r.data.tags["confirm.trial"])]
+        assert r.data.params.items() >= {k: str(v) for k, v in original.params.items()}.items()  # the config, as sampled
+        trained = client.get_run(T.run_id(original)).data.params
+        assert r.data.params["image_size"] == trained["image_size"] == "16"
+        assert r.data.params["seed"] != trained["seed"]  # a seed of its own per fold
         assert client.list_artifacts(r.info.run_id, "checkpoints") == []  # those models are never used
     means = {n: np.mean([r.data.metrics["confirm/valid_acc"] for r in runs if r.data.tags["confirm.trial"] == str(n)])
              for n in plan}
@@ -153,10 +157,10 @@ def test_a_job_scores_its_result_zero_for_a_training_fault_and_is_queued_again_w
         state=state, value=value, user_attrs=attrs, system_attrs={T.JOB_ATTR: {"trial": key[0], "fold": key[1]}}))
     add((0, 0), TrialState.FAIL, **{T.FAIL_KIND_ATTR: T.INTERRUPTED})
     add((0, 0), TrialState.COMPLETE, 0.8)                                # a retry that finished
-    add((0, 1), TrialState.FAIL, **{confirm.FAULT_ATTR: True, T.FAIL_KIND_ATTR: "diverged"})
+    add((0, 1), TrialState.FAIL, **{confirm_jobs.FAULT_ATTR: True, T.FAIL_KIND_ATTR: "diverged"})
     add((1, 0), TrialState.FAIL)                                         # lost, or a storage error
     add((1, 1), TrialState.WAITING)
-    for _ in range(confirm.MAX_DEAD_TRIES):
+    for _ in range(confirm_jobs.MAX_DEAD_TRIES):
         add((2, 0), TrialState.FAIL)                                     # died again and again
     assert outcomes(side) == {(0, 0): 0.8, (0, 1): 0.0, (1, 1): None, (2, 0): 0.0}  # (1, 0): queued again
 
@@ -220,10 +224,16 @@ def test_a_job_whose_worker_died_is_run_again(in_tmp, flat_folder):
 
 @pytest.mark.parametrize("flags, words", [
     (("--confirm-top", "1"), "--confirm-top 1"),
-    (("--confirm-folds", "0"), "--confirm-folds 0"),
+    (("--confirm-top", "2", "--confirm-folds", "0"), "--confirm-folds 0"),
+    (("--confirm-folds", "-1"), "--confirm-folds -1"),
     (("--confirm-top", "2", "--no-cache"), "--no-cache"),
+    (("--search-size", "8", "--no-cache"), "--no-cache"),
+    (("--search-size", "16"), "must be below image_size = 16"),
 ])
 def test_bad_confirmation_flags_are_clear_errors(in_tmp, flat_folder, capsys, flags, words):
-    with pytest.raises(SystemExit) as exc:
-        sweep.main(sweep_args(in_tmp, flat_folder, 1, *flags))
-    assert exc.value.code == 2 and words in capsys.readouterr().err
+    try:
+        code = sweep.main(sweep_args(in_tmp, flat_folder, 1, *flags))
+    except SystemExit as exc:  # argparse's
+        code = exc.code
+    assert code == 2 and words in capsys.readouterr().err
+    assert not (in_tmp / "optuna.db").exists() or optuna.get_all_study_names(f"sqlite:///{in_tmp}/optuna.db") == []

@@ -11,7 +11,7 @@ from conftest import sweep_args
 from src import final_test, sweep
 from src import model as M
 from src.data import ImageList, build_transform, find_splits, loader
-from src.soup import average, make_soup
+from src.soup import average, make_soup, trial_candidates
 from src.tracking import Tracker
 
 
@@ -44,7 +44,7 @@ def test_the_soup_is_the_mean_of_its_members_made_once_and_final_test_scores_the
     splits = find_splits(flat_folder)
     mean, std = M.norm_stats("resnet18")
     valid = loader(ImageList(flat_folder, splits.valid, build_transform("none", 16, mean, std, False)), 8, False)
-    make_soup(tracker, parent, study, valid, torch.device("cpu"), top=3)
+    make_soup(tracker, parent, trial_candidates(study), valid, torch.device("cpu"), top=3)
     runs = client.search_runs([client.get_run(parent).info.experiment_id])
     soups = [r for r in runs if r.data.tags.get("tlsweep.role") == "soup"]
     assert len(soups) == 1 and soups[0].data.tags["mlflow.parentRunId"] == parent
@@ -61,7 +61,7 @@ def test_the_soup_is_the_mean_of_its_members_made_once_and_final_test_scores_the
     assert tags["soup.trials"].split(",")[:2] == [str(best.number), "2"]
     assert tags["winner.best_trial"] == str(best.number) and tags["winner.kind"] in ("soup", "trial")
 
-    make_soup(tracker, parent, study, valid, torch.device("cpu"), top=3)  # the same trials: not again
+    make_soup(tracker, parent, trial_candidates(study), valid, torch.device("cpu"), top=3)  # the same trials: not again
     runs = client.search_runs([client.get_run(parent).info.experiment_id])
     assert len([r for r in runs if r.data.tags.get("tlsweep.role") == "soup"]) == 1
 

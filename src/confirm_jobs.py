@@ -1,0 +1,122 @@
+"""The confirmation's folds and jobs (src/confirm.py): the re-drawn splits, each job's outcome
+from its tries in the side study `<study>:confirm`, the runs a killed worker left open, and how
+well a search size ranked the configurations."""
+from __future__ import annotations
+
+import random
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from . import trials as T
+from .pipeline import Pipeline
+from .stats import spearman
+from .study import derive_seed
+from .tracking import ROLE as TR_ROLE, Tracker
+
+FAULT_ATTR = "tlsweep.job_fault"  # on a job's try whose training failed as a trial fails: it scores 0
+MAX_DEAD_TRIES = 5                # a job whose tries keep dying scores 0 after this many
+FOLD_SEED = 7_000_000  # fold f's seed: derive_seed(study seed, FOLD_SEED + f), apart from trial numbers
+FULL = -1          # the job of a configuration on the original split at full size (a search size)
+RELIABLE_FROM = 5  # a rank agreement over fewer configurations is flagged unreliable
+ROLES = ("confirm", "full")  # the runs of re-drawn splits; of the original split at full size (--search-size)
+
+
+@dataclass(frozen=True)
+class Fold:
+    number: int
+    seed: int
+    train: list[int]   # pool rows (`pipeline.pool`)
+    valid: list[int]
+
+
+def draw_folds(pool: list[tuple[int, int]], valid_labels: list[int], folds: int, study_seed: int) -> list[Fold]:
+    """Stratified re-draws of the pool ((pool row, label) pairs): each fold's validation part has
+    as many images of each class as `valid_labels` (the original valid split's)."""
+    want, by_class = Counter(valid_labels), defaultdict(list)
+    for row, label in pool:
+        by_class[label].append(row)
+    out = []
+    for f in range(folds):
+        seed = derive_seed(study_seed, FOLD_SEED + f)
+        rng, train, valid = random.Random(seed), [], []
+        for label in sorted(by_class):
+            rows = sorted(by_class[label])
+            rng.shuffle(rows)
+            valid += rows[:want[label]]
+            train += rows[want[label]:]
+        out.append(Fold(f, seed, sorted(train), sorted(valid)))
+    return out
+
+
+def job_of(trial: FrozenTrial) -> tuple[int, int] | None:
+    job = trial.system_attrs.get(T.JOB_ATTR)
+    return (int(job["trial"]), int(job["fold"])) if job else None
+
+
+def outcomes(side: optuna.Study) -> dict[tuple[int, int], float | None]:
+    """(trial, fold) -> its best valid accuracy; 0.0 for a job whose training failed as a trial
+    fails (diverged, out of memory, ...: the recipe is not robust there) or that died
+    MAX_DEAD_TRIES times; None while a try of it waits or runs. A job whose tries all died
+    (interrupted, its worker lost, a storage error, a duplicate) is left out: it is queued again."""
+    by_job = defaultdict(list)
+    for t in side.get_trials(deepcopy=False):
+        if (key := job_of(t)) is not None:
+            by_job[key].append(t)
+    out = {}
+    for key, tries in by_job.items():
+        done = [t.value for t in tries if t.state == TrialState.COMPLETE]
+        if done:
+            out[key] = done[0]
+        elif any(t.user_attrs.get(FAULT_ATTR) for t in tries) or len(tries) >= MAX_DEAD_TRIES:
+            out[key] = 0.0
+        elif any(t.state in (TrialState.WAITING, TrialState.RUNNING) for t in tries):
+            out[key] = None
+    return out
+
+
+def completed_runs(side: optuna.Study, fold: int) -> dict[int, str]:
+    """trial -> the run of the earliest complete try of its job on `fold`."""
+    out = {}
+    for t in sorted(side.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.number):
+        if (job := job_of(t)) is not None and job[1] == fold:
+            out.setdefault(job[0], t.user_attrs[T.RUN_ID_ATTR])
+    return out
+
+
+def record_folds(tracker: Tracker, parent_id: str, pipe: Pipeline, folds: list[Fold]) -> None:
+    """`confirm/folds.json` on the parent: each fold's seed and validation files."""
+    entries = pipe.splits.train + pipe.splits.valid
+    tracker.log_json(parent_id, {
+        "pool": "every readable train and valid image; test images are never in it",
+        "folds": [{"fold": f.number, "seed": f.seed, "train_images": len(f.train),
+                   "valid": [entries[r][0] for r in f.valid]} for f in folds]}, "confirm/folds.json")
+
+
+def close_orphan_jobs(tracker: Tracker, parent_id: str, side: optuna.Study) -> None:
+    """Confirmation runs still RUNNING whose try is over (a kill between Optuna's record and the
+    run's closing) are closed as Optuna recorded the try: COMPLETE with its value, else KILLED."""
+    over = {t.number: t for t in side.get_trials(deepcopy=False) if t.state.is_finished()}
+    for run in tracker.children(parent_id):
+        tags = run.data.tags
+        tried = over.get(int(tags.get("confirm.job", -1)))
+        if tags.get(TR_ROLE) not in ROLES or run.info.status != "RUNNING" or tried is None:
+            continue
+        if tried.state == TrialState.COMPLETE:
+            tracker.log_metrics(run.info.run_id, {"confirm/valid_acc": tried.value, "phase2/best_valid_acc": tried.value})
+            tracker.end_run(run.info.run_id, "COMPLETE")
+        else:
+            tracker.end_run(run.info.run_id, "FAIL", "its worker stopped before closing it", status="KILLED")
+
+
+def rank_agreement(tracker: Tracker, parent_id: str, plan: list[FrozenTrial], results: dict) -> dict:
+    """Spearman's rho of the configurations' search-size and full-size valid accuracies: the
+    parent's metric `confirm/rank_agreement` and its tags."""
+    rho = spearman([t.value for t in plan], [results[(t.number, FULL)] for t in plan])
+    if rho is not None:
+        tracker.log_metrics(parent_id, {"confirm/rank_agreement": rho})
+    return {"confirm.rank_agreement": "undefined" if rho is None else f"{rho:.4f}",
+            "confirm.rank_agreement_configs": len(plan),
+            "confirm.rank_agreement_reliable": str(len(plan) >= RELIABLE_FROM).lower()}

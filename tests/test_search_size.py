@@ -1,0 +1,110 @@
+"""--search-size: trials train at the search size, the best configurations again at the full size
+(one run each on the original split, with its checkpoint), only full-size models can win and be
+scored, and the rank agreement of the two sizes is recorded."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import sweep_args
+from src import final_test, sweep
+from src import model as M
+from src import trials as T
+from src.confirm import decide
+from src.confirm_jobs import FULL
+from src.data import stored_side
+from src.tracking import Tracker
+
+SEARCH = ("--search-size", "8")  # sweep_args trains at --image-size 16
+
+
+def _runs(client, parent, role):
+    exp = client.get_run(parent).info.experiment_id
+    return client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent}' and tags.`tlsweep.role` = '{role}'")
+
+
+def _config(tracker, run_id) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        return M.load_checkpoint(tracker.download(run_id, "checkpoints/phase2_best.pt", Path(tmp)))["config"]
+
+
+@pytest.mark.slow
+def test_trials_search_small_the_best_train_full_size_and_only_those_are_scored(in_tmp, flat_folder, capsys):
+    assert sweep.main(sweep_args(in_tmp, flat_folder, 3, *SEARCH)) == 0
+    out = capsys.readouterr().out
+    uri = f"sqlite:///{in_tmp}/mlflow.db"
+    client, tracker = MlflowClient(uri), Tracker(uri)
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{in_tmp}/optuna.db")
+    assert len(study.trials) == 3  # the full-size runs are not trials: they do not count toward --trials
+    parent = study.user_attrs["mlflow_parent_run_id"]
+    tags = client.get_run(parent).data.tags
+    assert (tags["fixed.image_size"], tags["fixed.search_size"]) == ("16", "8")  # both sizes on the parent
+
+    # every trial trained at the search size: its params and its checkpoint say so
+    for t in study.trials:
+        assert client.get_run(T.run_id(t)).data.params["image_size"] == "8"
+        cfg = _config(tracker, T.run_id(t))
+        assert (cfg["image_size"], cfg["search_size"]) == (8, 8)
+    # the images were stored at both sides: the search size's for the trials, the full one's for the rest
+    sides = {np.load(p, mmap_mode="r").shape[1] for p in (Path(os.environ["TLSWEEP_CACHE"]) / "images").glob("*.npy")}
+    assert sides == {stored_side(8), stored_side(16)}
+
+    # the K = 3 best (all three here) trained again at full size on the original split, with checkpoints
+    full = {int(r.data.tags["confirm.trial"]): r for r in _runs(client, parent, "full")}
+    assert sorted(full) == sorted(t.number for t in study.trials) and not _runs(client, parent, "confirm")
+    for number, run in full.items():
+        assert run.info.status == "FINISHED" and run.info.run_name == f"full-{number}"
+        assert run.data.params["image_size"] == "16"
+        assert (_config(tracker, run.info.run_id)["image_size"], _config(tracker, run.info.run_id)["search_size"]) == (16, 8)
+        assert float(tags[f"confirm.full.{number}"]) == pytest.approx(run.data.metrics["phase2/best_valid_acc"])
+        assert {a.path for a in client.list_artifacts(run.info.run_id, "figures")} >= {"figures/training_curves.png"}
+    # F = 0: the best full-size valid accuracy wins, and its full-size run is the model
+    winner = int(tags["confirm.winner_trial"])
+    assert tags["confirm.folds"] == "0"
+    assert float(tags[f"confirm.full.{winner}"]) == max(float(tags[f"confirm.full.{n}"]) for n in full)
+    assert tags["confirm.winner_run_id"] == full[winner].info.run_id
+    # the rank agreement of the two sizes: recorded, and flagged unreliable over 3 configurations
+    assert tags["confirm.rank_agreement_configs"] == "3" and tags["confirm.rank_agreement_reliable"] == "false"
+    assert "trials searched at 8 px" in out and "unreliable below 5" in out
+
+    # a search-size model is refused by the final test; the parent's winner is a full-size model
+    capsys.readouterr()
+    assert final_test.main(["--run-id", T.run_id(study.best_trial), "--tracking-uri", uri]) == 2
+    assert "search size (8 px)" in capsys.readouterr().err
+    scored, _ = final_test.resolve_runs(tracker, parent)
+    assert _config(tracker, scored)["image_size"] == 16
+    assert scored in {tags.get("winner.run_id"), full[winner].info.run_id}
+    assert final_test.main(["--run-id", parent, "--tracking-uri", uri]) == 0
+    assert client.get_run(parent).data.tags["final_test.trial_run_id"] == scored
+
+    # a decision made for another best trial is stale: there is no full-size model to score then
+    client.set_tag(parent, "confirm.best_trial", "99")
+    with pytest.raises(final_test.UserError, match="no full-size model"):
+        final_test.resolve_runs(tracker, parent)
+
+
+def test_the_decision_at_full_size_needs_a_full_size_model_and_ranks_both_sizes(in_tmp):
+    uri = f"sqlite:///{in_tmp}/mlflow.db"
+    tracker = Tracker(uri)
+    parent = MlflowClient(uri).create_run(MlflowClient(uri).create_experiment("e")).info.run_id
+
+    def trial(number, value):
+        return optuna.trial.create_trial(state=optuna.trial.TrialState.COMPLETE, value=value,
+                                         user_attrs={T.RUN_ID_ATTR: f"run{number}"})
+    plan = [trial(0, 0.9), trial(1, 0.8), trial(2, 0.7)]
+    for t, n in zip(plan, range(3)):
+        t.number = n
+    results = {(0, FULL): 0.5, (1, FULL): 0.6, (2, FULL): 0.7}  # the search size ranked them backwards
+    winner = decide(tracker, parent, plan, [FULL], results, {0: "f0", 1: "f1"})  # trial 2's full run failed
+    tags = tracker.get_run(parent).data.tags
+    assert winner.number == 1 and tags["confirm.winner_run_id"] == "f1"  # the best with a full-size model
+    assert float(tags["confirm.rank_agreement"]) == pytest.approx(-1.0)
+    assert tracker.get_run(parent).data.metrics["confirm/rank_agreement"] == pytest.approx(-1.0)
+    assert tags["confirm.best_trial"] == "0" and tags["confirm.folds"] == "0"
+    assert decide(tracker, parent, plan, [FULL], results, {}) is None  # no full-size model: no decision
