@@ -89,9 +89,10 @@ def run_arm(name: str, sweep_file: str, trials: int, seed: int, args, confirm: l
         raise SystemExit(f"{name} seed {seed}: the sweep failed (exit {code}); see {out / 'sweep.log'}")
     r = run_final_test(parents[-1], uri, force=bool(confirm))
     epochs = sum(int(m) for m in re.findall(r"epochs spent: (\d+)", text)[-1:])
+    best = re.findall(r"best: trial \d+, valid_acc ([0-9.]+)", text)
     return {"arm": name + ("+confirm" if confirm else ""), "seed": seed, "wall_s": wall, "test_acc": r.acc,
             "macro_f1": r.macro_f1,
-            "winner": r.trial_run_id, "epochs": epochs, "correct": [int(p == t) for p, t in zip(r.preds, r.targets)]}
+            "winner": r.trial_run_id, "epochs": epochs, "best_valid": float(best[-1]) if best else None, "correct": [int(p == t) for p, t in zip(r.preds, r.targets)]}
 
 
 def _stats(values) -> str:

@@ -1,0 +1,94 @@
+"""What a sweep costs against a hand-wired one and against one run of the seed recipe, side by
+side on one image folder.
+
+    python benchmarks/bench_cost.py --data ~/data/openclipart --backbone mobilenet_v2 \\
+        --image-size 128 --max-epochs 15 --trials 30 --handwired-trials 8 --out ~/cost
+
+Arms, each on its own stores under `--out`, each winner scored once on the folder's one test split:
+- `ours`: `python -m src.sweep` with `--sweep` (default `sweeps/default.toml`; tool against tool),
+  `--trials` trials, plus `--sweep-flags` (e.g. `--search-size 64`);
+- `recipe`: `sweeps/seed-recipe.toml` through the product (one run);
+- `handwired`: `benchmarks/handwired.py` (stock Optuna TPE + MedianPruner, nested MLflow runs, a
+  PIL loop that runs the frozen backbone every phase-1 epoch, the design's four parameters), for
+  `--handwired-trials` trials (default `--trials`); with fewer, its wall time is scaled by
+  trials / handwired-trials (said in the output: its per-trial cost, not its search, is measured).
+Rows go to `--out/results.jsonl` as each arm ends; a rerun skips the arms there. Prints per arm
+wall time, epochs, best valid and test accuracy, then
+    ratio sweep_vs_handwired_wall <x>   ours / handwired (scaled to --trials)
+    ratio sweep_vs_recipe_wall <x>      ours / recipe
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from bench_quality import run_arm  # noqa: E402
+import handwired  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--sweep", default="sweeps/default.toml")
+    p.add_argument("--backbone", default="mobilenet_v2")
+    p.add_argument("--weights", default="imagenet", help="imagenet | none (both arms)")
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-epochs", type=int, default=15)
+    p.add_argument("--trials", type=int, default=30)
+    p.add_argument("--handwired-trials", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("cost-out"))
+    p.add_argument("--sweep-flags", nargs=argparse.REMAINDER, default=[], help="passed to our src.sweep runs")
+    args = p.parse_args(argv)
+    args.out = args.out.resolve()
+    args.out.mkdir(parents=True, exist_ok=True)
+    peer_trials = args.handwired_trials or args.trials
+    args.sweep_flags = ["--weights", args.weights, "--batch-size", str(args.batch_size), *args.sweep_flags]
+    results = args.out / "results.jsonl"
+    rows = {r["arm"]: r for r in map(json.loads, results.read_text().splitlines())} if results.is_file() else {}
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    for arm in ("ours", "recipe", "handwired"):
+        if arm in rows:
+            continue
+        if arm == "handwired":
+            settings = handwired.Settings(data=args.data, backbone=args.backbone,
+                                          weights="DEFAULT" if args.weights == "imagenet" else "none",
+                                          image_size=args.image_size, batch_size=args.batch_size,
+                                          max_epochs=args.max_epochs, trials=peer_trials, seed=args.seed,
+                                          out=args.out / "handwired")
+            row = {"arm": arm, **handwired.run(settings), "settings": {k: str(v) for k, v in asdict(settings).items()}}
+        else:
+            sweep_file, trials = (args.sweep, args.trials) if arm == "ours" else ("sweeps/seed-recipe.toml", 1)
+            got = run_arm(arm, sweep_file, trials, args.seed, args)
+            row = {"arm": arm, **{k: got[k] for k in ("wall_s", "epochs", "best_valid", "test_acc")}, "trials": trials}
+        rows[arm] = row
+        with results.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"{arm}: wall {row['wall_s']:.0f} s, test acc {row['test_acc']:.4f}", flush=True)
+    report(rows, args.trials)
+    return 0
+
+
+def report(rows: dict, trials: int) -> None:
+    for arm, r in rows.items():
+        valid = "n/a" if r.get("best_valid") is None else f"{r['best_valid']:.4f}"
+        print(f"{arm:>10}: {r['trials']} trial(s), wall {r['wall_s']:.0f} s, epochs {r['epochs']}, best valid "
+              f"{valid}, test acc {r['test_acc']:.4f}")
+    peer, ours, recipe = rows["handwired"], rows["ours"], rows["recipe"]
+    scaled = peer["wall_s"] * trials / peer["trials"]
+    if peer["trials"] != trials:
+        print(f"handwired ran {peer['trials']} of {trials} trials: its wall time scaled to {scaled:.0f} s "
+              f"(per-trial cost measured; its search over {trials} trials is not)")
+    print(f"ratio sweep_vs_handwired_wall {ours['wall_s'] / scaled:.3f}")
+    print(f"ratio sweep_vs_recipe_wall {ours['wall_s'] / recipe['wall_s']:.3f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""benchmarks/bench_cost.py: our sweep, the seed recipe and the hand-wired peer side by side, on
+tiny data; the peer is built from stock parts only (nothing of ours: no import of src/, no
+cache of ours touched)."""
+from __future__ import annotations
+
+import ast
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+
+def test_the_handwired_peer_imports_nothing_of_ours():
+    tree = ast.parse((REPO / "benchmarks" / "handwired.py").read_text())
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {"." * n.level + (n.module or "") for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert {"optuna", "mlflow", "torchvision"} <= {m.split(".")[0] for m in imported}
+    assert not {m for m in imported if m == "src" or m.startswith(("src.", "."))}, imported
+
+
+@pytest.mark.slow
+def test_bench_cost_runs_all_three_arms_and_prints_the_ratios(tmp_path, flat_folder, monkeypatch, capsys):
+    import bench_cost
+    import handwired
+
+    monkeypatch.chdir(tmp_path)
+    cache = tmp_path / "cache"  # ours (conftest's TLSWEEP_CACHE)
+    runs = []
+    real_run = handwired.run
+
+    def peer(settings):  # the peer runs with our cache out of reach: it must not need or touch it
+        monkeypatch.setenv("TLSWEEP_CACHE", str(tmp_path / "never"))
+        runs.append(settings)
+        return real_run(settings)
+
+    monkeypatch.setattr(handwired, "run", peer)
+    args = ["--data", str(flat_folder), "--weights", "none", "--image-size", "16", "--batch-size", "8",
+            "--max-epochs", "1", "--trials", "2", "--handwired-trials", "1", "--out", str(tmp_path / "out")]
+    assert bench_cost.main(args) == 0
+    out = capsys.readouterr().out
+    assert cache.is_dir() and not (tmp_path / "never").exists()
+    rows = {r["arm"]: r for r in map(json.loads, (tmp_path / "out" / "results.jsonl").read_text().splitlines())}
+    assert set(rows) == {"ours", "recipe", "handwired"} and rows["handwired"]["trials"] == 1
+    assert all(0.0 <= r["test_acc"] <= 1.0 and r["wall_s"] > 0 for r in rows.values())
+    assert rows["handwired"]["epochs"] >= 2  # both phases ran
+    assert "handwired ran 1 of 2 trials: its wall time scaled" in out
+    ratio = float(next(line.split()[-1] for line in out.splitlines() if line.startswith("ratio sweep_vs_handwired_wall")))
+    assert ratio == pytest.approx(rows["ours"]["wall_s"] / (rows["handwired"]["wall_s"] * 2), rel=1e-2)
+    assert any(line.startswith("ratio sweep_vs_recipe_wall") for line in out.splitlines())
+    # the peer kept its runs in MLflow, nested under its parent, as a hand-wired sweep would
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(f"sqlite:///{tmp_path / 'out' / 'handwired' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("handwired")
+    children = client.search_runs([exp.experiment_id], "tags.`mlflow.parentRunId` != ''")
+    assert len(children) == 1 and "valid_acc" in children[0].data.metrics
+    # a rerun skips what is done
+    assert bench_cost.main(args) == 0 and len(runs) == 1
