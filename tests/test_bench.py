@@ -59,3 +59,19 @@ def test_bench_cost_runs_all_three_arms_and_prints_the_ratios(tmp_path, flat_fol
     assert len(children) == 1 and "valid_acc" in children[0].data.metrics
     # a rerun skips what is done
     assert bench_cost.main(args) == 0 and len(runs) == 1
+
+
+@pytest.mark.slow
+def test_bench_fidelity_trains_each_configuration_at_each_size_and_ranks_them(tmp_path, flat_folder, capsys):
+    import bench_fidelity
+
+    args = ["--data", str(flat_folder), "--weights", "none", "--sizes", "16", "8", "--configs", "3",
+            "--max-epochs", "1", "--batch-size", "8", "--out", str(tmp_path / "fid")]
+    assert bench_fidelity.main(args) == 0
+    out = capsys.readouterr().out
+    rows = [json.loads(line) for line in (tmp_path / "fid" / "results.jsonl").read_text().splitlines()]
+    assert sorted((r["size"], r["config"]) for r in rows) == [(s, i) for s in (8, 16) for i in range(3)]
+    assert rows[0]["params"] == rows[3]["params"]  # the same configurations at every size
+    assert "fidelity spearman_8_vs_16" in out and "fidelity cost_8_vs_16" in out and "fidelity top1_8_vs_16" in out
+    assert bench_fidelity.main(args) == 0  # a rerun trains nothing again
+    assert len((tmp_path / "fid" / "results.jsonl").read_text().splitlines()) == 6

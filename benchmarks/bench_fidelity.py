@@ -1,0 +1,111 @@
+"""Does a smaller image size rank configurations as the full size does, and for how much less?
+The measurement behind the default `search_size` (README: Sweep files, Search size).
+
+    python benchmarks/bench_fidelity.py --data ~/data/openclipart --backbone mobilenet_v2 \\
+        --sizes 64 96 128 --configs 8 --max-epochs 15 --out ~/fidelity
+
+`--configs` configurations are drawn at random (seeded) from the sweep file's search space, and
+each is trained at every size of `--sizes` through the product's own code (the pipeline, its
+caches and the recipe a trial runs: `confirm.train_on_fold`, unpruned), with the same seed at
+every size, on the folder's train split, judged on its valid split (the test split is never
+read). Rows go to `--out/results.jsonl` as each training ends; a rerun skips those. Prints per
+size the mean wall time of a training and the valid accuracy of each configuration, then per
+smaller size S against the largest F:
+    fidelity spearman_<S>_vs_<F> <rho>   rank agreement of the configurations' valid accuracies
+    fidelity cost_<S>_vs_<F> <x>         mean wall time of a training at S / at F
+    fidelity top1_<S>_vs_<F> <0|1>       whether S's best configuration is F's best
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import optuna
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from src import data as D, search_space  # noqa: E402
+from src.config import TrialConfig, load_sweep  # noqa: E402
+from src.confirm import train_on_fold  # noqa: E402
+from src.device import pick_device  # noqa: E402
+from src.pipeline import Pipeline  # noqa: E402
+from src.stats import spearman  # noqa: E402
+from src.study import derive_seed  # noqa: E402
+
+
+def draw_configs(sweep_file: Path, n: int, seed: int) -> list[dict]:
+    search = load_sweep(sweep_file).search
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    return [search_space.sample(study.ask(), search) for _ in range(n)]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--sweep", type=Path, default=Path("sweeps/default.toml"))
+    p.add_argument("--backbone", default="mobilenet_v2")
+    p.add_argument("--weights", default="imagenet")
+    p.add_argument("--sizes", type=int, nargs="+", default=[64, 96, 128])
+    p.add_argument("--configs", type=int, default=8)
+    p.add_argument("--max-epochs", type=int, default=15)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("fidelity-out"))
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = args.out / "results.jsonl"
+    rows = [json.loads(line) for line in results.read_text().splitlines()] if results.is_file() else []
+    done = {(r["size"], r["config"]) for r in rows}
+    configs = draw_configs(args.sweep, args.configs, args.seed)
+    (args.out / "configs.json").write_text(json.dumps(configs, indent=1))
+    splits = D.find_splits(args.data, seed=args.seed)
+    fixed = replace(load_sweep(args.sweep).fixed, backbone=args.backbone, weights=args.weights,
+                    max_epochs_phase1=args.max_epochs, max_epochs_phase2=args.max_epochs,
+                    batch_size=args.batch_size, seed=args.seed, search_size=0)
+    device = pick_device("auto")
+    base = None
+    for size in sorted(args.sizes):
+        if all((size, i) in done for i in range(len(configs))):
+            continue
+        pipe = Pipeline(splits=splits, fixed=replace(fixed, image_size=size), weights=args.weights, device=device,
+                        base=base)
+        base = pipe.base  # one starting model for every size
+        for i, sampled in enumerate(configs):
+            if (size, i) in done:
+                continue
+            cfg = TrialConfig.build(pipe.fixed, sampled, weights=args.weights, seed=derive_seed(args.seed, i),
+                                    classes=splits.classes)
+            start = time.time()
+            acc = train_on_fold(pipe, cfg, lambda rec: None, None)
+            row = {"size": size, "config": i, "valid_acc": acc, "wall_s": time.time() - start, "params": sampled}
+            rows.append(row)
+            with results.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(f"size {size} config {i}: valid {acc:.4f}, {row['wall_s']:.0f} s", flush=True)
+    report(rows, sorted(args.sizes), len(configs))
+    return 0
+
+
+def report(rows: list[dict], sizes: list[int], n: int) -> None:
+    acc = {(r["size"], r["config"]): r["valid_acc"] for r in rows}
+    wall = {s: np.mean([r["wall_s"] for r in rows if r["size"] == s]) for s in sizes}
+    for s in sizes:
+        print(f"size {s:>4}: mean wall {wall[s]:.0f} s; valid " + " ".join(f"{acc[(s, i)]:.3f}" for i in range(n)))
+    full = sizes[-1]
+    for s in sizes[:-1]:
+        xs, ys = [acc[(s, i)] for i in range(n)], [acc[(full, i)] for i in range(n)]
+        rho = spearman(xs, ys)
+        print(f"fidelity spearman_{s}_vs_{full} {'nan' if rho is None else f'{rho:.3f}'}")
+        print(f"fidelity cost_{s}_vs_{full} {wall[s] / wall[full]:.3f}")
+        print(f"fidelity top1_{s}_vs_{full} {int(int(np.argmax(xs)) == int(np.argmax(ys)))}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
