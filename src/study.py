@@ -170,6 +170,9 @@ def check_steps(study: optuna.Study) -> None:
     study.set_user_attr(STEPS_ATTR, STEPS)
 
 
+OMITTED_AT_DEFAULT = ("search_size", "prune")  # not in a study's settings while at their defaults
+
+
 def check_same_settings(study: optuna.Study, settings: dict) -> None:
     """A study keeps its fixed settings and search space; resuming with others is refused."""
     settings = json.loads(json.dumps(settings))  # as the storage gives it back: lists, not tuples
@@ -177,7 +180,9 @@ def check_same_settings(study: optuna.Study, settings: dict) -> None:
     if recorded is None:
         study.set_user_attr(SETTINGS_ATTR, settings)
         return
-    changed = {k: (recorded.get(k), v) for k, v in settings.items() if recorded.get(k) != v}
+    # keys left out while at their default (search_size 0, [prune]) count when the study has them
+    keys = list(settings) + [k for k in OMITTED_AT_DEFAULT if k in recorded and k not in settings]
+    changed = {k: (recorded.get(k), settings.get(k)) for k in keys if recorded.get(k) != settings.get(k)}
     if changed:
         detail = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items()))
         hint = ("; its sweep file is on its parent run under sweep/ (a study started with sweeps/default.toml "

@@ -108,3 +108,20 @@ def test_the_decision_at_full_size_needs_a_full_size_model_and_ranks_both_sizes(
     assert tracker.get_run(parent).data.metrics["confirm/rank_agreement"] == pytest.approx(-1.0)
     assert tags["confirm.best_trial"] == "0" and tags["confirm.folds"] == "0"
     assert decide(tracker, parent, plan, [FULL], results, {}) is None  # no full-size model: no decision
+
+
+def test_a_study_keeps_its_search_size():
+    from src.errors import UserError
+    from src.study import check_same_settings
+
+    study = optuna.create_study()
+    check_same_settings(study, {"image_size": 16, "search_size": 8})
+    check_same_settings(study, {"image_size": 16, "search_size": 8})  # the same: resumes
+    for other in ({"image_size": 16}, {"image_size": 16, "search_size": 12}):  # off (left out at 0), or another
+        with pytest.raises(UserError, match="search_size: 8 -> "):
+            check_same_settings(study, other)
+    before = optuna.create_study()  # a study made before search sizes existed resumes with none
+    check_same_settings(before, {"image_size": 16})
+    check_same_settings(before, {"image_size": 16})
+    with pytest.raises(UserError, match="search_size: None -> 8"):
+        check_same_settings(before, {"image_size": 16, "search_size": 8})
