@@ -12,8 +12,10 @@ Arms, each on its own stores under `--out`, each winner scored once on the folde
   PIL loop that runs the frozen backbone every phase-1 epoch, the design's four parameters), for
   `--handwired-trials` trials (default `--trials`); with fewer, its wall time is scaled by
   trials / handwired-trials (said in the output: its per-trial cost, not its search, is measured).
-Rows go to `--out/results.jsonl` as each arm ends; a rerun skips the arms there. Prints per arm
-wall time, epochs, best valid and test accuracy, then
+`--sweep-flags` reach our sweep only (the recipe runs as it is). Rows go to `--out/results.jsonl`
+as each arm ends; a rerun skips the arms there. Prints per arm wall time, epochs (of the trials:
+with a search size, the full-size trainings after them are in the wall time, not here), best valid
+(of the trials, at their size) and test accuracy, then
     ratio sweep_vs_handwired_wall <x>   ours / handwired (scaled to --trials)
     ratio sweep_vs_recipe_wall <x>      ours / recipe
 """
@@ -30,6 +32,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_quality import run_arm  # noqa: E402
 import handwired  # noqa: E402
+sys.path.insert(0, str(HERE.parent))
+from src.data import find_splits  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -50,7 +54,7 @@ def main(argv=None) -> int:
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     peer_trials = args.handwired_trials or args.trials
-    args.sweep_flags = ["--weights", args.weights, "--batch-size", str(args.batch_size), *args.sweep_flags]
+    common, ours_only = ["--weights", args.weights, "--batch-size", str(args.batch_size)], args.sweep_flags
     results = args.out / "results.jsonl"
     rows = {r["arm"]: r for r in map(json.loads, results.read_text().splitlines())} if results.is_file() else {}
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
@@ -62,10 +66,11 @@ def main(argv=None) -> int:
                                           weights="DEFAULT" if args.weights == "imagenet" else "none",
                                           image_size=args.image_size, batch_size=args.batch_size,
                                           max_epochs=args.max_epochs, trials=peer_trials, seed=args.seed,
-                                          out=args.out / "handwired")
+                                          out=args.out / "handwired", split_file=write_split(args))
             row = {"arm": arm, **handwired.run(settings), "settings": {k: str(v) for k, v in asdict(settings).items()}}
         else:
             sweep_file, trials = (args.sweep, args.trials) if arm == "ours" else ("sweeps/seed-recipe.toml", 1)
+            args.sweep_flags = common + (ours_only if arm == "ours" else [])  # the recipe as it is
             got = run_arm(arm, sweep_file, trials, args.seed, args)
             row = {"arm": arm, **{k: got[k] for k in ("wall_s", "epochs", "best_valid", "test_acc")}, "trials": trials}
         rows[arm] = row
@@ -74,6 +79,16 @@ def main(argv=None) -> int:
         print(f"{arm}: wall {row['wall_s']:.0f} s, test acc {row['test_acc']:.4f}", flush=True)
     report(rows, args.trials)
     return 0
+
+
+def write_split(args) -> Path:
+    """The split our sweeps used (sealed in the folder by the first), as file lists for the peer."""
+    splits = find_splits(args.data, seed=args.seed)
+    path = args.out / "split.json"
+    path.write_text(json.dumps({"classes": list(splits.classes), **{
+        part: [[str(Path(splits.root) / rel), label] for rel, label in getattr(splits, part)]
+        for part in ("train", "valid", "test")}}))
+    return path
 
 
 def report(rows: dict, trials: int) -> None:

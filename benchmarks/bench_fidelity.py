@@ -8,7 +8,8 @@ The measurement behind the default `search_size` (README: Sweep files, Search si
 each is trained at every size of `--sizes` through the product's own code (the pipeline, its
 caches and the recipe a trial runs: `confirm.train_on_fold`, unpruned), with the same seed at
 every size, on the folder's train split, judged on its valid split (the test split is never
-read). Rows go to `--out/results.jsonl` as each training ends; a rerun skips those. Prints per
+read). Rows go to `--out/results.jsonl` as each training ends; a rerun with the same settings
+(more sizes may be added) skips those, one with other settings is refused. Prints per
 size the mean wall time of a training and the valid accuracy of each configuration, then per
 smaller size S against the largest F:
     fidelity spearman_<S>_vs_<F> <rho>   rank agreement of the configurations' valid accuracies
@@ -60,6 +61,11 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     args.out.mkdir(parents=True, exist_ok=True)
+    setup = {k: str(v) for k, v in vars(args).items() if k not in ("sizes", "out")}  # what the rows depend on
+    recorded = args.out / "setup.json"
+    if recorded.is_file() and json.loads(recorded.read_text()) != setup:
+        raise SystemExit(f"{args.out} holds rows of another setup ({recorded}); pass another --out")
+    recorded.write_text(json.dumps(setup, indent=1))
     results = args.out / "results.jsonl"
     rows = [json.loads(line) for line in results.read_text().splitlines()] if results.is_file() else []
     done = {(r["size"], r["config"]) for r in rows}

@@ -6,8 +6,8 @@ ImageNet backbone, phase 2 fine-tunes everything with a smaller backbone lr, ear
 validation accuracy; the design's four parameters (head_lr, backbone_lr_ratio, patience,
 aug_strength). What it does not have is ours: no decode-once store, no feature cache (the frozen
 backbone runs on every image in every phase-1 epoch), no phase-aligned pruning (one global epoch
-count), no soup. It imports nothing from `src/` (tests/test_bench.py checks), and reads the same
-sealed split (`.tlsweep-split.json`, or train/valid/test folders) so test accuracies compare.
+count), no soup. It imports nothing from `src/` (tests/test_bench.py checks), and trains on the
+same split (the file lists bench_cost.py hands it) so test accuracies compare.
 """
 from __future__ import annotations
 
@@ -28,9 +28,13 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def read_split(root: Path) -> tuple[list[str], dict[str, list[tuple[str, int]]]]:
-    """(classes, split -> [(path, label)]): the sealed split file of a flat folder, or the
-    train/valid/test subfolders of a split one."""
+def read_split(root: Path, listed: Path | None = None) -> tuple[list[str], dict[str, list[tuple[str, int]]]]:
+    """(classes, split -> [(path, label)]): `listed` (a JSON of the files per split, what
+    bench_cost.py hands over so both sweeps use one split), else the sealed split file of a flat
+    folder, else its train/valid/test subfolders."""
+    if listed is not None:
+        doc = json.loads(listed.read_text())
+        return doc["classes"], {part: [(p, int(y)) for p, y in doc[part]] for part in ("train", "valid", "test")}
     sealed = root / ".tlsweep-split.json"
     if sealed.is_file():
         doc = json.loads(sealed.read_text())
@@ -81,6 +85,7 @@ class Settings:
     trials: int = 30
     seed: int = 0
     out: Path = Path("handwired-out")  # its MLflow store (sqlite) and the trials' best states
+    split_file: Path | None = None     # the files per split (`read_split`); None: found in the folder
 
 
 def build(settings: Settings, n_classes: int) -> tuple[nn.Module, nn.Module]:
@@ -153,7 +158,7 @@ def _head_name(model) -> str:
 def run(settings: Settings) -> dict:
     """The whole hand-wired sweep, then its best trial scored once on test: its figures."""
     start = time.time()
-    classes, split = read_split(settings.data)
+    classes, split = read_split(settings.data, settings.split_file)
     settings.out.mkdir(parents=True, exist_ok=True)
     previous = mlflow.get_tracking_uri()
     try:

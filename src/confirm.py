@@ -72,6 +72,7 @@ ROLE, FULL_ROLE = ROLES
 POLL_S = 5.0         # while other workers' jobs run: how often to look again
 DEFAULT_FOLDS = 3
 FULL_TOP = 3         # --confirm-top when a search size is set and it is not given
+FULL_SEED = 999_999  # a full-size job's seed offset (fold f: 1 + f), apart from the trial's own
 MAX_TOP = 50  # --confirm-top's ceiling (the parent's tags of one decision go in one MLflow batch)
 
 
@@ -97,7 +98,7 @@ def decide(tracker: Tracker, parent_id: str, plan: list[FrozenTrial], folds: lis
     tags = {f"confirm.mean.{t.number}": f"{means[t.number]:.6f}" for t in plan}
     if full_runs is not None:
         tags |= {f"confirm.full.{t.number}": f"{results[(t.number, FULL)]:.6f}" for t in plan}
-        tags |= rank_agreement(tracker, parent_id, plan, results)
+        tags |= rank_agreement(tracker, parent_id, eligible, results)
     tracker.set_tags(parent_id, tags)
     tracker.set_tags(parent_id, {
         "confirm.trials": ",".join(str(t.number) for t in plan), "confirm.folds": len(folds) - (full_runs is not None),
@@ -276,7 +277,8 @@ def job_config(pipe: Pipeline, search: dict, original: FrozenTrial, fold: int) -
     recipe's, not one lucky init's)."""
     sampled = search_space.sample(optuna.trial.FixedTrial(original.params), search)
     return TrialConfig.build(pipe.fixed, sampled, weights=pipe.weights, classes=pipe.splits.classes,
-                             seed=derive_seed(derive_seed(pipe.fixed.seed, original.number), 1 + fold))
+                             seed=derive_seed(derive_seed(pipe.fixed.seed, original.number),
+                                              FULL_SEED if fold == FULL else 1 + fold))
 
 
 def train_on_fold(pipe: Pipeline, cfg: TrialConfig, on_epoch, amp, on_phase_end=None) -> float:

@@ -112,11 +112,11 @@ def close_orphan_jobs(tracker: Tracker, parent_id: str, side: optuna.Study) -> N
 
 
 def rank_agreement(tracker: Tracker, parent_id: str, plan: list[FrozenTrial], results: dict) -> dict:
-    """Spearman's rho of the configurations' search-size and full-size valid accuracies: the
-    parent's metric `confirm/rank_agreement` and its tags."""
+    """Spearman's rho of the configurations' search-size and full-size valid accuracies (those
+    whose full-size run completed): the parent's metric `confirm/rank_agreement` (NaN when
+    undefined) and its tags."""
     rho = spearman([t.value for t in plan], [results[(t.number, FULL)] for t in plan])
-    if rho is not None:
-        tracker.log_metrics(parent_id, {"confirm/rank_agreement": rho})
+    tracker.log_metrics(parent_id, {"confirm/rank_agreement": float("nan") if rho is None else rho})
     return {"confirm.rank_agreement": "undefined" if rho is None else f"{rho:.4f}",
             "confirm.rank_agreement_configs": len(plan),
             "confirm.rank_agreement_reliable": str(len(plan) >= RELIABLE_FROM).lower()}

@@ -77,7 +77,7 @@ def resolve_runs(tracker: Tracker, run_id: str) -> tuple[str, str]:
         if picked is None and int(tags.get("fixed.search_size", 0)):
             raise UserError(f"sweep run {run_id} searched at {tags['fixed.search_size']} px and has no full-size model "
                             f"for its best trial yet (its confirmation has not run since that trial): run the same "
-                            f"sweep command again to finish it; it trains no new trial")
+                            f"sweep command again to finish it (it runs only what is missing)")
         number, selected = picked or (tags.get("best.trial_number"), best)
         if tags.get("winner.run_id") and tags.get("winner.best_trial") == number:
             return tags["winner.run_id"], run_id

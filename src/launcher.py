@@ -31,11 +31,12 @@ def check_storage_for_workers(storage: str, workers: int) -> None:
 
 def worker_env(i: int, workers: int, environ: dict, cores: int, gpus: int, device: str) -> dict:
     """Worker i's environment: its number, its share of the cores (torch threads, OpenMP and MKL
-    pools; the user's OMP_NUM_THREADS wins), and, with several GPUs and --device auto or cuda,
+    pools; an OMP_NUM_THREADS or MKL_NUM_THREADS the user set wins), and, with several GPUs and --device auto or cuda,
     one GPU of them in turn (CUDA_VISIBLE_DEVICES; one the user set wins)."""
-    share = environ.get("OMP_NUM_THREADS") or str(max(1, cores // workers))
-    env = {**environ, "TLSWEEP_WORKER": str(i), THREADS_ENV: share, "OMP_NUM_THREADS": share,
-           "MKL_NUM_THREADS": share}
+    given = environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()  # OpenMP's "4,2": the outer level
+    share = given if given.isdigit() and int(given) > 0 else str(max(1, cores // workers))
+    env = {"MKL_NUM_THREADS": share, **environ, "TLSWEEP_WORKER": str(i), THREADS_ENV: share,
+           "OMP_NUM_THREADS": environ.get("OMP_NUM_THREADS", share)}
     if gpus > 1 and device in ("auto", "cuda") and "CUDA_VISIBLE_DEVICES" not in environ:
         env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
     return env

@@ -42,11 +42,16 @@ class Started:
     confirm: tuple[int, int] = (0, DEFAULT_FOLDS)
     _full: Pipeline | None = None
 
+    @property
+    def searching(self) -> bool:
+        """Whether the trials train at a search size (and the full size comes after them)."""
+        return bool(self.fixed is not None and self.fixed.search_size)
+
     def full_pipeline(self) -> Pipeline | None:
         """The pipeline at the full image size (decoded once more, at that size; the same starting
         model), when the trials searched at a smaller one; else None."""
         pipe = self.ctx.pipeline
-        if self.fixed is None or not self.fixed.search_size:
+        if not self.searching:
             return None
         if self._full is None:
             self._full = Pipeline(splits=pipe.splits, fixed=self.fixed, weights=pipe.weights, device=pipe.device,

@@ -185,8 +185,9 @@ def check_same_settings(study: optuna.Study, settings: dict) -> None:
     changed = {k: (recorded.get(k), settings.get(k)) for k in keys if recorded.get(k) != settings.get(k)}
     if changed:
         detail = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items()))
-        hint = ("; its sweep file is on its parent run under sweep/ (a study started with sweeps/default.toml "
-                "before the transfer-aware parameters resumes with --sweep sweeps/four.toml)") if "search" in changed else ""
+        hint = (f"; its sweep file is on its parent run under sweep/ (a study started with sweeps/default.toml "
+                f"before the transfer-aware parameters resumes with --sweep sweeps/four.toml --study-name "
+                f"{study.study_name} --experiment default)") if "search" in changed else ""
         raise UserError(f"study {study.study_name!r} was started with other settings ({detail}); "
                         f"rerun with the original ones{hint}, or start a new --study-name")
 

@@ -52,8 +52,7 @@ def try_confirm(started: Started, study: optuna.Study) -> bool:
     ends last confirms), else True. A failure that is not a training fault is a warning: the jobs
     done are kept and the same command takes it up again."""
     top, folds = started.confirm
-    full = started.full_pipeline()
-    if top < (1 if full else 2):
+    if top < (1 if started.searching else 2):
         return True
     if T.running(study):
         log.info("confirmation: trials still run elsewhere; the worker that ends last confirms")
@@ -76,7 +75,7 @@ def soup_candidates(started: Started, study: optuna.Study) -> tuple[list[Candida
     then by full-size valid accuracy), none before the confirmation decided."""
     tags = started.tracker.get_run(started.parent_id).data.tags
     picked = T.confirmed_winner(tags)
-    if started.full_pipeline() is None:
+    if not started.searching:
         return trial_candidates(study, int(picked[0]) if picked else None), ""
     if not picked:
         return [], FULL_LABEL
@@ -89,11 +88,13 @@ def soup_candidates(started: Started, study: optuna.Study) -> tuple[list[Candida
 def try_soup(started: Started, study: optuna.Study, top: int) -> None:
     """The soup (src/soup.py) is a candidate, the trials stand without it: a failure to make it is
     a warning, and the best trial (or the confirmed one, src/confirm.py) stays the winner."""
-    pipe = started.full_pipeline() or started.ctx.pipeline  # judged at the size the winner has
-    if T.running(study):
-        return  # other workers still at it: the last one makes it
+    if top < 2 or T.running(study):
+        return  # no soup asked, or other workers still at it: the last one makes it
     try:
         candidates, label = soup_candidates(started, study)
+        if len(candidates) < 2:
+            return
+        pipe = started.full_pipeline() or started.ctx.pipeline  # judged at the size the winner has
         make_soup(started.tracker, started.parent_id, candidates, pipe.valid_loader(2 * pipe.fixed.batch_size),
                   pipe.device, top, label)
     except Exception as exc:  # noqa: BLE001 - artifact stores and checkpoints fail in many ways

@@ -222,6 +222,8 @@ def test_workers_get_their_share_of_the_cores_and_gpus_in_turn(caplog):
         ("1", "8", "8", "8") and env["PATH"] == "/bin" and "CUDA_VISIBLE_DEVICES" not in env
     assert launcher.worker_env(0, 3, {}, cores=2, gpus=0, device="cpu")["TLSWEEP_THREADS"] == "1"  # never 0
     assert launcher.worker_env(0, 2, {"OMP_NUM_THREADS": "3"}, cores=16, gpus=0, device="cpu")["TLSWEEP_THREADS"] == "3"
+    nested = launcher.worker_env(0, 2, {"OMP_NUM_THREADS": "4,2", "MKL_NUM_THREADS": "5"}, 16, 0, "cpu")
+    assert (nested["TLSWEEP_THREADS"], nested["OMP_NUM_THREADS"], nested["MKL_NUM_THREADS"]) == ("4", "4,2", "5")
     assert [launcher.worker_env(i, 3, {}, 48, 2, "auto")["CUDA_VISIBLE_DEVICES"] for i in range(3)] == ["0", "1", "0"]
     assert "CUDA_VISIBLE_DEVICES" not in launcher.worker_env(0, 2, {}, 48, 2, "cuda:1")  # the user named one
     assert launcher.worker_env(1, 2, {"CUDA_VISIBLE_DEVICES": "3"}, 48, 2, "auto")["CUDA_VISIBLE_DEVICES"] == "3"

@@ -343,16 +343,22 @@ def test_a_report_that_cannot_be_written_is_a_warning_not_the_outcome(in_tmp, fl
 
 
 def test_a_study_of_the_old_default_is_told_to_resume_with_four_toml(in_tmp, flat_folder, capsys):
-    """A study started with the four-parameter default resumes under sweeps/four.toml; the new
-    default (its search space changed) is refused, naming the file, and runs nothing."""
-    four = ["--sweep", str(Path(sweep.__file__).resolve().parents[1] / "sweeps" / "four.toml")]
-    assert sweep.main(_args(in_tmp, flat_folder, 1) + four) == 0
+    """A study started with the four-parameter default (then sweeps/default.toml) is refused by
+    the new default (its search space changed), naming the command that resumes it, which does:
+    the same study, the same parent run."""
+    sweeps = Path(sweep.__file__).resolve().parents[1] / "sweeps"
+    (in_tmp / "old").mkdir()
+    old_default = in_tmp / "old" / "default.toml"
+    old_default.write_text((sweeps / "four.toml").read_text())
+    first = sweep.run_sweep(sweep.parse_args(_args(in_tmp, flat_folder, 1, "--sweep", str(old_default))))
     assert sweep.main(_args(in_tmp, flat_folder, 2)) == 2  # sweeps/default.toml
     err = capsys.readouterr().err
-    assert "started with other settings" in err and "weight_decay" in err and "--sweep sweeps/four.toml" in err
-    study = optuna.load_study(study_name="s", storage=f"sqlite:///{in_tmp}/optuna.db")
-    assert len(study.trials) == 1
-    assert sweep.main(_args(in_tmp, flat_folder, 2) + four) == 0
+    hint = "--sweep sweeps/four.toml --study-name s --experiment default"
+    assert "started with other settings" in err and "weight_decay" in err and hint in err
+    assert len(optuna.load_study(study_name="s", storage=f"sqlite:///{in_tmp}/optuna.db").trials) == 1
+    again = sweep.run_sweep(sweep.parse_args(_args(in_tmp, flat_folder, 2, "--sweep", str(sweeps / "four.toml"),
+                                                   "--experiment", "default")))
+    assert again.parent_run_id == first.parent_run_id
     assert len(optuna.load_study(study_name="s", storage=f"sqlite:///{in_tmp}/optuna.db").trials) == 2
 
 
