@@ -11,10 +11,14 @@ one test split (the split is sealed in the folder, so every arm and seed shares 
 result is appended to `--out/results.jsonl` as it ends, and a rerun skips what is there: a
 cut-off session loses at most the trial that was running: the arm's study resumes.
 
-`--confirm K F` adds the arm `<name>+confirm`: each finished sweep run again with `--confirm-top
-K --confirm-folds F` (only the confirmation and the soup run) and its winner scored (a second
-scoring of that sweep, recorded as forced: the two arms share their trials, so the difference is
-the selection rule's alone); its wall time is the sweep's plus the confirmation's.
+Selection rules are compared on the same trials: the arm `<name>/single-or-soup` runs each
+finished sweep again with `--ensemble-top 0` (the winner chosen between the best trial and the
+soup only, src/winner.py), and `--confirm K F` adds the arm `<name>+confirm` (again, with
+`--confirm-top K --confirm-folds F`: the confirmation runs, then the winner is chosen). Only what
+follows the trials runs, and the winner is scored again (recorded as forced: the arms share their
+trials, so the difference is the rule's alone); such an arm's wall time is the sweep's plus its
+own. All `<name>` arms run first, so a new study seed's sweep is scored once, by the default rule,
+before any other rule sees its test split.
 
 Prints per arm: test accuracy and macro-F1 (mean, min, max), wall time; a paired bootstrap 95%
 interval of the test-accuracy gap (per test image, each arm's correctness averaged over its
@@ -49,10 +53,14 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def run_arm(name: str, sweep_file: str, trials: int, seed: int, args, confirm: list[int] | None = None) -> dict:
-    """One sweep (or, with `confirm` = [K, F], the same sweep again: its study is complete, so only
-    the confirmation runs, then the soup), its winner scored once (the confirmed one: a second
-    scoring of that sweep, recorded as forced, to compare the selection rules on one set of trials)."""
+RULES = {"": [], "/single-or-soup": ["--ensemble-top", "0"]}  # arm suffix: extra sweep flags
+
+
+def run_arm(name: str, sweep_file: str, trials: int, seed: int, args, suffix: str = "",
+            extra: list[str] | None = None) -> dict:
+    """One sweep (or, with a `suffix`, the same sweep again with `extra` flags: its study is
+    complete, so only what follows the trials runs), its winner scored (again, with a suffix: a
+    forced scoring, to compare the selection rules on one set of trials)."""
     out = Path(args.out) / f"{name}-seed{seed}"
     out.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{out}/mlflow.db"
@@ -60,10 +68,9 @@ def run_arm(name: str, sweep_file: str, trials: int, seed: int, args, confirm: l
            "--trials", str(trials), "--seed", str(seed), "--backbone", args.backbone,
            "--image-size", str(args.image_size), "--max-epochs", str(args.max_epochs),
            "--storage", f"sqlite:///{out}/optuna.db", "--tracking-uri", uri, "--study-name", name,
-           "--experiment", f"quality-{name}", *args.sweep_flags]
-    if confirm:
-        cmd += ["--confirm-top", str(confirm[0]), "--confirm-folds", str(confirm[1])]
-        out = out / "confirm"
+           "--experiment", f"quality-{name}", *args.sweep_flags, *(extra or [])]
+    if suffix:
+        out = out / ("confirm" if suffix == "+confirm" else suffix.strip("/+"))
         out.mkdir(exist_ok=True)
     # An arm cut off mid-way resumes its study (the sweep runs only the trials still missing); its
     # wall time is the sum over attempts, kept in `wall_s` by a ticker (a kill loses < TICK_S).
@@ -87,12 +94,20 @@ def run_arm(name: str, sweep_file: str, trials: int, seed: int, args, confirm: l
     parents = re.findall(r"parent run ([0-9a-f]{32})", text)
     if code != 0 or not parents:
         raise SystemExit(f"{name} seed {seed}: the sweep failed (exit {code}); see {out / 'sweep.log'}")
-    r = run_final_test(parents[-1], uri, force=bool(confirm))
+    r = run_final_test(parents[-1], uri, force=bool(suffix) or _scored(uri, parents[-1]))
     epochs = sum(int(m) for m in re.findall(r"epochs spent: (\d+)", text)[-1:])
     best = re.findall(r"best: trial \d+, valid_acc ([0-9.]+)", text)
-    return {"arm": name + ("+confirm" if confirm else ""), "seed": seed, "wall_s": wall, "test_acc": r.acc,
-            "macro_f1": r.macro_f1,
-            "winner": r.trial_run_id, "epochs": epochs, "best_valid": float(best[-1]) if best else None, "correct": [int(p == t) for p, t in zip(r.preds, r.targets)]}
+    kind = re.findall(r"winner: (a soup|an ensemble)", text)
+    return {"arm": name + suffix, "seed": seed, "wall_s": wall, "test_acc": r.acc, "macro_f1": r.macro_f1,
+            "winner": r.trial_run_id, "winner_kind": kind[-1] if kind else "trial", "epochs": epochs,
+            "best_valid": float(best[-1]) if best else None,
+            "correct": [int(p == t) for p, t in zip(r.preds, r.targets)]}
+
+
+def _scored(uri: str, parent_id: str) -> bool:
+    """Whether the sweep was scored before (a study of the previous rule, scored by it)."""
+    from src.tracking import Tracker
+    return int(Tracker(uri).get_run(parent_id).data.tags.get("final_test.count", "0")) > 0
 
 
 def _stats(values) -> str:
@@ -147,23 +162,25 @@ def main(argv=None) -> int:
     rows = [json.loads(line) for line in results.read_text().splitlines()] if results.is_file() else []
     done = {(r["arm"], r["seed"]) for r in rows}
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    # The recipe's seeds first (quick), then per seed the sweep and, with --confirm, its confirmation.
-    runs = [("recipe", "sweeps/seed-recipe.toml", 1, None, seed) for seed in args.seeds]
-    for seed in args.seeds:
-        runs.append((args.name, args.sweep, args.trials, None, seed))
-        if args.confirm:
-            runs.append((args.name, args.sweep, args.trials, args.confirm, seed))
-    for name, sweep_file, trials, confirm, seed in runs:
-        if (name + ("+confirm" if confirm else ""), seed) in done:
+    # The recipe's seeds first (quick), then every seed's sweep (scored by the default rule), then
+    # the other rules on the same trials.
+    runs = [("recipe", "sweeps/seed-recipe.toml", 1, "", [], seed) for seed in args.seeds]
+    rules = {**RULES, **({"+confirm": ["--confirm-top", str(args.confirm[0]), "--confirm-folds",
+                                       str(args.confirm[1])]} if args.confirm else {})}
+    runs += [(args.name, args.sweep, args.trials, suffix, extra, seed)
+             for suffix, extra in rules.items() for seed in args.seeds]
+    for name, sweep_file, trials, suffix, extra, seed in runs:
+        if (name + suffix, seed) in done:
             continue
-        row = run_arm(name, sweep_file, trials, seed, args, confirm)
-        if confirm:  # its compute: the sweep's, then the confirmation's
+        row = run_arm(name, sweep_file, trials, seed, args, suffix, extra)
+        if suffix:  # its compute: the sweep's, then its own
             row["wall_s"] += next(r["wall_s"] for r in rows if (r["arm"], r["seed"]) == (name, seed))
         rows.append(row)
         with results.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        print(f"{row['arm']} seed {seed}: test acc {row['test_acc']:.4f}, wall {row['wall_s']:.0f} s", flush=True)
-    report(rows, [args.name, args.name + "+confirm"])
+        print(f"{row['arm']} seed {seed}: test acc {row['test_acc']:.4f} ({row['winner_kind']}), "
+              f"wall {row['wall_s']:.0f} s", flush=True)
+    report(rows, [args.name + suffix for suffix in rules])
     return 0
 
 

@@ -72,7 +72,7 @@ def resolve_runs(tracker: Tracker, run_id: str) -> tuple[str, str]:
             raise UserError(f"sweep run {run_id} has no completed trial yet; run the sweep until one completes")
         # The single model the sweep selected: the trial --confirm-top chose (src/confirm.py) if
         # it was made for the best trial as it is now, else the best trial. Then the winner chosen
-        # on validation beside it (the soup or that trial, src/soup.py), if made from it.
+        # on validation beside it (the ensemble, the soup or that trial, src/winner.py), if made from it.
         picked = T.confirmed_winner(tags)
         if picked is None and int(tags.get("fixed.search_size", 0)):
             raise UserError(f"sweep run {run_id} searched at {tags['fixed.search_size']} px and has no full-size model "
@@ -90,7 +90,7 @@ def resolve_runs(tracker: Tracker, run_id: str) -> tuple[str, str]:
     if role == "confirm":
         raise UserError(f"run {run_id} is a confirmation run (a configuration re-trained on a re-drawn split, "
                         f"src/confirm.py): it keeps no model; pass the sweep's parent run id")
-    if role == "soup":
+    if role in ("soup", "ensemble"):
         return run_id, run.data.tags[MLFLOW_PARENT_RUN_ID]
     if role == "trial":
         state = run.data.tags.get("optuna.state")

@@ -17,7 +17,7 @@ from .options import SweepOptions
 from .recovery import LostTrials
 from .start import start
 from .study import open_study
-from .summary import print_summary, try_confirm, try_soup, write_report
+from .summary import print_summary, try_confirm, try_winner, write_report
 
 log = logging.getLogger("tlsweep")
 
@@ -74,11 +74,11 @@ def launch(opts: SweepOptions, argv: list[str]) -> int:
         return 130
     study = open_study(started.study.study_name, opts.storage, started.ctx.pipeline.fixed.seed,
                        on_lost=LostTrials(started.tracker))
-    # Every worker finished: the confirmation (not after a --timeout) and the soup, once for the
-    # study (src/confirm.py, src/soup.py); the launcher runs the confirmation's jobs alone.
+    # Every worker finished: the confirmation (not after a --timeout) and the winner, once for the
+    # study (src/confirm.py, src/winner.py); the launcher runs the confirmation's jobs alone.
     full = len(T.finished(study)) >= opts.trials
     if not any(codes) and (not full or try_confirm(started, study)):
-        try_soup(started, study, opts.soup_top)
+        try_winner(started, study, opts.soup_top, opts.ensemble_top)
     write_report(started, study, opts.tracking_uri, opts.storage)  # each worker wrote one; this one sees them all
     print_summary(started, study, opts.tracking_uri, opts.storage)
     codes = [128 - c if c < 0 else c for c in codes]  # killed by signal N: 128 + N, as a shell says

@@ -7,6 +7,7 @@ The head is the backbone's last `nn.Linear` (resnet `fc`, mobilenet/efficientnet
 """
 from __future__ import annotations
 
+import math
 import socket
 from pathlib import Path
 
@@ -264,10 +265,26 @@ def load_checkpoint(path: Path) -> dict:
     return ckpt
 
 
+class Ensemble(nn.Module):
+    """Members whose class probabilities are averaged. It returns the log of that mean, so argmax,
+    cross-entropy (the NLL of the mean probability) and softmax (the mean probabilities themselves)
+    work as on one model's logits. Its state dict holds `members.<i>.<member's key>`."""
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logp = torch.stack([m(x).float().log_softmax(1) for m in self.members])
+        return torch.logsumexp(logp, 0) - math.log(len(self.members))
+
+
 def model_from_checkpoint(path: Path) -> tuple[nn.Module, dict]:
-    """Rebuild the model (random init, then the saved state) and return it with its config."""
+    """Rebuild the model (random init, then the saved state) and return it with its config; an
+    ensemble's config says how many members (`ensemble_size`, all of the config's backbone)."""
     ckpt = load_checkpoint(path)
     config = ckpt["config"]
-    model = build_model(config["backbone"], len(config["classes"]), weights="none")
+    build = lambda: build_model(config["backbone"], len(config["classes"]), weights="none")  # noqa: E731
+    model = Ensemble([build() for _ in range(config["ensemble_size"])]) if config.get("ensemble_size") else build()
     model.load_state_dict(ckpt["state_dict"])
     return model, config

@@ -33,6 +33,7 @@ class SweepOptions:
     no_cache: bool
     search_size: int | None = None
     soup_top: int = 5
+    ensemble_top: int = 3
     confirm_top: int = 0   # --confirm-top K, --confirm-folds F (src/confirm.py); K = 0: off
     confirm_folds: int | None = None  # None: 3, or 0 with a search size
 

@@ -13,12 +13,15 @@ from .start import Started
 from .confirm import Confirmation
 from .confirm_jobs import FULL, RELIABLE_FROM, completed_runs
 from .errors import UserError
-from .soup import FULL_LABEL, Candidate, make_soup, trial_candidates
+from .soup import FULL_LABEL, Candidate, trial_candidates
 from .stats import wilson, within_noise
 from .study import pruning_savings
+from .winner import choose_winner
 
 log = logging.getLogger("tlsweep")
 LOW_AGREEMENT = 0.5  # a rank agreement below this is warned of
+WHAT = {"soup": "a soup of the best models' weights",
+        "ensemble": "an ensemble of the best models (their class probabilities averaged)"}
 
 
 @dataclass
@@ -69,9 +72,9 @@ def try_confirm(started: Started, study: optuna.Study) -> bool:
         return True
 
 
-def soup_candidates(started: Started, study: optuna.Study) -> tuple[list[Candidate], str]:
-    """What the soup may draw on, best first, and its label: the trials (the confirmed winner
-    first); with a search size, the confirmed configurations' full-size runs (the winner first,
+def winner_candidates(started: Started, study: optuna.Study) -> tuple[list[Candidate], str]:
+    """What the soup and the ensemble may draw on, best first, and its label: the trials (the
+    confirmed winner first); with a search size, the confirmed configurations' full-size runs (the winner first,
     then by full-size valid accuracy), none before the confirmation decided."""
     tags = started.tracker.get_run(started.parent_id).data.tags
     picked = T.confirmed_winner(tags)
@@ -85,20 +88,21 @@ def soup_candidates(started: Started, study: optuna.Study) -> tuple[list[Candida
     return [Candidate(n, runs[n], float(tags[f"confirm.full.{n}"])) for n in ranked], FULL_LABEL
 
 
-def try_soup(started: Started, study: optuna.Study, top: int) -> None:
-    """The soup (src/soup.py) is a candidate, the trials stand without it: a failure to make it is
-    a warning, and the best trial (or the confirmed one, src/confirm.py) stays the winner."""
-    if top < 2 or T.running(study):
-        return  # no soup asked, or other workers still at it: the last one makes it
+def try_winner(started: Started, study: optuna.Study, soup_top: int, ensemble_top: int) -> None:
+    """The soup and the ensemble (src/winner.py) are candidates, the trials stand without them: a
+    failure to make them is a warning, and the best trial (or the confirmed one, src/confirm.py)
+    stays the winner."""
+    if max(soup_top, ensemble_top) < 2 or T.running(study):
+        return  # nothing to average asked, or other workers still at it: the last one chooses
     try:
-        candidates, label = soup_candidates(started, study)
+        candidates, label = winner_candidates(started, study)
         if len(candidates) < 2:
             return
         pipe = started.full_pipeline() or started.ctx.pipeline  # judged at the size the winner has
-        make_soup(started.tracker, started.parent_id, candidates, pipe.valid_loader(2 * pipe.fixed.batch_size),
-                  pipe.device, top, label)
+        choose_winner(started.tracker, started.parent_id, candidates, pipe.valid_loader(2 * pipe.fixed.batch_size),
+                      pipe.device, soup_top, ensemble_top, label)
     except Exception as exc:  # noqa: BLE001 - artifact stores and checkpoints fail in many ways
-        log.warning("no soup was made (%s: %s); the best trial is the winner", type(exc).__name__, exc)
+        log.warning("no soup or ensemble was made (%s: %s); the best trial is the winner", type(exc).__name__, exc)
 
 
 def write_report(started: Started, study: optuna.Study, tracking_uri: str | None, storage: str) -> None:
@@ -159,9 +163,10 @@ def print_summary(started: Started, study: optuna.Study, tracking_uri: str | Non
         if picked:
             print_confirmation(tags, picked)
         chosen = picked[0] if picked else str(best.number)
-        if tags.get("winner.kind") == "soup" and tags.get("winner.best_trial") == chosen:
-            print(f"winner: a soup of the best trials' weights, valid_acc {float(tags['winner.valid_acc']):.4f} "
-                  f"(run {tags['winner.run_id']}); the final test scores it")
+        if tags.get("winner.kind") in WHAT and tags.get("winner.best_trial") == chosen:
+            print(f"winner: {WHAT[tags['winner.kind']]}, valid_acc {float(tags['winner.valid_acc']):.4f} (the best "
+                  f"single model's {float(tags['winner.trial_valid_acc']):.4f}, both fp32; run "
+                  f"{tags['winner.run_id']}); the final test scores it")
         print("Next:")
     else:
         print("\nno trial completed yet (see optuna.fail_reason on the trial runs). Next:")

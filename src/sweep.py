@@ -31,7 +31,8 @@ from .soup import SOUP_TOP
 from .start import start
 from .stopping import STOP, handling_signals, writing
 from .study import update_best
-from .summary import SweepResult, print_summary, result, try_confirm, try_soup, write_report
+from .summary import SweepResult, print_summary, result, try_confirm, try_winner, write_report
+from .winner import ENSEMBLE_TOP
 from .trial import Objective
 
 log = logging.getLogger("tlsweep")
@@ -79,6 +80,10 @@ def parse_args(argv=None) -> SweepOptions:
     p.add_argument("--soup-top", type=int, default=SOUP_TOP,
                    help=f"at the end, a greedy weight-averaged soup of the K best trials competes with the best "
                         f"one on validation (0 or 1: no soup; default {SOUP_TOP})")
+    p.add_argument("--ensemble-top", type=int, default=ENSEMBLE_TOP,
+                   help=f"at the end, the K best models' averaged predictions compete too, and win unless one "
+                        f"model beats them on validation (K times the inference cost; 0 or 1: no ensemble; "
+                        f"default {ENSEMBLE_TOP}; see src/winner.py)")
     p.add_argument("--confirm-top", type=int, default=0, metavar="K",
                    help="after the trials, re-train the K best configurations on --confirm-folds re-drawn "
                         "train/valid splits; the best mean wins, its original trial is the model (0: off, "
@@ -103,6 +108,8 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--confirm-top and --search-size re-train on the decoded images: they cannot run with --no-cache")
     if args.soup_top < 0:
         p.error(f"--soup-top {args.soup_top}: give 0 (no soup) or more")
+    if args.ensemble_top < 0:
+        p.error(f"--ensemble-top {args.ensemble_top}: give 0 (no ensemble) or more")
     if args.trials < 1:
         p.error(f"--trials {args.trials}: give at least 1 (the total of finished trials the study should have)")
     if not 0 <= args.max_bad_fraction < 1:
@@ -148,7 +155,7 @@ def run_sweep(opts: SweepOptions) -> SweepResult:
             try:
                 update_best(started.tracker, started.parent_id, study)
                 if status == "FINISHED" and settled:  # once, by who sums up, after the confirmation
-                    try_soup(started, study, opts.soup_top)
+                    try_winner(started, study, opts.soup_top, opts.ensemble_top)
                 write_report(started, study, opts.tracking_uri, opts.storage)
             finally:
                 started.tracker.finish(started.parent_id, status)

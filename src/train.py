@@ -202,10 +202,16 @@ def fit_phase(model: nn.Module, train_loader, valid_loader, optimizer: torch.opt
         optimizer, lr_schedule, max_epochs * max(1, len(train_loader)))
     for epoch in range(1, max_epochs + 1):
         train_loss, train_acc = train_epoch(model, train_loader, optimizer, device, amp, label_smoothing, scheduler)
-        if not math.isfinite(train_loss):
+        # Weights can turn non-finite while the loss stays finite (a NaN gradient at the last step,
+        # or where a weight never meets an image: oneDNN's bf16 conv backward gives garbage
+        # gradients at the padding of a 1x1 feature map); such a model must never be kept.
+        finite = torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all().item()
+        if not math.isfinite(train_loss) or not finite:
             lrs = ", ".join(f"{g['name']} {g['lr']:.3g}" for g in optimizer.param_groups)
-            raise Diverged(f"training loss became {train_loss} in phase {phase}, epoch {epoch} (lr {lrs}): "
-                           f"the learning rate is too high for this trial")
+            why = (f"training loss became {train_loss}", "the learning rate is too high for this trial") if not \
+                math.isfinite(train_loss) else ("weights became non-finite (NaN/inf)", "the learning rate is too high "
+                                                "for this trial, or bf16 failed at this image size (try --precision fp32)")
+            raise Diverged(f"{why[0]} in phase {phase}, epoch {epoch} (lr {lrs}): {why[1]}")
         ev = evaluate(model, valid_loader, device, amp, keep_mistakes)
         step = first_step + epoch - 1
         record = EpochResult(phase, epoch, step, train_loss, train_acc, ev.loss, ev.acc,

@@ -66,8 +66,8 @@ def _worker(tmp_path, args, code=_SLOW_WORKER):
 
 def _args(data, storage, tracking, trials, study):
     return ["--data", str(data), "--trials", str(trials), "--weights", "none", "--image-size", "16",
-            "--batch-size", "8", "--max-epochs", "2", "--storage", storage, "--tracking-uri", tracking,
-            "--study-name", study]
+            "--batch-size", "8", "--max-epochs", "2", "--precision", "fp32", "--storage", storage,
+            "--tracking-uri", tracking, "--study-name", study]  # fp32: see conftest.sweep_args
 
 
 @pytest.mark.slow
@@ -109,7 +109,10 @@ def test_three_workers_one_study_one_killed_and_final_test_on_the_server(tmp_pat
     runs = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=100)
     children = [r for r in runs if r.data.tags["tlsweep.role"] == "trial"]
     soups = [r for r in runs if r.data.tags["tlsweep.role"] == "soup"]
-    assert len(soups) <= 1 and len(runs) == len(children) + len(soups)  # made once, by the last worker to end
+    ensembles = [r for r in runs if r.data.tags["tlsweep.role"] == "ensemble"]
+    assert len(soups) <= 1 and len(ensembles) <= 1  # made once, by the last worker to end
+    assert len(ensembles) == (len([t for t in study.trials if t.state.name == "COMPLETE"]) >= 2)
+    assert len(runs) == len(children) + len(soups) + len(ensembles)
     with_runs = [t for t in study.trials if t.user_attrs.get("tlsweep.fail_kind") != "surplus"]
     assert sorted(int(r.data.tags["optuna.trial_number"]) for r in children) == [t.number for t in with_runs]
     assert not [r for r in children if r.info.status == "RUNNING"]

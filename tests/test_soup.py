@@ -11,8 +11,9 @@ from conftest import sweep_args
 from src import final_test, sweep
 from src import model as M
 from src.data import ImageList, build_transform, find_splits, loader
-from src.soup import average, make_soup, trial_candidates
+from src.soup import average, trial_candidates
 from src.tracking import Tracker
+from src.winner import choose_winner
 
 
 def test_average_is_the_mean_of_float_tensors_and_keeps_integer_buffers():
@@ -27,7 +28,7 @@ def _ckpt(client, run_id, dst):
 
 def test_the_soup_is_the_mean_of_its_members_made_once_and_final_test_scores_the_winner(in_tmp, flat_folder, capsys):
     uri = f"sqlite:///{in_tmp}/mlflow.db"
-    assert sweep.main(sweep_args(in_tmp, flat_folder, 2, "--soup-top", "0")) == 0  # a real sweep, no soup yet
+    assert sweep.main(sweep_args(in_tmp, flat_folder, 2, "--soup-top", "0", "--ensemble-top", "0")) == 0  # no soup yet
     tracker, client = Tracker(uri), MlflowClient(uri)
     study = optuna.load_study(study_name="s", storage=f"sqlite:///{in_tmp}/optuna.db")
     parent = study.user_attrs["mlflow_parent_run_id"]
@@ -44,7 +45,7 @@ def test_the_soup_is_the_mean_of_its_members_made_once_and_final_test_scores_the
     splits = find_splits(flat_folder)
     mean, std = M.norm_stats("resnet18")
     valid = loader(ImageList(flat_folder, splits.valid, build_transform("none", 16, mean, std, False)), 8, False)
-    make_soup(tracker, parent, trial_candidates(study), valid, torch.device("cpu"), top=3)
+    choose_winner(tracker, parent, trial_candidates(study), valid, torch.device("cpu"), soup_top=3, ensemble_top=0)
     runs = client.search_runs([client.get_run(parent).info.experiment_id])
     soups = [r for r in runs if r.data.tags.get("tlsweep.role") == "soup"]
     assert len(soups) == 1 and soups[0].data.tags["mlflow.parentRunId"] == parent
@@ -58,10 +59,11 @@ def test_the_soup_is_the_mean_of_its_members_made_once_and_final_test_scores_the
         got = state["state_dict"][key].float()
         assert torch.allclose(got, value.float(), rtol=0, atol=1e-6), (key, members, (got - value.float()).abs().max())
     tags = client.get_run(parent).data.tags
-    assert tags["soup.trials"].split(",")[:2] == [str(best.number), "2"]
+    assert soup.data.tags["soup.trials"].split(",")[:2] == [str(best.number), "2"]
     assert tags["winner.best_trial"] == str(best.number) and tags["winner.kind"] in ("soup", "trial")
 
-    make_soup(tracker, parent, trial_candidates(study), valid, torch.device("cpu"), top=3)  # the same trials: not again
+    # The same trials: not again.
+    choose_winner(tracker, parent, trial_candidates(study), valid, torch.device("cpu"), soup_top=3, ensemble_top=0)
     runs = client.search_runs([client.get_run(parent).info.experiment_id])
     assert len([r for r in runs if r.data.tags.get("tlsweep.role") == "soup"]) == 1
 

@@ -35,7 +35,7 @@ sys.addaudithook(_audit)
 
 
 def _children(client, parent_id, role="trial"):
-    """The parent's trial runs (its other child, a soup, when one was made: role="soup")."""
+    """The parent's trial runs (or its other children: role="soup", "ensemble")."""
     exp = client.get_run(parent_id).info.experiment_id
     return client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`tlsweep.role` = '{role}'")
 
@@ -56,7 +56,9 @@ def test_sweep_logs_every_trial_and_never_decodes_test(in_tmp, flat_folder, monk
     monkeypatch.setattr(PIL.Image, "open", recording_open)
     _watch.update(on=True, paths=[])
     try:
-        result = sweep.run_sweep(sweep.parse_args(_args(in_tmp, flat_folder)))
+        # --precision auto at 32 px (no 1x1 maps, see sweep_args)
+        result = sweep.run_sweep(sweep.parse_args(_args(in_tmp, flat_folder, 2, "--precision", "auto",
+                                                        "--image-size", "32")))
     finally:
         _watch["on"] = False
     client = MlflowClient(f"sqlite:///{in_tmp}/mlflow.db")
@@ -98,6 +100,7 @@ def test_sweep_logs_every_trial_and_never_decodes_test(in_tmp, flat_folder, monk
     runs = _children(client, result.parent_run_id)
     assert sorted(r.info.run_name for r in runs) == ["trial-0", "trial-1"]
     assert [r.info.run_name for r in _children(client, result.parent_run_id, "soup")] in ([], ["soup"])
+    assert [r.info.run_name for r in _children(client, result.parent_run_id, "ensemble")] == ["ensemble"]
     study = optuna.load_study(study_name="s", storage=f"sqlite:///{in_tmp}/optuna.db")
     values = {t.user_attrs["mlflow_run_id"]: t.value for t in study.trials}
     for run in runs:
@@ -201,7 +204,7 @@ def test_offline_imagenet_weights_fail_before_training(in_tmp, flat_folder, caps
 
 
 def test_demo_falls_back_to_random_init_with_a_tag(in_tmp):
-    args = ["--trials", "1", "--image-size", "16", "--max-epochs", "1", "--batch-size", "128",
+    args = ["--trials", "1", "--image-size", "16", "--max-epochs", "1", "--batch-size", "128", "--precision", "fp32",
             "--storage", f"sqlite:///{in_tmp}/optuna.db", "--tracking-uri", f"sqlite:///{in_tmp}/mlflow.db"]
     result = sweep.run_sweep(sweep.parse_args(args))
     client = MlflowClient(f"sqlite:///{in_tmp}/mlflow.db")

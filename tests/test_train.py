@@ -256,6 +256,28 @@ def test_on_epoch_exception_stops_training_and_propagates(loaders):
     assert calls == [1]
 
 
+def test_weights_that_turn_non_finite_while_the_loss_stays_finite_are_a_divergence_never_kept(loaders):
+    """A NaN weight that meets no image (here: one the optimizer steps to NaN but the forward never
+    reads, as oneDNN's bf16 conv backward does at the padding of a 1x1 map) leaves the loss finite;
+    the phase must still stop as diverged rather than keep that model as its best."""
+    train, valid = loaders
+    model = build_model("resnet18", 3, weights="none")
+    model.unused = nn.Parameter(torch.zeros(3))  # trained, never in the forward
+    M.unfreeze(model)
+    optimizer = make_optimizer(M.param_groups(model, 1e-3, 1e-3))
+    step = optimizer.step
+
+    def poisoned_step(*args, **kwargs):
+        out = step(*args, **kwargs)
+        with torch.no_grad():
+            model.unused.fill_(float("nan"))
+        return out
+
+    optimizer.step = poisoned_step
+    with pytest.raises(T.Diverged, match="weights became non-finite .* phase 2, epoch 1"):
+        fit_phase(model, train, valid, optimizer, phase=2, max_epochs=2, patience=2, device=CPU)
+
+
 def test_evaluate_counts_every_validation_image(loaders):
     _, valid = loaders
     model = build_model("resnet18", 3, weights="none")

@@ -1,0 +1,112 @@
+"""The sweep's winner, chosen on validation among up to three candidates, once per set of best models.
+
+- the single best model: the best trial, or the one --confirm-top chose (src/confirm.py), or with
+  a search size its full-size run;
+- the greedy soup of the `--soup-top` best (src/soup.py): one model's cost at inference;
+- the ensemble of the `--ensemble-top` best (`model.Ensemble`: their class probabilities
+  averaged): K times one model's cost at inference, K checkpoints in one file.
+
+All three are evaluated here the same way (fp32, on the validation split the trials were ranked
+on). The ensemble wins unless a one-model candidate (the single or the soup) is more accurate than
+it; else the soup if it beats the single; else the single. Why ties go to the ensemble: the single's
+validation accuracy is the best of many noisy figures and the soup's a greedy pick on the same
+images, so both overstate what they do on new images; the ensemble's members are fixed by rank
+alone, and averaging their predictions cancels part of each member's seed noise. Measured on the
+24-class clip-art folder, see the README's "Quality" section; `--ensemble-top 0` (or 1) leaves the
+ensemble out, for a model that costs one network at inference.
+
+Each candidate of two or more members is a run under the parent (role and run name `soup` or
+`ensemble`) with its checkpoint `checkpoints/phase2_best.pt` (its first member's config plus
+`<kind>_members`, and `ensemble_size` for the ensemble, which `model.model_from_checkpoint`
+rebuilds), its members and its validation accuracy. The parent's tags name the winner
+(`winner.kind`, `winner.run_id`; `final_test` scores it, once) and what each candidate reached.
+The choice is made when no trial is running (the last worker to end makes it); the parent's
+`winner.from` (the candidates and the two flags) is set last, so another worker or a rerun with
+nothing new skips it, and a kill before it makes the choice again (the runs are not duplicated).
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import torch
+
+from . import model as M
+from .soup import MATCH, Candidate, greedy, load
+from .stats import wilson
+from .tracking import MLFLOW_PARENT_RUN_ID, ROLE, Tracker
+from .train import evaluate
+
+log = logging.getLogger("tlsweep")
+ENSEMBLE_TOP = 3  # --ensemble-top: how many of the best models the ensemble averages
+KINDS = ("trial", "soup", "ensemble")
+
+
+def pick(accs: dict[str, float]) -> str:
+    """The winning kind from the validation accuracies measured (`trial` always among them)."""
+    one_model = max(acc for kind, acc in accs.items() if kind != "ensemble")
+    if accs.get("ensemble", -1.0) >= one_model:
+        return "ensemble"
+    return "soup" if accs.get("soup", -1.0) > accs["trial"] else "trial"
+
+
+def record(tracker: Tracker, parent_id: str, kind: str, model: torch.nn.Module, config: dict,
+           member_ids: list[str], seen: str, acc: float, n_valid: int) -> str:
+    """The candidate's run under the parent; workers that made the same one keep the oldest."""
+    run_id = tracker.start_child(parent_id, kind, kind, {f"{kind}.members": ",".join(member_ids),
+                                                         f"{kind}.size": len(member_ids), f"{kind}.trials": seen})
+    low, high = wilson(acc, n_valid)
+    tracker.log_metrics(run_id, {f"{kind}/valid_acc": acc, "phase2/best_valid_acc": acc, f"{kind}/size": len(member_ids),
+                                 "phase2/best_valid_acc_low": low, "phase2/best_valid_acc_high": high})
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = M.make_checkpoint(model, {**config, f"{kind}_members": member_ids}, 2, 0, acc)
+        tracker.log_files(run_id, [M.save_checkpoint(ckpt, Path(tmp) / "phase2_best.pt")], "checkpoints")
+    tracker.end_run(run_id, "COMPLETE")
+    return tracker.keep_oldest(tracker.get_run(parent_id).info.experiment_id,
+                               {MLFLOW_PARENT_RUN_ID: parent_id, ROLE: kind, f"{kind}.trials": seen}, run_id)
+
+
+def choose_winner(tracker: Tracker, parent_id: str, candidates: list[Candidate], valid, device,
+                  soup_top: int, ensemble_top: int, label: str = "") -> str:
+    """Make the soup and the ensemble of the first candidates (best first: the first is the single
+    model they compete with) unless made from these already, record the winner on the parent and
+    return its run id. `label` marks the kind of candidates (e.g. "full:" for full-size models)."""
+    ranked = candidates[:max(soup_top, ensemble_top, 1)]
+    marker = f"{label}{','.join(str(c.number) for c in ranked)};soup={soup_top};ensemble={ensemble_top}"
+    tags = tracker.get_run(parent_id).data.tags
+    if tags.get("winner.from") == marker:  # chosen from these already (another worker, or a rerun)
+        return tags["winner.run_id"]
+    with tempfile.TemporaryDirectory() as tmp:
+        loaded = [(c, *load(tracker, c.run_id, Path(tmp))) for c in ranked]
+    first = loaded[0][1]
+    usable = [(c, state) for c, cfg, state in loaded if all(cfg.get(k) == first.get(k) for k in MATCH)]
+    build = lambda: M.build_model(first["backbone"], len(first["classes"]), weights="none").to(device)  # noqa: E731
+    model, n_valid = build(), len(valid.dataset)
+    model.load_state_dict(usable[0][1])
+    accs, runs = {"trial": evaluate(model, valid, device).acc}, {"trial": ranked[0].run_id}
+    seen = lambda group: label + ",".join(str(c.number) for c, _ in group)  # noqa: E731
+    if soup_top >= 2:
+        group = usable[:soup_top]
+        members, acc, state = greedy([(c.run_id, s) for c, s in group], model, valid, device, accs["trial"])
+        if len(members) >= 2:
+            model.load_state_dict(state)
+            runs["soup"] = record(tracker, parent_id, "soup", model, first, [group[i][0].run_id for i in members],
+                                  seen(group), acc, n_valid)
+            accs["soup"] = acc
+    group = usable[:ensemble_top]
+    if len(group) >= 2:
+        ensemble = M.Ensemble([build() for _ in group])
+        for member, (_, state) in zip(ensemble.members, group):
+            member.load_state_dict(state)
+        accs["ensemble"] = evaluate(ensemble, valid, device).acc
+        runs["ensemble"] = record(tracker, parent_id, "ensemble", ensemble, {**first, "ensemble_size": len(group)},
+                                  [c.run_id for c, _ in group], seen(group), accs["ensemble"], n_valid)
+    kind = pick(accs)
+    log.info("the winner on validation (fp32, %d images): %s: the %s", n_valid,
+             ", ".join(f"{k} {v:.4f}" for k, v in accs.items()), {"trial": "single model"}.get(kind, kind))
+    tracker.set_tags(parent_id, {
+        "winner.kind": kind, "winner.run_id": runs[kind], "winner.best_trial": ranked[0].number,
+        "winner.valid_acc": f"{accs[kind]:.6f}", **{f"winner.{k}_valid_acc": f"{accs[k]:.6f}" if k in accs else "none" for k in KINDS},
+        "winner.from": marker})  # last: a kill before it chooses again next time
+    return runs[kind]

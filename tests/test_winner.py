@@ -1,0 +1,105 @@
+"""The ensemble candidate and the winner rule (src/winner.py): an ensemble's output is the log of
+its members' mean class probabilities and survives its checkpoint, the rule prefers it unless one
+model is better on validation, a sweep makes it once, and the final test scores exactly it."""
+from __future__ import annotations
+
+import json
+import math
+
+import optuna
+import torch
+from mlflow.tracking import MlflowClient
+
+from conftest import sweep_args
+from src import final_test, sweep
+from src import model as M
+from src.data import ImageList, build_transform, loader
+from src.winner import pick
+
+
+def test_an_ensemble_outputs_the_log_of_its_members_mean_probabilities_and_survives_its_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    members = [M.build_model("resnet18", 3, weights="none").eval() for _ in range(2)]
+    ensemble = M.Ensemble(members).eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        mean = torch.stack([m(x).softmax(1) for m in members]).mean(0)
+        out = ensemble(x)
+    assert torch.allclose(out.exp(), mean, atol=1e-6) and torch.allclose(out.exp().sum(1), torch.ones(4))
+    assert not torch.allclose(members[0](x).softmax(1), mean, atol=1e-3)  # the members differ: a real average
+    config = {"backbone": "resnet18", "classes": ["a", "b", "c"], "ensemble_size": 2}
+    path = M.save_checkpoint(M.make_checkpoint(ensemble, config, 2, 0, 0.5), tmp_path / "phase2_best.pt")
+    rebuilt, got = M.model_from_checkpoint(path)
+    assert got["ensemble_size"] == 2 and isinstance(rebuilt, M.Ensemble) and len(rebuilt.members) == 2
+    with torch.no_grad():
+        assert torch.equal(rebuilt.eval()(x), out)
+
+
+def test_the_ensemble_wins_unless_one_model_beats_it_on_validation():
+    assert pick({"trial": 0.80}) == "trial"
+    assert pick({"trial": 0.80, "ensemble": 0.80}) == "ensemble"  # a tie: the ensemble
+    assert pick({"trial": 0.80, "soup": 0.81, "ensemble": 0.81}) == "ensemble"
+    assert pick({"trial": 0.80, "ensemble": 0.79}) == "trial"
+    assert pick({"trial": 0.80, "soup": 0.82, "ensemble": 0.81}) == "soup"
+    assert pick({"trial": 0.80, "soup": 0.80, "ensemble": 0.79}) == "trial"  # a soup must beat the single
+
+
+def _ckpt(client, run_id, dst):
+    return torch.load(client.download_artifacts(run_id, "checkpoints/phase2_best.pt", str(dst)), weights_only=True)
+
+
+def test_a_sweep_makes_the_ensemble_of_its_best_trials_once_and_the_final_test_scores_exactly_it(
+        in_tmp, flat_folder, capsys):
+    uri = f"sqlite:///{in_tmp}/mlflow.db"
+    args = sweep_args(in_tmp, flat_folder, 3, "--soup-top", "0", "--no-prune")
+    assert sweep.main(args) == 0
+    client = MlflowClient(uri)
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{in_tmp}/optuna.db")
+    parent = study.user_attrs["mlflow_parent_run_id"]
+    exp = client.get_run(parent).info.experiment_id
+    ensembles = client.search_runs([exp], "tags.`tlsweep.role` = 'ensemble'")
+    assert len(ensembles) == 1 and ensembles[0].data.tags["mlflow.parentRunId"] == parent
+    run = ensembles[0]
+    ranked = sorted(study.trials, key=lambda t: (-t.value, t.number))
+    members = run.data.tags["ensemble.members"].split(",")
+    assert members == [t.user_attrs["mlflow_run_id"] for t in ranked]  # the 3 best, best first
+    state = _ckpt(client, run.info.run_id, in_tmp / "ens")
+    assert state["config"]["ensemble_size"] == 3 and state["config"]["ensemble_members"] == members
+    member_states = [_ckpt(client, m, in_tmp / m)["state_dict"] for m in members]
+    for i, member in enumerate(member_states):  # each member's weights, unchanged
+        for key, value in member.items():
+            assert torch.equal(state["state_dict"][f"members.{i}.{key}"], value), (i, key)
+    tags = client.get_run(parent).data.tags
+    assert tags["winner.kind"] in ("ensemble", "trial") and tags["winner.soup_valid_acc"] == "none"
+    assert float(tags["winner.ensemble_valid_acc"]) == run.data.metrics["ensemble/valid_acc"]
+    expected_kind = pick({"trial": float(tags["winner.trial_valid_acc"]), "ensemble": float(tags["winner.ensemble_valid_acc"])})
+    assert tags["winner.kind"] == expected_kind
+
+    assert sweep.main(args) == 0  # nothing new: not made again
+    assert len(client.search_runs([exp], "tags.`tlsweep.role` = 'ensemble'")) == 1
+
+    # The final test scores the ensemble (made the winner here if one trial beat it on these tiny
+    # images): its test accuracy is that of the members' mean probabilities, computed apart.
+    client.set_tag(parent, "winner.run_id", run.info.run_id)
+    split = _split(client, parent, in_tmp)
+    cfg = state["config"]
+    transform = build_transform("none", cfg["image_size"], cfg["mean"], cfg["std"], False)
+    test = loader(ImageList(flat_folder, [tuple(e) for e in split["test"]], transform), 64, False)
+    nets = []
+    for member in member_states:
+        net = M.build_model(cfg["backbone"], len(cfg["classes"]), weights="none")
+        net.load_state_dict(member)
+        nets.append(net.eval())
+    right = total = 0
+    with torch.no_grad():
+        for x, y in test:
+            mean = torch.stack([n(x).softmax(1) for n in nets]).mean(0)
+            right, total = right + (mean.argmax(1) == y).sum().item(), total + len(y)
+    capsys.readouterr()
+    assert final_test.main(["--run-id", parent, "--tracking-uri", uri]) == 0
+    assert f"trial run {run.info.run_id}" in capsys.readouterr().out
+    assert math.isclose(client.get_run(run.info.run_id).data.metrics["test/acc"], right / total, abs_tol=1e-6)
+
+
+def _split(client, parent, tmp):
+    return json.loads(open(client.download_artifacts(parent, "dataset/split.json", str(tmp))).read())
