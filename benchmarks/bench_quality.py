@@ -85,12 +85,13 @@ def run_arm(name: str, sweep_file: str, trials: int, seed: int, args, suffix: st
 
     ticker = threading.Thread(target=tick, daemon=True)
     ticker.start()
+    offset = (out / "sweep.log").stat().st_size if (out / "sweep.log").is_file() else 0
     with open(out / "sweep.log", "a") as log:
         code = subprocess.call(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     stop.set()
     wall = before + time.time() - start
     _write_atomic(spent, f"{wall:.1f}")
-    text = (out / "sweep.log").read_text()
+    text = (out / "sweep.log").read_bytes()[offset:].decode(errors="replace")  # this attempt's output
     parents = re.findall(r"parent run ([0-9a-f]{32})", text)
     if code != 0 or not parents:
         raise SystemExit(f"{name} seed {seed}: the sweep failed (exit {code}); see {out / 'sweep.log'}")

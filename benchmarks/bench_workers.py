@@ -26,7 +26,7 @@ def sweep(data: Path, out: Path, name: str, trials: int, workers: int, args) -> 
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "src.sweep", "--data", str(data), "--trials", str(trials), "--workers", str(workers),
            "--backbone", args.backbone, "--weights", args.weights, "--image-size", str(args.image_size),
-           "--max-epochs", str(args.max_epochs), "--no-prune", "--soup-top", "0",
+           "--max-epochs", str(args.max_epochs), "--no-prune", "--soup-top", "0", "--ensemble-top", "0",
            "--storage", f"journal://{out}/journal.log", "--tracking-uri", f"sqlite:///{out}/mlflow.db",
            "--study-name", name]
     start = time.time()

@@ -67,21 +67,13 @@ def resolve_runs(tracker: Tracker, run_id: str) -> tuple[str, str]:
     role = run.data.tags.get(ROLE)
     if role == "parent":
         tags = run.data.tags
-        best = tags.get("best.run_id")
-        if not best:
+        if not tags.get("best.run_id"):
             raise UserError(f"sweep run {run_id} has no completed trial yet; run the sweep until one completes")
-        # The single model the sweep selected: the trial --confirm-top chose (src/confirm.py) if
-        # it was made for the best trial as it is now, else the best trial. Then the winner chosen
-        # on validation beside it (the ensemble, the soup or that trial, src/winner.py), if made from it.
-        picked = T.confirmed_winner(tags)
-        if picked is None and int(tags.get("fixed.search_size", 0)):
+        if T.confirmed_winner(tags) is None and int(tags.get("fixed.search_size", 0)):
             raise UserError(f"sweep run {run_id} searched at {tags['fixed.search_size']} px and has no full-size model "
                             f"for its best trial yet (its confirmation has not run since that trial): run the same "
                             f"sweep command again to finish it (it runs only what is missing)")
-        number, selected = picked or (tags.get("best.trial_number"), best)
-        if tags.get("winner.run_id") and tags.get("winner.best_trial") == number:
-            return tags["winner.run_id"], run_id
-        return selected, run_id
+        return T.winner(tags)[1], run_id  # the confirmed or best trial, or the ensemble / soup chosen beside it
     if role == "full":
         if run.data.tags.get("optuna.state") != "COMPLETE":
             raise UserError(f"full-size run {run_id} is {run.data.tags.get('optuna.state')}, not COMPLETE; pass the "
@@ -206,7 +198,7 @@ def main(argv=None) -> int:
     if r.skipped:
         print(f"warning: {len(r.skipped)} unreadable test image(s) not scored (recorded on the runs): "
               + "; ".join(f"{p} ({why})" for p, why in list(r.skipped.items())[:3]), file=sys.stderr)
-    print(f"test split ({r.n_images} images), trial run {r.trial_run_id}:")
+    print(f"test split ({r.n_images} images), model run {r.trial_run_id}:")
     print(f"  test/acc      {r.acc:.4f}\n  test/loss     {r.loss:.4f}\n  test/macro_f1 {r.macro_f1:.4f}")
     print(f"  {'class':<20} {'precision':>9} {'recall':>7} {'f1':>7} {'support':>7}")
     for row in r.per_class:

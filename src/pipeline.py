@@ -237,6 +237,15 @@ def refold(pipe: Pipeline, train_rows: list[int], valid_rows: list[int]) -> Pipe
     return fold
 
 
+def resized(pipe: Pipeline, fixed: Fixed) -> Pipeline:
+    """The same sweep's pipeline at other fixed settings (the full size of a search size): the
+    same splits, starting model, device and loader workers; images decoded (and features cached)
+    at its own size."""
+    return Pipeline(splits=pipe.splits, fixed=fixed, weights=pipe.weights, device=pipe.device,
+                    loader_workers=pipe.workers, use_cache=pipe.decoded is not None, base=pipe.base,
+                    max_bad_fraction=pipe.max_bad_fraction)
+
+
 def pool_frames(fold: Pipeline) -> C.Frames:
     """A re-split pipeline's train frames: the whole frames of train and valid, pooled."""
     whole = fold.whole

@@ -37,7 +37,9 @@ PLOTS = {
     "slice": ("Slice plots: the objective against each parameter", False),
     "timeline": ("Timeline of the trials (per state; workers overlap)", False),
 }
-SCORE = "score the best trial on the test split (once)"  # the key of that command in next_commands
+SCORE = "score the sweep's winner on the test split (once)"  # the key of that command in next_commands
+WHAT = {"soup": "a soup of the best models' weights",
+        "ensemble": "an ensemble of the best models (their class probabilities averaged)"}
 MLFLOW_UI = "http://127.0.0.1:5000"  # `mlflow ui --port 5000`
 DESCRIPTION_MAX = 7500  # MLflow keeps tag values up to 8000 characters
 
@@ -114,7 +116,8 @@ def log_report(tracker: Tracker, parent_id: str, experiment_id: str, study: optu
         files = write_trials_table(study, tmp) + write_best_params(study, tmp) + write_study_plots(study, tmp)
         if files:
             tracker.log_files(parent_id, files, "study")
-        markdown, page = summary(study, fixed, experiment_id, commands, ui, weights)
+        markdown, page = summary(study, fixed, experiment_id, commands, ui, weights,
+                                 winner_text(tracker.get_run(parent_id).data.tags))
         (tmp / "summary.html").write_text(page)
         tracker.log_files(parent_id, [tmp / "summary.html"], "")
     if len(markdown) > DESCRIPTION_MAX:
@@ -199,9 +202,20 @@ def write_study_plots(study: optuna.Study, folder: Path) -> list[Path]:
 
 
 # -- the one-page summary --------------------------------------------------------------------
+def winner_text(tags: dict) -> str | None:
+    """What the final test scores when it is not one trial (the soup or the ensemble, src/winner.py),
+    from the parent's tags; None when it is the best (or confirmed) trial."""
+    won = T.winner(tags)
+    if won is None or won[0] not in WHAT:
+        return None
+    return (f"{WHAT[won[0]]}, valid_acc {float(tags['winner.valid_acc']):.4f} (the best single model's "
+            f"{float(tags.get('winner.trial_valid_acc', 'nan')):.4f}, both fp32; run {won[1]})")
+
+
 def summary(study: optuna.Study, fixed: Fixed, experiment_id: str, commands: dict,
-            ui: str = MLFLOW_UI, weights: str | None = None) -> tuple[str, str]:
-    """(Markdown, HTML) of the same page. The Markdown is the run's description, shown inside the
+            ui: str = MLFLOW_UI, weights: str | None = None, winner: str | None = None) -> tuple[str, str]:
+    """(Markdown, HTML) of the same page; `winner` says what the final test scores when it is not
+    the best trial (`winner_text`). The Markdown is the run's description, shown inside the
     MLflow UI: its link to the best trial's run is relative (`#/experiments/<id>/runs/<run>`),
     so it works wherever the UI is served. The HTML is an artifact, which the UI shows in a
     sandbox that cannot navigate: its link is absolute (`ui`), for a browser tab."""
@@ -217,6 +231,8 @@ def summary(study: optuna.Study, fixed: Fixed, experiment_id: str, commands: dic
         run_id = T.run_id(best) or ""
         link = (f"#/experiments/{experiment_id}/runs/{run_id}", f"trial {best.number} (run {run_id})")
         facts.insert(1, ("best valid_acc", f"{best.value:.4f}"))
+    if winner:
+        facts.insert(0, ("winner (the final test scores it)", winner))
     header, rows = trial_rows(study, 10)
     params = [[k, _fmt(v)] for k, v in sorted(best.params.items())] if best else []
     cmd_rows = [[what, cmd] for what, cmd in commands.items()]

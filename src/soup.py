@@ -26,7 +26,7 @@ from .tracking import Tracker
 from .train import evaluate
 
 SOUP_TOP = 5  # --soup-top: how many of the best trials a soup may draw on
-FULL_LABEL = "full:"  # `soup.trials` of a soup of full-size runs (a search size, src/confirm.py)
+FULL_LABEL = "full:"  # marks full-size candidates (a search size, src/confirm.py) in `winner.from`, `<kind>.trials`
 MATCH = ("backbone", "classes", "image_size", "mean", "std")  # what members must share
 
 
@@ -62,8 +62,8 @@ def greedy(candidates: list[tuple[str, dict]], model: torch.nn.Module, valid, de
 
 @dataclass(frozen=True)
 class Candidate:
-    """A model that may join the soup: its configuration's trial number, the run holding its
-    phase-2 checkpoint, and its validation accuracy as recorded there."""
+    """A model that may win, or join the soup or the ensemble (src/winner.py): its configuration's
+    trial number, the run holding its phase-2 checkpoint, and its validation accuracy as recorded."""
     number: int
     run_id: str
     value: float

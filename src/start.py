@@ -17,7 +17,7 @@ from .confirm import DEFAULT_FOLDS, FULL_TOP
 from .device import amp_dtype, pick_device
 from .errors import UserError
 from .options import SweepOptions
-from .pipeline import Pipeline, initial_model
+from .pipeline import Pipeline, initial_model, resized
 from .record import TrialRecord
 from .recovery import LostTrials, recover
 from .pruning import make_pruner
@@ -54,8 +54,7 @@ class Started:
         if not self.searching:
             return None
         if self._full is None:
-            self._full = Pipeline(splits=pipe.splits, fixed=self.fixed, weights=pipe.weights, device=pipe.device,
-                                  loader_workers=pipe.workers, base=pipe.base, max_bad_fraction=pipe.max_bad_fraction)
+            self._full = resized(pipe, self.fixed)
         return self._full
 
     @property

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import optuna
 
 from . import trials as T
-from .report import SCORE, log_report, next_commands, summary_table, ui_base
+from .report import SCORE, log_report, next_commands, summary_table, ui_base, winner_text
 from .start import Started
 from .confirm import Confirmation
 from .confirm_jobs import FULL, RELIABLE_FROM, completed_runs
@@ -20,8 +20,6 @@ from .winner import choose_winner
 
 log = logging.getLogger("tlsweep")
 LOW_AGREEMENT = 0.5  # a rank agreement below this is warned of
-WHAT = {"soup": "a soup of the best models' weights",
-        "ensemble": "an ensemble of the best models (their class probabilities averaged)"}
 
 
 @dataclass
@@ -91,18 +89,22 @@ def winner_candidates(started: Started, study: optuna.Study) -> tuple[list[Candi
 def try_winner(started: Started, study: optuna.Study, soup_top: int, ensemble_top: int) -> None:
     """The soup and the ensemble (src/winner.py) are candidates, the trials stand without them: a
     failure to make them is a warning, and the best trial (or the confirmed one, src/confirm.py)
-    stays the winner."""
-    if max(soup_top, ensemble_top) < 2 or T.running(study):
-        return  # nothing to average asked, or other workers still at it: the last one chooses
+    is the winner (an earlier choice's tags are set aside)."""
+    if T.running(study):
+        return  # other workers still at it: the last one chooses
     try:
         candidates, label = winner_candidates(started, study)
-        if len(candidates) < 2:
+        if not candidates:
             return
         pipe = started.full_pipeline() or started.ctx.pipeline  # judged at the size the winner has
         choose_winner(started.tracker, started.parent_id, candidates, pipe.valid_loader(2 * pipe.fixed.batch_size),
                       pipe.device, soup_top, ensemble_top, label)
     except Exception as exc:  # noqa: BLE001 - artifact stores and checkpoints fail in many ways
         log.warning("no soup or ensemble was made (%s: %s); the best trial is the winner", type(exc).__name__, exc)
+        try:  # `winner.best_trial` no longer the best's: src/trials.py `winner` passes over the tags
+            started.tracker.set_tags(started.parent_id, {"winner.best_trial": "none", "winner.from": "none"})
+        except Exception:  # noqa: BLE001 - the store that just failed may fail again
+            log.warning("the parent's winner tags could not be set aside; re-run the same command")
 
 
 def write_report(started: Started, study: optuna.Study, tracking_uri: str | None, storage: str) -> None:
@@ -162,11 +164,9 @@ def print_summary(started: Started, study: optuna.Study, tracking_uri: str | Non
         picked = T.confirmed_winner(tags)
         if picked:
             print_confirmation(tags, picked)
-        chosen = picked[0] if picked else str(best.number)
-        if tags.get("winner.kind") in WHAT and tags.get("winner.best_trial") == chosen:
-            print(f"winner: {WHAT[tags['winner.kind']]}, valid_acc {float(tags['winner.valid_acc']):.4f} (the best "
-                  f"single model's {float(tags['winner.trial_valid_acc']):.4f}, both fp32; run "
-                  f"{tags['winner.run_id']}); the final test scores it")
+        text = winner_text(tags)
+        if text:
+            print(f"winner: {text}; the final test scores it")
         print("Next:")
     else:
         print("\nno trial completed yet (see optuna.fail_reason on the trial runs). Next:")

@@ -96,6 +96,16 @@ class Store:
 
 
 
+def oldest_run(client: MlflowClient, experiment_id: str, tags: dict, finished: bool = False) -> str | None:
+    """The id of the oldest active run with all these tags (ties: the smallest id), if any;
+    `finished`: of the FINISHED ones, the first to have ended."""
+    where = " and ".join([f"tags.`{k}` = '{v}'" for k, v in tags.items()]
+                         + (["attributes.status = 'FINISHED'"] if finished else []))
+    runs = client.search_runs([experiment_id], filter_string=where, max_results=100)
+    when = (lambda r: r.info.end_time) if finished else (lambda r: r.info.start_time)
+    return min(runs, key=lambda r: (when(r), r.info.run_id)).info.run_id if runs else None
+
+
 class Tracker(Store):
     """Our runs in a store: the parent and trial runs, their values and artifacts, lookups."""
 
@@ -198,16 +208,14 @@ class Tracker(Store):
             raise UserError(f"run {run_id!r} was not found in tracking store {self.uri}. If the sweep "
                             f"logged elsewhere, pass the same --tracking-uri it printed.") from exc
 
-    def find_run(self, experiment_id: str, tags: dict) -> str | None:
-        """The id of the oldest active run with all these tags (ties: the smallest id), if any."""
-        where = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-        runs = self.client.search_runs([experiment_id], filter_string=where, max_results=100)
-        return min(runs, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id if runs else None
+    def find_run(self, experiment_id: str, tags: dict, finished: bool = False) -> str | None:
+        return oldest_run(self.client, experiment_id, tags, finished)
 
-    def keep_oldest(self, experiment_id: str, tags: dict, mine: str | None) -> str | None:
+    def keep_oldest(self, experiment_id: str, tags: dict, mine: str | None, finished: bool = False) -> str | None:
         """Workers that may each have made a run with these tags (`mine`: this one's, if any) all
-        keep the oldest; this worker deletes its own if it is not that one."""
-        oldest = self.find_run(experiment_id, tags) or mine
+        keep the oldest (`finished`: the first FINISHED one to have ended: never a run another
+        worker is still writing, or one a kill left); this worker deletes its own if it is not that one."""
+        oldest = self.find_run(experiment_id, tags, finished) or mine
         if mine is not None and oldest != mine:
             self.client.delete_run(mine)
         return oldest

@@ -204,8 +204,9 @@ def fit_phase(model: nn.Module, train_loader, valid_loader, optimizer: torch.opt
         train_loss, train_acc = train_epoch(model, train_loader, optimizer, device, amp, label_smoothing, scheduler)
         # Weights can turn non-finite while the loss stays finite (a NaN gradient at the last step,
         # or where a weight never meets an image: oneDNN's bf16 conv backward gives garbage
-        # gradients at the padding of a 1x1 feature map); such a model must never be kept.
-        finite = torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all().item()
+        # gradients at the padding of a stride-2 conv on a 1x1 map); such a model is never kept.
+        finite = torch.stack([torch.isfinite(t).all() for t in (*model.parameters(), *model.buffers())
+                              if t.is_floating_point()]).all().item()
         if not math.isfinite(train_loss) or not finite:
             lrs = ", ".join(f"{g['name']} {g['lr']:.3g}" for g in optimizer.param_groups)
             why = (f"training loss became {train_loss}", "the learning rate is too high for this trial") if not \

@@ -63,6 +63,20 @@ def confirmed_winner(tags: dict) -> tuple[str, str] | None:
     return None
 
 
+def winner(tags: dict) -> tuple[str, str, str] | None:
+    """(kind, run id, trial number) of the model a sweep's final test scores, from the parent run's
+    tags: the single model it selected (the confirmed trial, src/confirm.py, if made for the best
+    trial as it is now, else the best trial), or the candidate chosen beside it on validation
+    (`ensemble` or `soup`, src/winner.py) if chosen from it; None before any trial completed."""
+    picked = confirmed_winner(tags)
+    number, run_id = picked or (tags.get("best.trial_number"), tags.get("best.run_id"))
+    if not run_id:
+        return None
+    if tags.get("winner.run_id") and tags.get("winner.best_trial") == number:
+        return tags.get("winner.kind", "trial"), tags["winner.run_id"], number
+    return "trial", run_id, number
+
+
 # -- Optuna's private API, used here only ---------------------------------------------------------
 def original_number(trial: optuna.Trial) -> int:
     """The number of the trial a live trial stands in for: the lost trial it retries, or its own."""

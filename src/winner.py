@@ -53,7 +53,8 @@ def pick(accs: dict[str, float]) -> str:
 
 def record(tracker: Tracker, parent_id: str, kind: str, model: torch.nn.Module, config: dict,
            member_ids: list[str], seen: str, acc: float, n_valid: int) -> str:
-    """The candidate's run under the parent; workers that made the same one keep the oldest."""
+    """The candidate's run under the parent; workers that made the same one (the same members)
+    keep the first to have finished."""
     run_id = tracker.start_child(parent_id, kind, kind, {f"{kind}.members": ",".join(member_ids),
                                                          f"{kind}.size": len(member_ids), f"{kind}.trials": seen})
     low, high = wilson(acc, n_valid)
@@ -63,20 +64,15 @@ def record(tracker: Tracker, parent_id: str, kind: str, model: torch.nn.Module, 
         ckpt = M.make_checkpoint(model, {**config, f"{kind}_members": member_ids}, 2, 0, acc)
         tracker.log_files(run_id, [M.save_checkpoint(ckpt, Path(tmp) / "phase2_best.pt")], "checkpoints")
     tracker.end_run(run_id, "COMPLETE")
-    return tracker.keep_oldest(tracker.get_run(parent_id).info.experiment_id,
-                               {MLFLOW_PARENT_RUN_ID: parent_id, ROLE: kind, f"{kind}.trials": seen}, run_id)
+    return tracker.keep_oldest(tracker.get_run(parent_id).info.experiment_id, {
+        MLFLOW_PARENT_RUN_ID: parent_id, ROLE: kind, f"{kind}.trials": seen, f"{kind}.members": ",".join(member_ids)},
+        run_id, finished=True)
 
 
-def choose_winner(tracker: Tracker, parent_id: str, candidates: list[Candidate], valid, device,
-                  soup_top: int, ensemble_top: int, label: str = "") -> str:
-    """Make the soup and the ensemble of the first candidates (best first: the first is the single
-    model they compete with) unless made from these already, record the winner on the parent and
-    return its run id. `label` marks the kind of candidates (e.g. "full:" for full-size models)."""
-    ranked = candidates[:max(soup_top, ensemble_top, 1)]
-    marker = f"{label}{','.join(str(c.number) for c in ranked)};soup={soup_top};ensemble={ensemble_top}"
-    tags = tracker.get_run(parent_id).data.tags
-    if tags.get("winner.from") == marker:  # chosen from these already (another worker, or a rerun)
-        return tags["winner.run_id"]
+def candidates_made(tracker: Tracker, parent_id: str, ranked: list[Candidate], valid, device, soup_top: int,
+                    ensemble_top: int, label: str) -> tuple[dict[str, float], dict[str, str]]:
+    """Each candidate's fp32 validation accuracy and run: the first of `ranked`, and the soup and
+    the ensemble made from them (recorded as runs) when they have two or more members."""
     with tempfile.TemporaryDirectory() as tmp:
         loaded = [(c, *load(tracker, c.run_id, Path(tmp))) for c in ranked]
     first = loaded[0][1]
@@ -102,9 +98,31 @@ def choose_winner(tracker: Tracker, parent_id: str, candidates: list[Candidate],
         accs["ensemble"] = evaluate(ensemble, valid, device).acc
         runs["ensemble"] = record(tracker, parent_id, "ensemble", ensemble, {**first, "ensemble_size": len(group)},
                                   [c.run_id for c, _ in group], seen(group), accs["ensemble"], n_valid)
+    log.info("the winner's candidates on validation (fp32, %d images): %s", n_valid,
+             ", ".join(f"{k} {v:.4f}" for k, v in accs.items()))
+    return accs, runs
+
+
+def choose_winner(tracker: Tracker, parent_id: str, candidates: list[Candidate], valid, device,
+                  soup_top: int, ensemble_top: int, label: str = "") -> str:
+    """Make the soup and the ensemble of the first candidates (best first: the first is the single
+    model they compete with) unless made from these already, record the winner on the parent and
+    return its run id. With both flags below 2 the first candidate is the winner (as recorded).
+    `label` marks the kind of candidates (e.g. "full:" for full-size models)."""
+    ranked = candidates[:max(soup_top, ensemble_top, 1)]
+    marker = f"{label}{','.join(str(c.number) for c in ranked)};soup={soup_top};ensemble={ensemble_top}"
+    tags = tracker.get_run(parent_id).data.tags
+    if tags.get("winner.from") == marker:  # chosen from these already (another worker, or a rerun)
+        return tags["winner.run_id"]
+    accs, runs = ({"trial": ranked[0].value}, {"trial": ranked[0].run_id}) if len(ranked) < 2 else \
+        candidates_made(tracker, parent_id, ranked, valid, device, soup_top, ensemble_top, label)
     kind = pick(accs)
-    log.info("the winner on validation (fp32, %d images): %s: the %s", n_valid,
-             ", ".join(f"{k} {v:.4f}" for k, v in accs.items()), {"trial": "single model"}.get(kind, kind))
+    log.info("the winner is the %s (run %s)", {"trial": "single model"}.get(kind, kind), runs[kind])
+    scored = tags.get("final_test.trial_run_id")
+    if int(tags.get("final_test.count", "0")) and scored != runs[kind]:
+        log.warning("this sweep was scored on test already (run %s); the winner chosen now is another model (run "
+                    "%s): scoring it too turns the test set into a validation set, and needs final_test --force "
+                    "(recorded on the runs)", scored, runs[kind])
     tracker.set_tags(parent_id, {
         "winner.kind": kind, "winner.run_id": runs[kind], "winner.best_trial": ranked[0].number,
         "winner.valid_acc": f"{accs[kind]:.6f}", **{f"winner.{k}_valid_acc": f"{accs[k]:.6f}" if k in accs else "none" for k in KINDS},

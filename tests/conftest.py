@@ -25,8 +25,9 @@ def write_images(root, classes=("cat", "dog", "owl"), per_class=9, size=20, seed
 
 def sweep_args(tmp_path, data, trials=2, *extra):
     """A tiny, fast sweep (random init, 16 px, 2 epochs per phase) on SQLite stores in tmp_path.
-    In fp32: at 16 px resnet18's last stage sees 1x1 maps, where oneDNN's bf16 conv backward gives
-    garbage (NaN) gradients on CPUs with native bf16, and such a trial fails as diverged."""
+    In fp32: at 16 px resnet18's last stage starts with a stride-2 conv on a 1x1 map, where oneDNN's
+    bf16 conv backward gives garbage (NaN) gradients on CPUs with native bf16 (from 32 px on that
+    map is 2x2), and such a trial fails as diverged."""
     return ["--data", str(data), "--trials", str(trials), "--weights", "none", "--image-size", "16",
             "--batch-size", "8", "--max-epochs", "2", "--precision", "fp32", "--storage", f"sqlite:///{tmp_path}/optuna.db",
             "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--study-name", "s", *extra]

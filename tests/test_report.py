@@ -47,13 +47,13 @@ def test_top_trials_rank_complete_by_value_then_pruned():
 
 def test_next_commands_are_exact():
     local = report.next_commands("abc", None, "sqlite:///optuna.db", "3")
-    assert local["score the best trial on the test split (once)"] == "python -m src.final_test --run-id abc"
+    assert local["score the sweep's winner on the test split (once)"] == "python -m src.final_test --run-id abc"
     assert local["browse the runs"] == "mlflow ui --port 5000   # then open http://127.0.0.1:5000/#/experiments/3/runs"
     assert local["browse the study"].startswith("optuna-dashboard sqlite:///optuna.db")
     journal = report.next_commands("abc", None, "journal:///data/sweep.log", "3")
     assert journal["browse the study"].startswith("optuna-dashboard /data/sweep.log ")  # its file path
     remote = report.next_commands("abc", "http://10.0.0.2:5000", "postgresql://u@h/optuna", "3")
-    assert remote["score the best trial on the test split (once)"].endswith("--tracking-uri http://10.0.0.2:5000")
+    assert remote["score the sweep's winner on the test split (once)"].endswith("--tracking-uri http://10.0.0.2:5000")
     assert remote["browse the runs"] == "open http://10.0.0.2:5000/#/experiments/3/runs in a browser"
     _, page = report.summary(_study(), FIXED, "3", remote, report.ui_base("http://10.0.0.2:5000/"))
     assert "href='http://10.0.0.2:5000/#/experiments/3/runs/run1'" in page
@@ -71,6 +71,13 @@ def test_summary_links_the_best_trial_run_and_lists_params_and_commands():
     assert page.count("<tr>") == 5 + 3 + 5 + 4  # facts, params, top trials, commands, each with a header
     fell_back, _ = report.summary(_study(), FIXED, "7", COMMANDS, weights="none")
     assert "resnet18, weights none (asked for imagenet: unavailable), 64 px" in fell_back
+    tags = {"best.trial_number": "1", "best.run_id": "run1", "winner.best_trial": "1", "winner.kind": "ensemble",
+            "winner.run_id": "ens", "winner.valid_acc": "0.95", "winner.trial_valid_acc": "0.9"}
+    won, _ = report.summary(_study(), FIXED, "7", COMMANDS, winner=report.winner_text(tags))
+    assert ("| winner (the final test scores it) | an ensemble of the best models (their class probabilities "
+            "averaged), valid_acc 0.9500 (the best single model's 0.9000, both fp32; run ens) |") in won
+    assert report.winner_text({**tags, "winner.best_trial": "0"}) is None  # chosen beside an older best: stale
+    assert report.winner_text({**tags, "winner.kind": "trial"}) is None
     empty_md, _ = report.summary(optuna.create_study(study_name="e"), FIXED, "7", COMMANDS)
     assert "No trial completed yet" in empty_md
 

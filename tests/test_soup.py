@@ -73,7 +73,7 @@ def test_the_soup_is_the_mean_of_its_members_made_once_and_final_test_scores_the
     client.set_tag(parent, "winner.best_trial", client.get_run(parent).data.tags["best.trial_number"])
     capsys.readouterr()
     assert final_test.main(["--run-id", parent, "--tracking-uri", uri]) == 0
-    assert f"trial run {soup.info.run_id}" in capsys.readouterr().out
+    assert f"model run {soup.info.run_id}" in capsys.readouterr().out
     assert client.get_run(soup.info.run_id).data.metrics["test/acc"] >= 0.0
     assert client.get_run(parent).data.tags["final_test.trial_run_id"] == soup.info.run_id
     assert final_test.main(["--run-id", parent, "--tracking-uri", uri]) == 2  # once

@@ -56,7 +56,7 @@ def test_sweep_logs_every_trial_and_never_decodes_test(in_tmp, flat_folder, monk
     monkeypatch.setattr(PIL.Image, "open", recording_open)
     _watch.update(on=True, paths=[])
     try:
-        # --precision auto at 32 px (no 1x1 maps, see sweep_args)
+        # --precision auto at 32 px (see sweep_args)
         result = sweep.run_sweep(sweep.parse_args(_args(in_tmp, flat_folder, 2, "--precision", "auto",
                                                         "--image-size", "32")))
     finally:

@@ -8,13 +8,15 @@ import math
 
 import optuna
 import torch
+from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
 from conftest import sweep_args
 from src import final_test, sweep
 from src import model as M
 from src.data import ImageList, build_transform, loader
-from src.winner import pick
+from src.tracking import Tracker
+from src.winner import pick, record
 
 
 def test_an_ensemble_outputs_the_log_of_its_members_mean_probabilities_and_survives_its_checkpoint(tmp_path):
@@ -71,16 +73,23 @@ def test_a_sweep_makes_the_ensemble_of_its_best_trials_once_and_the_final_test_s
             assert torch.equal(state["state_dict"][f"members.{i}.{key}"], value), (i, key)
     tags = client.get_run(parent).data.tags
     assert tags["winner.kind"] in ("ensemble", "trial") and tags["winner.soup_valid_acc"] == "none"
-    assert float(tags["winner.ensemble_valid_acc"]) == run.data.metrics["ensemble/valid_acc"]
+    assert math.isclose(float(tags["winner.ensemble_valid_acc"]), run.data.metrics["ensemble/valid_acc"], abs_tol=1e-6)
     expected_kind = pick({"trial": float(tags["winner.trial_valid_acc"]), "ensemble": float(tags["winner.ensemble_valid_acc"])})
     assert tags["winner.kind"] == expected_kind
 
-    assert sweep.main(args) == 0  # nothing new: not made again
-    assert len(client.search_runs([exp], "tags.`tlsweep.role` = 'ensemble'")) == 1
+    assert sweep.main(args) == 0  # nothing new: not chosen again, nothing made (and deleted) again
+    assert client.get_run(parent).data.tags["winner.from"] == tags["winner.from"]
+    assert len(client.search_runs([exp], "tags.`tlsweep.role` = 'ensemble'", run_view_type=ViewType.ALL)) == 1
+    # Other flags choose again: without soup and ensemble the best trial is the winner.
+    assert sweep.main([*args, "--ensemble-top", "0"]) == 0
+    single = client.get_run(parent).data.tags
+    assert (single["winner.kind"], single["winner.run_id"]) == ("trial", members[0])
+    assert final_test.resolve_runs(Tracker(uri), parent)[0] == members[0]
 
     # The final test scores the ensemble (made the winner here if one trial beat it on these tiny
     # images): its test accuracy is that of the members' mean probabilities, computed apart.
     client.set_tag(parent, "winner.run_id", run.info.run_id)
+    client.set_tag(parent, "winner.kind", "ensemble")
     split = _split(client, parent, in_tmp)
     cfg = state["config"]
     transform = build_transform("none", cfg["image_size"], cfg["mean"], cfg["std"], False)
@@ -97,9 +106,25 @@ def test_a_sweep_makes_the_ensemble_of_its_best_trials_once_and_the_final_test_s
             right, total = right + (mean.argmax(1) == y).sum().item(), total + len(y)
     capsys.readouterr()
     assert final_test.main(["--run-id", parent, "--tracking-uri", uri]) == 0
-    assert f"trial run {run.info.run_id}" in capsys.readouterr().out
+    assert f"model run {run.info.run_id}" in capsys.readouterr().out
     assert math.isclose(client.get_run(run.info.run_id).data.metrics["test/acc"], right / total, abs_tol=1e-6)
 
 
 def _split(client, parent, tmp):
     return json.loads(open(client.download_artifacts(parent, "dataset/split.json", str(tmp))).read())
+
+
+def test_a_candidate_run_a_kill_left_running_is_never_kept_and_a_second_worker_keeps_the_first_finished(in_tmp):
+    tracker = Tracker(f"sqlite:///{in_tmp}/mlflow.db")
+    exp = tracker.client.create_experiment("e")
+    parent = tracker.client.create_run(exp, tags={"tlsweep.role": "parent"}).info.run_id
+    members = ["a", "b"]
+    tags = {"ensemble.members": "a,b", "ensemble.size": 2, "ensemble.trials": "3,1"}
+    orphan = tracker.start_child(parent, "ensemble", "ensemble", tags)  # killed while uploading: RUNNING
+    model = torch.nn.Linear(2, 2)
+    first = record(tracker, parent, "ensemble", model, {"x": 1}, members, "3,1", 0.5, 10)
+    assert first != orphan and tracker.get_run(first).info.status == "FINISHED"
+    again = record(tracker, parent, "ensemble", model, {"x": 1}, members, "3,1", 0.5, 10)  # another worker's
+    assert again == first
+    live = tracker.client.search_runs([exp], "tags.`tlsweep.role` = 'ensemble' and attributes.status = 'FINISHED'")
+    assert [r.info.run_id for r in live] == [first]  # the second worker's own was deleted
