@@ -18,6 +18,7 @@ from src import final_test, sweep
 from src import model as M
 from src import device
 from src.errors import UserError
+from src.tracking import Tracker
 
 pytestmark = pytest.mark.slow
 
@@ -151,11 +152,13 @@ def test_resume_by_name_and_final_test_once(in_tmp, split_folder, capsys):
     assert client.get_run(first.parent_run_id).data.tags["train.precision"] == "fp32"
     uri = f"sqlite:///{in_tmp}/mlflow.db"
 
+    winner = final_test.resolve_runs(Tracker(uri), first.parent_run_id)[0]  # the ensemble, soup or best trial
     assert final_test.main(["--run-id", first.parent_run_id, "--tracking-uri", uri]) == 0
-    best = client.get_run(again.best_run_id)
+    assert client.get_run(first.parent_run_id).data.tags["final_test.trial_run_id"] == winner
+    best = client.get_run(winner)
     assert 0.0 <= best.data.metrics["test/acc"] <= 1.0 and "test/macro_f1" in best.data.metrics
-    assert {"test.csv", "test.png"} <= set(_artifacts(client, again.best_run_id, "confusion"))
-    assert _artifacts(client, again.best_run_id, "report") == ["test_per_class.csv"]
+    assert {"test.csv", "test.png"} <= set(_artifacts(client, winner, "confusion"))
+    assert _artifacts(client, winner, "report") == ["test_per_class.csv"]
     assert client.get_run(first.parent_run_id).data.metrics["test/acc"] == best.data.metrics["test/acc"]
 
     capsys.readouterr()
