@@ -70,12 +70,11 @@ def try_confirm(started: Started, study: optuna.Study) -> bool:
         return True
 
 
-def winner_candidates(started: Started, study: optuna.Study) -> tuple[list[Candidate], str]:
+def winner_candidates(started: Started, study: optuna.Study, tags: dict) -> tuple[list[Candidate], str]:
     """What the soup and the ensemble may draw on, best first, and its label: the trials (the
     confirmed winner first); with a search size, the confirmed configurations' full-size runs (the winner first,
     then by full-size valid accuracy), none before the confirmation decided."""
-    tags = started.tracker.get_run(started.parent_id).data.tags
-    picked = T.confirmed_winner(tags)
+    picked = T.confirmed_winner(tags)  # `tags`: the parent's, as they are now
     if not started.searching:
         return trial_candidates(study, int(picked[0]) if picked else None), ""
     if not picked:
@@ -93,12 +92,13 @@ def try_winner(started: Started, study: optuna.Study, soup_top: int, ensemble_to
     if T.running(study):
         return  # other workers still at it: the last one chooses
     try:
-        candidates, label = winner_candidates(started, study)
+        tags = started.tracker.get_run(started.parent_id).data.tags  # read once for both
+        candidates, label = winner_candidates(started, study, tags)
         if not candidates:
             return
         pipe = started.full_pipeline() or started.ctx.pipeline  # judged at the size the winner has
         choose_winner(started.tracker, started.parent_id, candidates, pipe.valid_loader(2 * pipe.fixed.batch_size),
-                      pipe.device, soup_top, ensemble_top, label)
+                      pipe.device, soup_top, ensemble_top, label, tags)
     except Exception as exc:  # noqa: BLE001 - artifact stores and checkpoints fail in many ways
         log.warning("no soup or ensemble was made (%s: %s); the best trial is the winner", type(exc).__name__, exc)
         try:  # `winner.best_trial` no longer the best's: src/trials.py `winner` passes over the tags

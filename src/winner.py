@@ -104,14 +104,15 @@ def candidates_made(tracker: Tracker, parent_id: str, ranked: list[Candidate], v
 
 
 def choose_winner(tracker: Tracker, parent_id: str, candidates: list[Candidate], valid, device,
-                  soup_top: int, ensemble_top: int, label: str = "") -> str:
+                  soup_top: int, ensemble_top: int, label: str = "", tags: dict | None = None) -> str:
     """Make the soup and the ensemble of the first candidates (best first: the first is the single
     model they compete with) unless made from these already, record the winner on the parent and
     return its run id. With both flags below 2 the first candidate is the winner (as recorded).
-    `label` marks the kind of candidates (e.g. "full:" for full-size models)."""
+    `label` marks the kind of candidates (e.g. "full:" for full-size models); `tags`: the parent's,
+    when the caller has just read them."""
     ranked = candidates[:max(soup_top, ensemble_top, 1)]
     marker = f"{label}{','.join(str(c.number) for c in ranked)};soup={soup_top};ensemble={ensemble_top}"
-    tags = tracker.get_run(parent_id).data.tags
+    tags = tags if tags is not None else tracker.get_run(parent_id).data.tags
     if tags.get("winner.from") == marker:  # chosen from these already (another worker, or a rerun)
         return tags["winner.run_id"]
     accs, runs = ({"trial": ranked[0].value}, {"trial": ranked[0].run_id}) if len(ranked) < 2 else \
