@@ -15,6 +15,12 @@ smaller size S against the largest F:
     fidelity spearman_<S>_vs_<F> <rho>   rank agreement of the configurations' valid accuracies
     fidelity cost_<S>_vs_<F> <x>         mean wall time of a training at S / at F
     fidelity top1_<S>_vs_<F> <0|1>       whether S's best configuration is F's best
+
+`--warm-epochs E` adds, for the smallest size S, the model trained at S and then fine-tuned at the
+largest size F for E more phase-2 epochs (its own phase-2 learning rates; progressive resizing,
+as in FixRes), each epoch's valid accuracy kept (epoch 0: the S model judged at F untouched):
+    fidelity warm<E>_vs_<F> <acc difference>  mean valid accuracy, warm-started minus trained at F
+    fidelity warm_cost_vs_<F> <x>             wall of the E epochs at F / of a training at F
 """
 from __future__ import annotations
 
@@ -32,11 +38,13 @@ import optuna
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from src import data as D, search_space  # noqa: E402
 from src.config import TrialConfig, load_sweep  # noqa: E402
+from src import model as M  # noqa: E402
 from src.confirm import train_on_fold  # noqa: E402
 from src.device import pick_device  # noqa: E402
 from src.pipeline import Pipeline  # noqa: E402
 from src.stats import spearman  # noqa: E402
 from src.study import derive_seed  # noqa: E402
+from src.train import evaluate, fit_phase, fit_two_phase, make_optimizer, recipe  # noqa: E402
 
 
 def draw_configs(sweep_file: Path, n: int, seed: int) -> list[dict]:
@@ -56,12 +64,13 @@ def main(argv=None) -> int:
     p.add_argument("--max-epochs", type=int, default=15)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warm-epochs", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("fidelity-out"))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     args.out.mkdir(parents=True, exist_ok=True)
-    setup = {k: str(v) for k, v in vars(args).items() if k not in ("sizes", "out")}  # what the rows depend on
+    setup = {k: str(v) for k, v in vars(args).items() if k not in ("sizes", "out", "warm_epochs")}  # what the rows depend on
     recorded = args.out / "setup.json"
     if recorded.is_file() and json.loads(recorded.read_text()) != setup:
         raise SystemExit(f"{args.out} holds rows of another setup ({recorded}); pass another --out")
@@ -76,33 +85,68 @@ def main(argv=None) -> int:
                     max_epochs_phase1=args.max_epochs, max_epochs_phase2=args.max_epochs,
                     batch_size=args.batch_size, seed=args.seed, search_size=0)
     device = pick_device("auto")
-    base = None
-    for size in sorted(args.sizes):
-        if all((size, i) in done for i in range(len(configs))):
-            continue
-        pipe = Pipeline(splits=splits, fixed=replace(fixed, image_size=size), weights=args.weights, device=device,
-                        base=base)
-        base = pipe.base  # one starting model for every size
+    sizes, warm = sorted(args.sizes), f"warm{args.warm_epochs}"
+    pipes: dict[int, Pipeline] = {}
+
+    def pipe_at(size: int) -> Pipeline:
+        if size not in pipes:  # one starting model for every size
+            base = next(iter(pipes.values())).base if pipes else None
+            pipes[size] = Pipeline(splits=splits, fixed=replace(fixed, image_size=size), weights=args.weights,
+                                   device=device, base=base)
+        return pipes[size]
+
+    def add(row: dict) -> None:
+        rows.append(row)
+        with results.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"size {row['size']} config {row['config']}: valid {row['valid_acc']:.4f}, {row['wall_s']:.0f} s",
+              flush=True)
+
+    for size in sizes:
+        arms = [size] + ([warm] if args.warm_epochs and size == sizes[0] else [])
         for i, sampled in enumerate(configs):
-            if (size, i) in done:
+            if all((arm, i) in done for arm in arms):
                 continue
+            pipe = pipe_at(size)
             cfg = TrialConfig.build(pipe.fixed, sampled, weights=args.weights, seed=derive_seed(args.seed, i),
                                     classes=splits.classes)
-            start = time.time()
-            acc = train_on_fold(pipe, cfg, lambda rec: None, None)
-            row = {"size": size, "config": i, "valid_acc": acc, "wall_s": time.time() - start, "params": sampled}
-            rows.append(row)
-            with results.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            print(f"size {size} config {i}: valid {acc:.4f}, {row['wall_s']:.0f} s", flush=True)
-    report(rows, sorted(args.sizes), len(configs))
+            if len(arms) == 1:
+                start = time.time()
+                acc = train_on_fold(pipe, cfg, lambda rec: None, None)
+                add({"size": size, "config": i, "valid_acc": acc, "wall_s": time.time() - start, "params": sampled})
+            else:
+                for row in warm_started(pipe, pipe_at(sizes[-1]), cfg, args.warm_epochs, device):
+                    add({**row, "config": i, "params": sampled})
+    report(rows, sizes, len(configs), warm if args.warm_epochs else None)
     return 0
 
 
-def report(rows: list[dict], sizes: list[int], n: int) -> None:
+def warm_started(small: Pipeline, full: Pipeline, cfg: TrialConfig, epochs: int, device) -> list[dict]:
+    """The configuration trained at the small size (as `train_on_fold` does), then its phase 2
+    continued at the full size for `epochs` epochs: a row for each."""
+    start = time.time()
+    model = small.model(cfg.seed)
+    data = small.loaders(cfg, model)
+    _, phase2 = fit_two_phase(model, data.train, data.valid, **recipe(cfg), device=device, phase1=data.phase1)
+    trained = {"size": small.fixed.image_size, "valid_acc": phase2.best_valid_acc, "wall_s": time.time() - start}
+    start = time.time()
+    data = full.loaders(replace(cfg, image_size=full.fixed.image_size), model)
+    untouched = evaluate(model, data.valid, device, None, 0).acc
+    M.unfreeze(model, cfg.unfreeze)
+    opt = make_optimizer(M.param_groups(model, cfg.head_lr * cfg.phase2_head_lr_factor,
+                                        cfg.head_lr * cfg.backbone_lr_ratio, weight_decay=cfg.weight_decay))
+    result = fit_phase(model, data.train, data.valid, opt, max_epochs=epochs, patience=epochs, device=device,
+                       phase=2, label_smoothing=cfg.label_smoothing, lr_schedule=cfg.lr_schedule)
+    accs = [untouched] + [r.valid_acc for r in result.history]
+    return [trained, {"size": f"warm{epochs}", "valid_acc": max(accs), "epoch_accs": accs,
+                      "wall_s": time.time() - start}]
+
+
+def report(rows: list[dict], sizes: list[int], n: int, warm: str | None = None) -> None:
     acc = {(r["size"], r["config"]): r["valid_acc"] for r in rows}
-    wall = {s: np.mean([r["wall_s"] for r in rows if r["size"] == s]) for s in sizes}
-    for s in sizes:
+    arms = sizes + ([warm] if warm else [])
+    wall = {s: np.mean([r["wall_s"] for r in rows if r["size"] == s]) for s in arms}
+    for s in arms:
         print(f"size {s:>4}: mean wall {wall[s]:.0f} s; valid " + " ".join(f"{acc[(s, i)]:.3f}" for i in range(n)))
     full = sizes[-1]
     for s in sizes[:-1]:
@@ -111,6 +155,10 @@ def report(rows: list[dict], sizes: list[int], n: int) -> None:
         print(f"fidelity spearman_{s}_vs_{full} {'nan' if rho is None else f'{rho:.3f}'}")
         print(f"fidelity cost_{s}_vs_{full} {wall[s] / wall[full]:.3f}")
         print(f"fidelity top1_{s}_vs_{full} {int(int(np.argmax(xs)) == int(np.argmax(ys)))}")
+    if warm:
+        gap = np.mean([acc[(warm, i)] - acc[(full, i)] for i in range(n)])
+        print(f"fidelity {warm}_vs_{full} {gap:+.4f}")
+        print(f"fidelity warm_cost_vs_{full} {wall[warm] / wall[full]:.3f}")
 
 
 if __name__ == "__main__":
