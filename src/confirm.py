@@ -33,14 +33,16 @@ a --timeout or a stop):
 With a search size (`--search-size S`, `Fixed.search_size`) the trials train at S px and their
 models cannot win; the confirmation is then how the full size is reached (K defaults to FULL_TOP,
 F to 0). Every job trains at the full `image_size` (`full`: the pipeline at full size, its own
-decoded store and features), and each configuration gets one more job, fold FULL (-1): its
-training on the ORIGINAL split at full size, the run `full-<trial>` (role `full`, with
-checkpoints and figures like a trial's). That run represents the configuration: the best mean
-over the F folds wins (F = 0: the best full-size valid accuracy on the original split), among the
-configurations whose full-size run completed. Also on the parent: `confirm.full.<trial>` (its
-full-size valid accuracy) and the rank agreement (Spearman) of the trials' search-size and the
-full-size valid accuracies, `confirm.rank_agreement` / `confirm/rank_agreement` (with
-`confirm.rank_agreement_configs`; fewer than RELIABLE_FROM configurations: flagged unreliable).
+decoded store and features), and each configuration gets one more job, fold FULL (-1) on the
+ORIGINAL split, the run `full-<trial>` (role `full`, checkpoints and figures like a trial's): its
+trial's best model fine-tuned at full size for `--full-epochs` E phase-2 epochs (FULL_EPOCHS,
+`confirm_jobs.fine_tuned`; E = 0: trained again from scratch, both phases; tag `full.start`).
+That run represents the configuration: the best mean over the F folds wins (F = 0: the best
+full-size valid accuracy on the original split), among those whose full-size run completed. On
+the parent also `confirm.full.<trial>` (its full-size valid accuracy), `confirm.full_epochs`,
+and the rank agreement (Spearman) of the search-size and full-size valid accuracies,
+`confirm.rank_agreement` / `confirm/rank_agreement` (with `confirm.rank_agreement_configs`;
+below RELIABLE_FROM configurations flagged unreliable).
 """
 from __future__ import annotations
 
@@ -56,8 +58,8 @@ from optuna.trial import FrozenTrial, TrialState
 from . import search_space
 from . import trials as T
 from .config import TrialConfig
-from .confirm_jobs import (FAULT_ATTR, FULL, ROLES, close_orphan_jobs, completed_runs, rank_agreement, draw_folds,
-                           job_of, outcomes, record_folds)
+from .confirm_jobs import (FAULT_ATTR, FULL, ROLES, close_orphan_jobs, completed_runs, draw_folds, fine_tuned,
+                           full_start, interrupted_try, job_of, outcomes, rank_agreement, record_folds)
 from .pipeline import Pipeline, pool, refold
 from .record import MISTAKES_SHOWN, TrialRecord
 from .recovery import recover_lost, worker_id
@@ -72,6 +74,7 @@ ROLE, FULL_ROLE = ROLES
 POLL_S = 5.0         # while other workers' jobs run: how often to look again
 DEFAULT_FOLDS = 3
 FULL_TOP = 3         # --confirm-top when a search size is set and it is not given
+FULL_EPOCHS = 3      # --full-epochs: a full-size model is its trial's, fine-tuned this long at full size
 FULL_SEED = 999_999  # a full-size job's seed offset (fold f: 1 + f), apart from the trial's own
 MAX_TOP = 50  # --confirm-top's ceiling (the parent's tags of one decision go in one MLflow batch)
 
@@ -116,10 +119,11 @@ class Confirmation:
     pipeline at full size when the trials searched at a smaller one."""
 
     def __init__(self, tracker: Tracker, parent_id: str, study: optuna.Study, pipeline: Pipeline, search: dict,
-                 top: int, folds: int, amp: torch.dtype | None = None, full: Pipeline | None = None):
+                 top: int, folds: int, amp: torch.dtype | None = None, full: Pipeline | None = None,
+                 full_epochs: int = 0):
         self.tracker, self.parent_id, self.study = tracker, parent_id, study
         self.pipe, self.full = full or pipeline, full is not None  # what every job trains at
-        self.search, self.folds, self.amp = search, folds, amp
+        self.search, self.folds, self.amp, self.full_epochs = search, folds, amp, full_epochs
         self.plan = ranked(study, top)
         self.complete = {t.number: t for t in T.completed(study)}  # a job of another plan may name any
         self.fold_list = draw_folds(pool(self.pipe), self.pipe.labels("valid"), folds, self.pipe.fixed.seed)
@@ -136,24 +140,24 @@ class Confirmation:
             return
         side = T.side_study(self.study, T.CONFIRM_SUFFIX)
         plan = [(t.number, f) for t in self.plan for f in self.fold_numbers]
-        if self.folds:
-            with writing():
+        with writing():
+            if self.folds:
                 record_folds(self.tracker, self.parent_id, self.pipe, self.fold_list)
-        said = False
+            if self.full:
+                self.tracker.set_tags(self.parent_id, {"confirm.full_epochs": self.full_epochs})
+        results = queue_missing(side, self.tracker, plan)
+        log.info("confirmation: %d configurations x %d job(s)%s, %d to run", len(self.plan),
+                 len(self.fold_numbers), f" at {self.pipe.fixed.image_size} px" if self.full else "",
+                 sum(results.get(k) is None for k in plan))
         while True:
-            results = queue_missing(side, self.tracker, plan)
             raise_if_stopped()
-            if not said:
-                log.info("confirmation: %d configurations x %d job(s)%s, %d to run", len(self.plan),
-                         len(self.fold_numbers), f" at {self.pipe.fixed.image_size} px" if self.full else "",
-                         sum(results.get(k) is None for k in plan))
-                said = True
             if side.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
                 self._take_one(side)
             elif all(outcomes(side).get(k) is not None for k in plan):
                 break
             elif STOP.wait(POLL_S):  # other workers' jobs still run
                 raise_if_stopped()
+            queue_missing(side, self.tracker, plan)
         with writing():
             close_orphan_jobs(self.tracker, self.parent_id, side)
             decide(self.tracker, self.parent_id, self.plan, self.fold_numbers, outcomes(side),
@@ -177,7 +181,8 @@ class Confirmation:
         run_id = self.tracker.start_child(
             self.parent_id, f"full-{number}" if fold == FULL else f"confirm-{number}-fold{fold}",
             FULL_ROLE if fold == FULL else ROLE,
-            {"confirm.trial": number, "confirm.fold": fold, "confirm.job": trial.number, "optuna.state": "RUNNING"},
+            {"confirm.trial": number, "confirm.fold": fold, "confirm.job": trial.number, "optuna.state": "RUNNING",
+             **full_start(fold, self.full_epochs)},
             params={k: v for k, v in cfg.to_dict().items() if k != "classes"})
         trial.set_user_attr(T.RUN_ID_ATTR, run_id)
         return trial, original, fold, cfg, run_id
@@ -209,13 +214,11 @@ class Confirmation:
                         self.record.phase_end(run_id, cfg, result, model, history, original.number)
                     raise_if_stopped()
 
-                acc = train_on_fold(self._fold_pipe(fold), cfg, on_epoch, self.amp,
-                                    on_phase_end if fold == FULL else None)
+                acc = fine_tuned(self.pipe, cfg, self.tracker, T.run_id(original), self.full_epochs, on_epoch,
+                                 self.amp, on_phase_end) if fold == FULL and self.full_epochs else \
+                    train_on_fold(self._fold_pipe(fold), cfg, on_epoch, self.amp, on_phase_end if fold == FULL else None)
         except KeyboardInterrupt:
-            with writing():  # a try that died: the job is queued again next time
-                trial.set_user_attr(T.FAIL_KIND_ATTR, T.INTERRUPTED)
-                side.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
-                self.tracker.end_run(run_id, "INTERRUPTED", "interrupted (Ctrl-C or SIGTERM); queued again")
+            interrupted_try(self.tracker, side, trial, run_id)
             raise
         except Exception as exc:
             failed_try(self.tracker, side, trial, run_id, exc, self.pipe, original, fold)

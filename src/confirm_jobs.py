@@ -4,17 +4,26 @@ well a search size ranked the configurations."""
 from __future__ import annotations
 
 import random
+import tempfile
 from collections import Counter, defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 
 import optuna
+import torch
 from optuna.trial import FrozenTrial, TrialState
 
+from . import model as M
 from . import trials as T
+from .config import TrialConfig
 from .pipeline import Pipeline
+from .record import MISTAKES_SHOWN
+from .soup import load
 from .stats import spearman
+from .stopping import writing
 from .study import derive_seed
 from .tracking import ROLE as TR_ROLE, Tracker
+from .train import fit_phase, make_optimizer
 
 FAULT_ATTR = "tlsweep.job_fault"  # on a job's try whose training failed as a trial fails: it scores 0
 MAX_DEAD_TRIES = 5                # a job whose tries keep dying scores 0 after this many
@@ -120,3 +129,40 @@ def rank_agreement(tracker: Tracker, parent_id: str, plan: list[FrozenTrial], re
     return {"confirm.rank_agreement": "undefined" if rho is None else f"{rho:.4f}",
             "confirm.rank_agreement_configs": len(plan),
             "confirm.rank_agreement_reliable": str(len(plan) >= RELIABLE_FROM).lower()}
+
+
+def interrupted_try(tracker: Tracker, side: optuna.Study, trial, run_id: str) -> None:
+    """A try that died (Ctrl-C, SIGTERM): closed, and its job is queued again next time."""
+    with writing():
+        trial.set_user_attr(T.FAIL_KIND_ATTR, T.INTERRUPTED)
+        side.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+        tracker.end_run(run_id, "INTERRUPTED", "interrupted (Ctrl-C or SIGTERM); queued again")
+
+
+def full_start(fold: int, epochs: int) -> dict:
+    """A FULL job's run tag `full.start`: how its model was made (`--full-epochs`)."""
+    return {"full.start": f"fine-tuned {epochs} epochs" if epochs else "trained again"} if fold == FULL else {}
+
+
+def fine_tuned(pipe: Pipeline, cfg: TrialConfig, tracker: Tracker, trial_run_id: str, epochs: int, on_epoch, amp,
+               on_phase_end) -> float:
+    """Progressive resizing (`--full-epochs`): a search-size trial's best model fine-tuned at the
+    pipeline's (full) size for `epochs` phase-2 epochs, at the trial's own phase-2 learning rates,
+    weight decay, schedule, smoothing and unfrozen stages, without early stopping; the best of
+    those epochs is kept (`on_phase_end`) and its validation accuracy returned. Steps continue
+    the trial's phase 2 (from `max_epochs_phase1 + 1`), as in a retraining."""
+    with tempfile.TemporaryDirectory() as tmp:
+        _, state = load(tracker, trial_run_id, Path(tmp))
+    model = pipe.model(cfg.seed)
+    model.load_state_dict(state)
+    data = pipe.loaders(cfg, model)
+    model.to(pipe.device, memory_format=torch.channels_last)
+    M.unfreeze(model, cfg.unfreeze)
+    optimizer = make_optimizer(M.param_groups(model, cfg.head_lr * cfg.phase2_head_lr_factor,
+                                              cfg.head_lr * cfg.backbone_lr_ratio, weight_decay=cfg.weight_decay))
+    result = fit_phase(model, data.train, data.valid, optimizer, max_epochs=epochs, patience=epochs,
+                       device=pipe.device, phase=2, first_step=cfg.max_epochs_phase1 + 1, on_epoch=on_epoch,
+                       amp=amp, keep_mistakes=MISTAKES_SHOWN, label_smoothing=cfg.label_smoothing,
+                       lr_schedule=cfg.lr_schedule)
+    on_phase_end(result, model)
+    return result.best_valid_acc

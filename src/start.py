@@ -40,6 +40,7 @@ class Started:
     experiment_id: str
     fixed: Fixed | None = None
     confirm: tuple[int, int] = (0, DEFAULT_FOLDS)
+    full_epochs: int = 0  # --full-epochs (with a search size)
     _full: Pipeline | None = None
 
     @property
@@ -159,4 +160,4 @@ def start(opts: SweepOptions) -> Started:
     recover(study, tracker, parent_id)  # what a killed or interrupted earlier run left behind
     record = TrialRecord(tracker, parent_id, pipeline.mean, pipeline.std)
     return Started(Context(pipeline, sweep.search, record, amp, opts.trials), study,
-                   tracker.get_run(parent_id).info.experiment_id, fixed, plan)
+                   tracker.get_run(parent_id).info.experiment_id, fixed, plan, full_epochs=opts.full_epochs)

@@ -26,7 +26,7 @@ from .options import SweepOptions
 from .pipeline import DEFAULT_MAX_BAD_FRACTION
 from .recovery import requeue_interrupted
 from .scheduler import optimize
-from .confirm import DEFAULT_FOLDS, FULL_TOP, MAX_TOP
+from .confirm import DEFAULT_FOLDS, FULL_EPOCHS, FULL_TOP, MAX_TOP
 from .soup import SOUP_TOP
 from .start import start
 from .stopping import STOP, handling_signals, writing
@@ -91,6 +91,10 @@ def parse_args(argv=None) -> SweepOptions:
     p.add_argument("--confirm-folds", type=int, default=None, metavar="F",
                    help=f"re-drawn splits per configuration for --confirm-top (default {DEFAULT_FOLDS}; with a "
                         f"search size 0: the configurations are judged at full size on the original split)")
+    p.add_argument("--full-epochs", type=int, default=FULL_EPOCHS, metavar="E",
+                   help=f"with a search size, each full-size model starts from its trial's best model and "
+                        f"fine-tunes at --image-size for E phase-2 epochs (0: trained again from scratch at full "
+                        f"size, both phases; default {FULL_EPOCHS}; see src/confirm.py)")
     args = p.parse_args(argv)
     _check(p, args)
     return SweepOptions(**vars(args))
@@ -102,6 +106,8 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--confirm-top {args.confirm_top}: give 0 (off) to {MAX_TOP} configurations")
     if args.confirm_folds is not None and args.confirm_folds < 0:
         p.error(f"--confirm-folds {args.confirm_folds}: give 0 or more re-drawn splits")
+    if args.full_epochs < 0:
+        p.error(f"--full-epochs {args.full_epochs}: give 0 (train again at full size) or more epochs")
     if args.search_size is not None and args.search_size < 0:
         p.error(f"--search-size {args.search_size}: give a side in pixels below --image-size, or 0 (off)")
     if (args.confirm_top or args.search_size) and args.no_cache:

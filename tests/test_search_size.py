@@ -10,14 +10,18 @@ from pathlib import Path
 import numpy as np
 import optuna
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import sweep_args
 from src import final_test, sweep
 from src import model as M
 from src import trials as T
+from src import data as D
+from src.config import Fixed, TrialConfig
 from src.confirm import decide
-from src.confirm_jobs import FULL
+from src.confirm_jobs import FULL, fine_tuned
+from src.pipeline import Pipeline
 from src.data import stored_side
 from src.tracking import Tracker
 
@@ -45,6 +49,7 @@ def test_trials_search_small_the_best_train_full_size_and_only_those_are_scored(
     parent = study.user_attrs["mlflow_parent_run_id"]
     tags = client.get_run(parent).data.tags
     assert (tags["fixed.image_size"], tags["fixed.search_size"]) == ("16", "8")  # both sizes on the parent
+    assert tags["confirm.full_epochs"] == "3"
 
     # every trial trained at the search size: its params and its checkpoint say so
     for t in study.trials:
@@ -61,8 +66,11 @@ def test_trials_search_small_the_best_train_full_size_and_only_those_are_scored(
     for number, run in full.items():
         assert run.info.status == "FINISHED" and run.info.run_name == f"full-{number}"
         assert run.data.params["image_size"] == "16"
+        # --full-epochs 3 (the default): the trial's model fine-tuned 3 epochs at full size, no phase 1
+        assert run.data.tags["full.start"] == "fine-tuned 3 epochs" and run.data.metrics["phase2/epochs"] == 3
+        assert "phase1/best_valid_acc" not in run.data.metrics
         assert (_config(tracker, run.info.run_id)["image_size"], _config(tracker, run.info.run_id)["search_size"]) == (16, 8)
-        assert float(tags[f"confirm.full.{number}"]) == pytest.approx(run.data.metrics["phase2/best_valid_acc"])
+        assert float(tags[f"confirm.full.{number}"]) == pytest.approx(run.data.metrics["phase2/best_valid_acc"], abs=1e-6)  # tag: 6 decimals
         assert {a.path for a in client.list_artifacts(run.info.run_id, "figures")} >= {"figures/training_curves.png"}
     # F = 0: the best full-size valid accuracy wins, and its full-size run is the model
     winner = int(tags["confirm.winner_trial"])
@@ -125,3 +133,32 @@ def test_a_study_keeps_its_search_size():
     check_same_settings(before, {"image_size": 16})
     with pytest.raises(UserError, match="search_size: None -> 8"):
         check_same_settings(before, {"image_size": 16, "search_size": 8})
+
+
+def test_a_full_size_model_is_its_trials_model_fine_tuned_at_full_size(in_tmp, flat_folder):
+    """--full-epochs: the full-size job starts from the trial's saved model (not a fresh head on
+    the starting backbone), at the full size, and keeps only phase 2."""
+    splits = D.find_splits(flat_folder)
+    fixed = Fixed(backbone="resnet18", weights="none", image_size=16, batch_size=8, max_epochs_phase1=2,
+                  max_epochs_phase2=2, seed=3, search_size=8)
+    pipe = Pipeline(splits=splits, fixed=fixed, weights="none", device=torch.device("cpu"), loader_workers=0)
+    trial_model = pipe.model(1)
+    with torch.no_grad():  # the trial's model: unlike the starting one anywhere
+        for param in trial_model.parameters():
+            param.add_(torch.randn_like(param) * 0.1)
+    tracker = Tracker(f"sqlite:///{in_tmp}/mlflow.db")
+    run_id = MlflowClient(tracker.uri).create_run(MlflowClient(tracker.uri).create_experiment("e")).info.run_id
+    # a learning rate that moves nothing: what comes out is what went in
+    cfg = TrialConfig("resnet18", "none", 16, 8, 2, 2, 1.0, 1e-12, 1.0, 2, "none", 5, search_size=8,
+                      classes=tuple(splits.classes))
+    tracker.log_files(run_id, [M.save_checkpoint(M.make_checkpoint(trial_model, {**cfg.to_dict(), "image_size": 8}, 2,
+                                                                   1, 0.5), in_tmp / "phase2_best.pt")], "checkpoints")
+    ended, epochs = [], []
+    acc = fine_tuned(pipe, cfg, tracker, run_id, 2, epochs.append, None, lambda result, model: ended.append((result, model)))
+    (result, model), = ended
+    assert [(e.phase, e.step) for e in epochs] == [(2, 3), (2, 4)]  # phase 2 only, continuing the trial's steps
+    assert result.phase == 2 and result.best_valid_acc == acc and 0.0 <= acc <= 1.0
+    start = dict(trial_model.named_parameters())
+    assert all(torch.allclose(p, start[n], atol=1e-6) for n, p in model.named_parameters())
+    fresh = pipe.model(cfg.seed)
+    assert not torch.allclose(dict(fresh.named_parameters())["fc.weight"], dict(model.named_parameters())["fc.weight"])
