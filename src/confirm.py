@@ -34,9 +34,9 @@ With a search size (`--search-size S`, `Fixed.search_size`) the trials train at 
 models cannot win; the confirmation is then how the full size is reached (K defaults to FULL_TOP,
 F to 0). Every job trains at the full `image_size` (`full`: the pipeline at full size, its own
 decoded store and features), and each configuration gets one more job, fold FULL (-1) on the
-ORIGINAL split, the run `full-<trial>` (role `full`, checkpoints and figures like a trial's): its
-trial's best model fine-tuned at full size for `--full-epochs` E phase-2 epochs (FULL_EPOCHS,
-`confirm_jobs.fine_tuned`; E = 0: trained again from scratch, both phases; tag `full.start`).
+ORIGINAL split, the run `full-<trial>` (role `full`, checkpoints and figures like a trial's): the
+configuration trained again from scratch at full size, both phases, or with `--full-epochs E`
+> 0 its trial's best model fine-tuned there for E phase-2 epochs (`confirm_jobs.fine_tuned`).
 That run represents the configuration: the best mean over the F folds wins (F = 0: the best
 full-size valid accuracy on the original split), among those whose full-size run completed. On
 the parent also `confirm.full.<trial>` (its full-size valid accuracy), `confirm.full_epochs`,
@@ -74,7 +74,7 @@ ROLE, FULL_ROLE = ROLES
 POLL_S = 5.0         # while other workers' jobs run: how often to look again
 DEFAULT_FOLDS = 3
 FULL_TOP = 3         # --confirm-top when a search size is set and it is not given
-FULL_EPOCHS = 3      # --full-epochs: a full-size model is its trial's, fine-tuned this long at full size
+FULL_EPOCHS = 0      # --full-epochs: 0 trains a full-size model from scratch (fine-tuning 3: -3.4 points, README)
 FULL_SEED = 999_999  # a full-size job's seed offset (fold f: 1 + f), apart from the trial's own
 MAX_TOP = 50  # --confirm-top's ceiling (the parent's tags of one decision go in one MLflow batch)
 

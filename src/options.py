@@ -36,7 +36,7 @@ class SweepOptions:
     ensemble_top: int = 3
     confirm_top: int = 0   # --confirm-top K, --confirm-folds F (src/confirm.py); K = 0: off
     confirm_folds: int | None = None  # None: 3, or 0 with a search size
-    full_epochs: int = 3   # --full-epochs E: a search-size trial's model fine-tuned E epochs at full size (0: retrained)
+    full_epochs: int = 0   # --full-epochs E: a search-size trial's model fine-tuned E epochs at full size (0: retrained)
 
     def fixed_overrides(self) -> dict[str, Any]:
         """The flags that override [fixed] (`resolve_fixed`): --max-epochs sets both phases."""

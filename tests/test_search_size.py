@@ -49,7 +49,7 @@ def test_trials_search_small_the_best_train_full_size_and_only_those_are_scored(
     parent = study.user_attrs["mlflow_parent_run_id"]
     tags = client.get_run(parent).data.tags
     assert (tags["fixed.image_size"], tags["fixed.search_size"]) == ("16", "8")  # both sizes on the parent
-    assert tags["confirm.full_epochs"] == "3"
+    assert tags["confirm.full_epochs"] == "0"
 
     # every trial trained at the search size: its params and its checkpoint say so
     for t in study.trials:
@@ -66,9 +66,8 @@ def test_trials_search_small_the_best_train_full_size_and_only_those_are_scored(
     for number, run in full.items():
         assert run.info.status == "FINISHED" and run.info.run_name == f"full-{number}"
         assert run.data.params["image_size"] == "16"
-        # --full-epochs 3 (the default): the trial's model fine-tuned 3 epochs at full size, no phase 1
-        assert run.data.tags["full.start"] == "fine-tuned 3 epochs" and run.data.metrics["phase2/epochs"] == 3
-        assert "phase1/best_valid_acc" not in run.data.metrics
+        # --full-epochs 0 (the default): trained again from scratch at full size, both phases
+        assert run.data.tags["full.start"] == "trained again" and "phase1/best_valid_acc" in run.data.metrics
         assert (_config(tracker, run.info.run_id)["image_size"], _config(tracker, run.info.run_id)["search_size"]) == (16, 8)
         assert float(tags[f"confirm.full.{number}"]) == pytest.approx(run.data.metrics["phase2/best_valid_acc"], abs=1e-6)  # tag: 6 decimals
         assert {a.path for a in client.list_artifacts(run.info.run_id, "figures")} >= {"figures/training_curves.png"}
