@@ -133,12 +133,20 @@ def print_confirmation(tags: dict, picked: tuple[str, str]) -> None:
           f"{'full-size' if search else 'original'} run {picked[1]})")
     if not search:
         return
-    rho, n = tags.get("confirm.rank_agreement", "undefined"), int(tags.get("confirm.rank_agreement_configs", 0))
-    print(f"trials searched at {search} px; rank agreement (Spearman) of their valid_acc with the full size's: {rho} "
-          f"over {n} configurations" + ("" if n >= RELIABLE_FROM else f" (unreliable below {RELIABLE_FROM})"))
+    print("\n".join(rank_lines(search, full, tags.get("confirm.rank_agreement", "undefined"),
+                                int(tags.get("confirm.rank_agreement_configs", 0)))))
+
+
+def rank_lines(search: int, full: int, rho: str, n: int) -> list[str]:
+    """The summary's lines on how well the search size ranked the configurations: a warning
+    when the agreement is low over enough of them (RELIABLE_FROM) to tell."""
+    lines = [f"trials searched at {search} px; rank agreement (Spearman) of their valid_acc with the full size's: "
+             f"{rho} over {n} configurations" + ("" if n >= RELIABLE_FROM else f" (unreliable below {RELIABLE_FROM})")]
     if rho != "undefined" and float(rho) < LOW_AGREEMENT:
-        print(f"  warning: at {search} px the configurations rank unlike at {full} px; a larger --search-size "
-              f"(or 0: none) searches more faithfully")
+        lines.append(f"  warning: at {search} px the configurations rank unlike at {full} px; a larger --search-size "
+                     f"(or 0: none) searches more faithfully" if n >= RELIABLE_FROM else
+                     f"  (too few to judge the search size by; --confirm-top {RELIABLE_FROM} or more measures it)")
+    return lines
 
 
 def print_summary(started: Started, study: optuna.Study, tracking_uri: str | None, storage: str) -> int:

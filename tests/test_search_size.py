@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import sweep_args
 from src import final_test, sweep
+from src.summary import rank_lines
 from src import model as M
 from src import trials as T
 from src import data as D
@@ -78,7 +79,7 @@ def test_trials_search_small_the_best_train_full_size_and_only_those_are_scored(
     assert tags["confirm.winner_run_id"] == full[winner].info.run_id
     # the rank agreement of the two sizes: recorded, and flagged unreliable over 3 configurations
     assert tags["confirm.rank_agreement_configs"] == "3" and tags["confirm.rank_agreement_reliable"] == "false"
-    assert "trials searched at 8 px" in out and "unreliable below 5" in out
+    assert "trials searched at 8 px" in out and "unreliable below 5" in out and "warning: at 8 px" not in out
 
     # a search-size model is refused by the final test; the parent's winner is a full-size model
     capsys.readouterr()
@@ -161,3 +162,11 @@ def test_a_full_size_model_is_its_trials_model_fine_tuned_at_full_size(in_tmp, f
     assert all(torch.allclose(p, start[n], atol=1e-6) for n, p in model.named_parameters())
     fresh = pipe.model(cfg.seed)
     assert not torch.allclose(dict(fresh.named_parameters())["fc.weight"], dict(model.named_parameters())["fc.weight"])
+
+
+def test_a_low_rank_agreement_is_warned_of_only_over_enough_configurations():
+    assert "warning" in rank_lines(64, 128, "0.2000", 5)[1]
+    few = rank_lines(64, 128, "0.0000", 3)  # the default K = 3: too few to tell, so no warning
+    assert "unreliable below 5" in few[0] and "warning" not in " ".join(few) and "too few" in few[1]
+    assert rank_lines(64, 128, "0.9000", 8) == [rank_lines(64, 128, "0.9000", 8)[0]]  # agreeing: one line
+    assert len(rank_lines(64, 128, "undefined", 1)) == 1
