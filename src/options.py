@@ -31,7 +31,7 @@ class SweepOptions:
     max_bad_fraction: float
     no_prune: bool
     no_cache: bool
-    search_size: int | None = None
+    search_size: int | str | None = None  # "half": config.half_size
     soup_top: int = 5
     ensemble_top: int = 3
     confirm_top: int = 0   # --confirm-top K, --confirm-folds F (src/confirm.py); K = 0: off

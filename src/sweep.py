@@ -27,6 +27,7 @@ from .pipeline import DEFAULT_MAX_BAD_FRACTION
 from .recovery import requeue_interrupted
 from .scheduler import optimize
 from .confirm import DEFAULT_FOLDS, FULL_EPOCHS, FULL_TOP, MAX_TOP
+from .config import HALF, MIN_SEARCH
 from .soup import SOUP_TOP
 from .start import start
 from .stopping import STOP, handling_signals, writing
@@ -55,9 +56,10 @@ def parse_args(argv=None) -> SweepOptions:
     p.add_argument("--batch-size", type=int, help="batch size (default from the sweep file)")
     p.add_argument("--max-epochs", type=int, help="max epochs of EACH phase (default from the sweep file)")
     p.add_argument("--seed", type=int, help="study seed (default from the sweep file)")
-    p.add_argument("--search-size", type=int, metavar="S",
-                   help="trials train at S px, the --confirm-top best again at --image-size, and only those "
-                        "can win (0: off; default from the sweep file; see src/confirm.py)")
+    p.add_argument("--search-size", metavar="S",
+                   help=f"trials train at S px, the --confirm-top best again at --image-size, and only those "
+                        f"can win ({HALF}: half the side, off below {2 * MIN_SEARCH} px; 0: off; default from the "
+                        f"sweep file; see src/confirm.py)")
     p.add_argument("--study-name", help="Optuna study; reusing a name resumes it (default <sweep>-<data>)")
     p.add_argument("--storage", default=DEFAULT_STORAGE, help="Optuna storage URL (default: optuna.db in the repo)")
     p.add_argument("--experiment", help="MLflow experiment (default: the sweep file's name)")
@@ -108,8 +110,11 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--confirm-folds {args.confirm_folds}: give 0 or more re-drawn splits")
     if args.full_epochs < 0:
         p.error(f"--full-epochs {args.full_epochs}: give 0 (train again at full size) or more epochs")
-    if args.search_size is not None and args.search_size < 0:
-        p.error(f"--search-size {args.search_size}: give a side in pixels below --image-size, or 0 (off)")
+    if args.search_size not in (None, HALF):
+        if not args.search_size.isdigit():
+            p.error(f"--search-size {args.search_size}: give a side in pixels below --image-size, {HALF} (half the "
+                    f"side, not below {MIN_SEARCH} px) or 0 (off)")
+        args.search_size = int(args.search_size)
     if (args.confirm_top or args.search_size) and args.no_cache:
         p.error("--confirm-top and --search-size re-train on the decoded images: they cannot run with --no-cache")
     if args.soup_top < 0:

@@ -24,6 +24,7 @@ from src.confirm import decide
 from src.confirm_jobs import FULL, fine_tuned
 from src.pipeline import Pipeline
 from src.data import stored_side
+from src.errors import UserError
 from src.tracking import Tracker
 
 SEARCH = ("--search-size", "8")  # sweep_args trains at --image-size 16
@@ -170,3 +171,19 @@ def test_a_low_rank_agreement_is_warned_of_only_over_enough_configurations():
     assert "unreliable below 5" in few[0] and "warning" not in " ".join(few) and "too few" in few[1]
     assert rank_lines(64, 128, "0.9000", 8) == [rank_lines(64, 128, "0.9000", 8)[0]]  # agreeing: one line
     assert len(rank_lines(64, 128, "undefined", 1)) == 1
+
+
+@pytest.mark.parametrize("image_size, searched", [(224, 112), (128, 64), (160, 80), (120, 0), (32, 0)])
+def test_search_size_half_is_half_the_side_and_off_below_64_px(tmp_path, image_size, searched):
+    from src.config import load_sweep, resolve_fixed
+    path = tmp_path / "s.toml"
+    path.write_text('[fixed]\nsearch_size = "half"\n[search]\nhead_lr = 1e-3\nbackbone_lr_ratio = 0.1\n'
+                    'patience = 2\naug_strength = "none"\n')
+    sweep_file = load_sweep(path)
+    assert resolve_fixed(sweep_file, False, {"image_size": image_size}).search_size == searched
+    assert resolve_fixed(sweep_file, False, {"image_size": image_size, "search_size": 0}).search_size == 0  # the flag wins
+    assert sweep.parse_args(["--search-size", "half"]).search_size == "half"
+    assert sweep.parse_args(["--search-size", "48"]).search_size == 48
+    path.write_text(path.read_text().replace('"half"', '"third"'))
+    with pytest.raises(UserError, match=r'search_size = .third. should be a int or "half"'):
+        load_sweep(path)
