@@ -17,8 +17,9 @@ smaller size S against the largest F:
     fidelity top1_<S>_vs_<F> <0|1>       whether S's best configuration is F's best
 
 `--warm-epochs E` adds, for the smallest size S, the model trained at S and then fine-tuned at the
-largest size F for E more phase-2 epochs (its own phase-2 learning rates; progressive resizing,
-as in FixRes), each epoch's valid accuracy kept (epoch 0: the S model judged at F untouched):
+largest size F for E more phase-2 epochs, as `--full-epochs E` does (`confirm_jobs.fine_tuned`'s
+recipe: its own phase-2 learning rates; progressive resizing), the best of those E epochs kept
+(each epoch's valid accuracy is in the row, and epoch 0, the S model judged at F untouched):
     fidelity warm<E>_vs_<F> <acc difference>  mean valid accuracy, warm-started minus trained at F
     fidelity warm_cost_vs_<F> <x>             wall of the E epochs at F / of a training at F
 """
@@ -116,7 +117,8 @@ def main(argv=None) -> int:
                 add({"size": size, "config": i, "valid_acc": acc, "wall_s": time.time() - start, "params": sampled})
             else:
                 for row in warm_started(pipe, pipe_at(sizes[-1]), cfg, args.warm_epochs, device):
-                    add({**row, "config": i, "params": sampled})
+                    if (row["size"], i) not in done:  # the small size's row may be there from a run without warm
+                        add({**row, "config": i, "params": sampled})
     report(rows, sizes, len(configs), warm if args.warm_epochs else None)
     return 0
 
@@ -137,8 +139,8 @@ def warm_started(small: Pipeline, full: Pipeline, cfg: TrialConfig, epochs: int,
                                         cfg.head_lr * cfg.backbone_lr_ratio, weight_decay=cfg.weight_decay))
     result = fit_phase(model, data.train, data.valid, opt, max_epochs=epochs, patience=epochs, device=device,
                        phase=2, label_smoothing=cfg.label_smoothing, lr_schedule=cfg.lr_schedule)
-    accs = [untouched] + [r.valid_acc for r in result.history]
-    return [trained, {"size": f"warm{epochs}", "valid_acc": max(accs), "epoch_accs": accs,
+    accs = [untouched] + [r.valid_acc for r in result.history]  # epoch 0 shown, not a candidate (as in the product)
+    return [trained, {"size": f"warm{epochs}", "valid_acc": result.best_valid_acc, "epoch_accs": accs,
                       "wall_s": time.time() - start}]
 
 

@@ -141,7 +141,7 @@ def interrupted_try(tracker: Tracker, side: optuna.Study, trial, run_id: str) ->
 
 def full_start(fold: int, epochs: int) -> dict:
     """A FULL job's run tag `full.start`: how its model was made (`--full-epochs`)."""
-    return {"full.start": f"fine-tuned {epochs} epochs" if epochs else "trained again"} if fold == FULL else {}
+    return {"full.start": f"fine-tuned {epochs} epoch{'s' * (epochs != 1)}" if epochs else "trained again"} if fold == FULL else {}
 
 
 def fine_tuned(pipe: Pipeline, cfg: TrialConfig, tracker: Tracker, trial_run_id: str, epochs: int, on_epoch, amp,
@@ -149,8 +149,10 @@ def fine_tuned(pipe: Pipeline, cfg: TrialConfig, tracker: Tracker, trial_run_id:
     """Progressive resizing (`--full-epochs`): a search-size trial's best model fine-tuned at the
     pipeline's (full) size for `epochs` phase-2 epochs, at the trial's own phase-2 learning rates,
     weight decay, schedule, smoothing and unfrozen stages, without early stopping; the best of
-    those epochs is kept (`on_phase_end`) and its validation accuracy returned. Steps continue
-    the trial's phase 2 (from `max_epochs_phase1 + 1`), as in a retraining."""
+    those epochs is kept (`on_phase_end`) and its validation accuracy returned; the model as it
+    came from the search size is not a candidate. Its epochs take phase 2's steps (from
+    `max_epochs_phase1 + 1`), as a retraining's would; it has no phase 1 (no phase-1 checkpoint,
+    confusion matrix or metrics)."""
     with tempfile.TemporaryDirectory() as tmp:
         _, state = load(tracker, trial_run_id, Path(tmp))
     model = pipe.model(cfg.seed)

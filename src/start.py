@@ -100,6 +100,9 @@ def _check_unfreeze(sweep, base: torch.nn.Module) -> None:
 def confirm_plan(opts: SweepOptions, fixed: Fixed) -> tuple[int, int]:
     """(K, F) of the confirmation (src/confirm.py): as asked; with a search size, K = FULL_TOP and
     F = 0 unless given (the K best are trained at full size on the original split)."""
+    if opts.full_epochs and not fixed.search_size:
+        log.warning("--full-epochs %d does nothing without a search size (search_size is 0): every model trains "
+                    "at %d px already", opts.full_epochs, fixed.image_size)
     if fixed.search_size:
         if opts.no_cache:
             raise UserError(f"search_size = {fixed.search_size} re-trains the best configurations on the decoded "
@@ -149,6 +152,10 @@ def start(opts: SweepOptions) -> Started:
             "train.precision": "bf16" if amp is not None else "fp32", **{f"fixed.{k}": v for k, v in asdict(fixed).items()}}
     settle_s = 0.0 if opts.storage.startswith("sqlite") else PARENT_SETTLE_S
     parent_id = open_parent(tracker, study, opts.experiment or sweep.path.stem, splits, sweep, tags, settle_s)
+    made = tracker.get_run(parent_id).data.tags.get("confirm.full_epochs") if fixed.search_size else None
+    if made is not None and int(made) != opts.full_epochs:  # its full-size models would be made two ways
+        raise UserError(f"study {study.study_name!r} made its full-size models with --full-epochs {made}; resume it "
+                        f"with --full-epochs {made}, or start another --study-name for --full-epochs {opts.full_epochs}")
     if splits.ignored_files:
         log.warning("%d non-image file(s) under %s were ignored (counted in dataset/summary.json)",
                     splits.ignored_files, splits.root)

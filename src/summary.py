@@ -137,7 +137,7 @@ def print_confirmation(tags: dict, picked: tuple[str, str]) -> None:
                                 int(tags.get("confirm.rank_agreement_configs", 0)))))
 
 
-def rank_lines(search: int, full: int, rho: str, n: int) -> list[str]:
+def rank_lines(search: int, full: int | str, rho: str, n: int) -> list[str]:
     """The summary's lines on how well the search size ranked the configurations: a warning
     when the agreement is low over enough of them (RELIABLE_FROM) to tell."""
     lines = [f"trials searched at {search} px; rank agreement (Spearman) of their valid_acc with the full size's: "

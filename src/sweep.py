@@ -111,11 +111,11 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.full_epochs < 0:
         p.error(f"--full-epochs {args.full_epochs}: give 0 (train again at full size) or more epochs")
     if args.search_size not in (None, HALF):
-        if not args.search_size.isdigit():
+        if not (args.search_size.isascii() and args.search_size.isdigit()):
             p.error(f"--search-size {args.search_size}: give a side in pixels below --image-size, {HALF} (half the "
                     f"side, not below {MIN_SEARCH} px) or 0 (off)")
         args.search_size = int(args.search_size)
-    if (args.confirm_top or args.search_size) and args.no_cache:
+    if (args.confirm_top or args.search_size not in (None, 0, HALF)) and args.no_cache:  # "half": confirm_plan
         p.error("--confirm-top and --search-size re-train on the decoded images: they cannot run with --no-cache")
     if args.soup_top < 0:
         p.error(f"--soup-top {args.soup_top}: give 0 (no soup) or more")

@@ -92,6 +92,11 @@ def test_trials_search_small_the_best_train_full_size_and_only_those_are_scored(
     assert final_test.main(["--run-id", parent, "--tracking-uri", uri]) == 0
     assert client.get_run(parent).data.tags["final_test.trial_run_id"] == scored
 
+    # its full-size models were retrained (--full-epochs 0): resuming with another --full-epochs is refused
+    capsys.readouterr()
+    assert sweep.main(sweep_args(in_tmp, flat_folder, 3, *SEARCH, "--full-epochs", "2")) == 2
+    assert "made its full-size models with --full-epochs 0" in capsys.readouterr().err
+
     # a decision made for another best trial is stale: there is no full-size model to score then
     client.set_tag(parent, "confirm.best_trial", "99")
     with pytest.raises(final_test.UserError, match="no full-size model"):
@@ -184,6 +189,25 @@ def test_search_size_half_is_half_the_side_and_off_below_64_px(tmp_path, image_s
     assert resolve_fixed(sweep_file, False, {"image_size": image_size, "search_size": 0}).search_size == 0  # the flag wins
     assert sweep.parse_args(["--search-size", "half"]).search_size == "half"
     assert sweep.parse_args(["--search-size", "48"]).search_size == 48
+    for bad in (["--search-size", "\u00b2"], ["--search-size", "-8"], ["--full-epochs", "-1"]):
+        with pytest.raises(SystemExit):
+            sweep.parse_args(bad)
     path.write_text(path.read_text().replace('"half"', '"third"'))
     with pytest.raises(UserError, match=r'search_size = .third. should be a int or "half"'):
         load_sweep(path)
+
+
+@pytest.mark.slow
+def test_full_epochs_fine_tunes_each_trials_model_at_full_size(in_tmp, flat_folder):
+    assert sweep.main(sweep_args(in_tmp, flat_folder, 2, *SEARCH, "--full-epochs", "1", "--confirm-top", "2")) == 0
+    uri = f"sqlite:///{in_tmp}/mlflow.db"
+    client = MlflowClient(uri)
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{in_tmp}/optuna.db")
+    parent = study.user_attrs["mlflow_parent_run_id"]
+    assert client.get_run(parent).data.tags["confirm.full_epochs"] == "1"
+    full = _runs(client, parent, "full")
+    assert len(full) == 2
+    for run in full:  # phase 2 only, one epoch, at the full size
+        assert run.data.tags["full.start"] == "fine-tuned 1 epoch" and run.data.metrics["phase2/epochs"] == 1
+        assert not [k for k in run.data.metrics if k.startswith("phase1/")]
+        assert _config(Tracker(uri), run.info.run_id)["image_size"] == 16
