@@ -17,8 +17,8 @@ smaller size S against the largest F:
     fidelity top1_<S>_vs_<F> <0|1>       whether S's best configuration is F's best
 
 `--warm-epochs E` adds, for the smallest size S, the model trained at S and then fine-tuned at the
-largest size F for E more phase-2 epochs, as `--full-epochs E` does (`confirm_jobs.fine_tuned`'s
-recipe: its own phase-2 learning rates; progressive resizing), the best of those E epochs kept
+largest size F for E more phase-2 epochs, as `--full-epochs E` does (`confirm_jobs.fine_tune`,
+shared: its own phase-2 learning rates; progressive resizing), the best of those E epochs kept
 (each epoch's valid accuracy is in the row, and epoch 0, the S model judged at F untouched):
     fidelity warm<E>_vs_<F> <acc difference>  mean valid accuracy, warm-started minus trained at F
     fidelity warm_cost_vs_<F> <x>             wall of the E epochs at F / of a training at F
@@ -39,13 +39,13 @@ import optuna
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from src import data as D, search_space  # noqa: E402
 from src.config import TrialConfig, load_sweep  # noqa: E402
-from src import model as M  # noqa: E402
 from src.confirm import train_on_fold  # noqa: E402
+from src.confirm_jobs import fine_tune  # noqa: E402
 from src.device import pick_device  # noqa: E402
 from src.pipeline import Pipeline  # noqa: E402
 from src.stats import spearman  # noqa: E402
 from src.study import derive_seed  # noqa: E402
-from src.train import evaluate, fit_phase, fit_two_phase, make_optimizer, recipe  # noqa: E402
+from src.train import evaluate, fit_two_phase, recipe  # noqa: E402
 
 
 def draw_configs(sweep_file: Path, n: int, seed: int) -> list[dict]:
@@ -132,13 +132,9 @@ def warm_started(small: Pipeline, full: Pipeline, cfg: TrialConfig, epochs: int,
     _, phase2 = fit_two_phase(model, data.train, data.valid, **recipe(cfg), device=device, phase1=data.phase1)
     trained = {"size": small.fixed.image_size, "valid_acc": phase2.best_valid_acc, "wall_s": time.time() - start}
     start = time.time()
-    data = full.loaders(replace(cfg, image_size=full.fixed.image_size), model)
-    untouched = evaluate(model, data.valid, device, None, 0).acc
-    M.unfreeze(model, cfg.unfreeze)
-    opt = make_optimizer(M.param_groups(model, cfg.head_lr * cfg.phase2_head_lr_factor,
-                                        cfg.head_lr * cfg.backbone_lr_ratio, weight_decay=cfg.weight_decay))
-    result = fit_phase(model, data.train, data.valid, opt, max_epochs=epochs, patience=epochs, device=device,
-                       phase=2, label_smoothing=cfg.label_smoothing, lr_schedule=cfg.lr_schedule)
+    train, valid = full.image_loaders(cfg)
+    untouched = evaluate(model, valid, device, None, 0).acc
+    result = fine_tune(model, train, valid, cfg, epochs, device)
     accs = [untouched] + [r.valid_acc for r in result.history]  # epoch 0 shown, not a candidate (as in the product)
     return [trained, {"size": f"warm{epochs}", "valid_acc": result.best_valid_acc, "epoch_accs": accs,
                       "wall_s": time.time() - start}]

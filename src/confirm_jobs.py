@@ -23,7 +23,7 @@ from .stats import spearman
 from .stopping import writing
 from .study import derive_seed
 from .tracking import ROLE as TR_ROLE, Tracker
-from .train import fit_phase, make_optimizer
+from .train import PhaseResult, fit_phase, make_optimizer
 
 FAULT_ATTR = "tlsweep.job_fault"  # on a job's try whose training failed as a trial fails: it scores 0
 MAX_DEAD_TRIES = 5                # a job whose tries keep dying scores 0 after this many
@@ -157,14 +157,21 @@ def fine_tuned(pipe: Pipeline, cfg: TrialConfig, tracker: Tracker, trial_run_id:
         _, state = load(tracker, trial_run_id, Path(tmp))
     model = pipe.model(cfg.seed)
     model.load_state_dict(state)
-    data = pipe.loaders(cfg, model)
-    model.to(pipe.device, memory_format=torch.channels_last)
+    result = fine_tune(model, *pipe.image_loaders(cfg), cfg, epochs, pipe.device, on_epoch=on_epoch, amp=amp,
+                       keep_mistakes=MISTAKES_SHOWN)
+    on_phase_end(result, model)
+    return result.best_valid_acc
+
+
+def fine_tune(model: torch.nn.Module, train, valid, cfg: TrialConfig, epochs: int, device, *, on_epoch=None,
+              amp=None, keep_mistakes: int = 0) -> PhaseResult:
+    """`model`'s phase 2 continued for `epochs` epochs on these loaders, at `cfg`'s phase-2
+    learning rates, weight decay, schedule, smoothing and unfrozen stages, without early stopping
+    (the recipe of `fine_tuned`, and of `benchmarks/bench_fidelity.py --warm-epochs`)."""
+    model.to(device, memory_format=torch.channels_last)
     M.unfreeze(model, cfg.unfreeze)
     optimizer = make_optimizer(M.param_groups(model, cfg.head_lr * cfg.phase2_head_lr_factor,
                                               cfg.head_lr * cfg.backbone_lr_ratio, weight_decay=cfg.weight_decay))
-    result = fit_phase(model, data.train, data.valid, optimizer, max_epochs=epochs, patience=epochs,
-                       device=pipe.device, phase=2, first_step=cfg.max_epochs_phase1 + 1, on_epoch=on_epoch,
-                       amp=amp, keep_mistakes=MISTAKES_SHOWN, label_smoothing=cfg.label_smoothing,
-                       lr_schedule=cfg.lr_schedule)
-    on_phase_end(result, model)
-    return result.best_valid_acc
+    return fit_phase(model, train, valid, optimizer, max_epochs=epochs, patience=epochs, device=device, phase=2,
+                     first_step=cfg.max_epochs_phase1 + 1, on_epoch=on_epoch, amp=amp, keep_mistakes=keep_mistakes,
+                     label_smoothing=cfg.label_smoothing, lr_schedule=cfg.lr_schedule)

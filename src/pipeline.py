@@ -192,12 +192,17 @@ class Pipeline:
         """The validation images under the evaluation transform (what every trial is judged on)."""
         return self._loader(self._dataset("valid", "none", False), batch_size, False, log=self._logs()["valid"])
 
+    def image_loaders(self, cfg: TrialConfig, logs: dict | None = None) -> tuple:
+        """Phase 2's loaders: the train images (the trial's level, its seed's order), the valid ones."""
+        logs, bs = logs or self._logs(), cfg.batch_size
+        train = self._loader(self._dataset("train", cfg.aug_strength, False), bs, True, cfg.seed, logs["train"])
+        return train, self._loader(self._dataset("valid", "none", False), bs * 2, False, log=logs["valid"])
+
     def loaders(self, cfg: TrialConfig, model: nn.Module) -> TrialData:
         """The trial's loaders, and phase 1's inputs: the head on cached features (caches on), or
         the model on the same views decoded every epoch."""
         bs, logs = cfg.batch_size, self._logs()
-        train = self._loader(self._dataset("train", cfg.aug_strength, False), bs, True, cfg.seed, logs["train"])
-        valid = self._loader(self._dataset("valid", "none", False), bs * 2, False, log=logs["valid"])
+        train, valid = self.image_loaders(cfg, logs)
         if self.features is None:
             views = self._loader(self._dataset("train", cfg.aug_strength, True), bs, True, cfg.seed, logs["train"])
             return TrialData(train, valid, HeadInputs(model, F.ViewEpochs(views), valid), logs)

@@ -152,7 +152,8 @@ def start(opts: SweepOptions) -> Started:
             "train.precision": "bf16" if amp is not None else "fp32", **{f"fixed.{k}": v for k, v in asdict(fixed).items()}}
     settle_s = 0.0 if opts.storage.startswith("sqlite") else PARENT_SETTLE_S
     parent_id = open_parent(tracker, study, opts.experiment or sweep.path.stem, splits, sweep, tags, settle_s)
-    made = tracker.get_run(parent_id).data.tags.get("confirm.full_epochs") if fixed.search_size else None
+    parent = tracker.get_run(parent_id)
+    made = parent.data.tags.get("confirm.full_epochs") if fixed.search_size else None
     if made is not None and int(made) != opts.full_epochs:  # its full-size models would be made two ways
         raise UserError(f"study {study.study_name!r} made its full-size models with --full-epochs {made}; resume it "
                         f"with --full-epochs {made}, or start another --study-name for --full-epochs {opts.full_epochs}")
@@ -167,4 +168,4 @@ def start(opts: SweepOptions) -> Started:
     recover(study, tracker, parent_id)  # what a killed or interrupted earlier run left behind
     record = TrialRecord(tracker, parent_id, pipeline.mean, pipeline.std)
     return Started(Context(pipeline, sweep.search, record, amp, opts.trials), study,
-                   tracker.get_run(parent_id).info.experiment_id, fixed, plan, full_epochs=opts.full_epochs)
+                   parent.info.experiment_id, fixed, plan, full_epochs=opts.full_epochs)
