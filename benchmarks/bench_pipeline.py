@@ -29,7 +29,8 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from src import data as D, model as M, sweep  # noqa: E402
 from src.config import Fixed, TrialConfig  # noqa: E402
-from src.device import amp_dtype, pick_device  # noqa: E402
+from src.device import pick_device  # noqa: E402
+from src import precision  # noqa: E402
 from src.features import ViewEpochs  # noqa: E402
 from src.pipeline import Pipeline  # noqa: E402
 from src.tracking import Tracker  # noqa: E402
@@ -117,7 +118,7 @@ def imagefolder_loader(splits, fixed, workers: int):
 
 def phase2_throughput(splits, fixed, device) -> tuple[float, float, float]:
     """Fine-tuning images/s from three sources, all in the sweep's default precision."""
-    amp = amp_dtype(device)
+    amp = precision.pick(device, "auto", fixed.backbone, fixed.image_size, fixed.batch_size)
     pipeline = Pipeline(splits=splits, fixed=fixed, weights="none", device=device)
     ours = pipeline.loaders(trial_config(pipeline, "light"), pipeline.model(0)).train
     n_batches = len(ours)
@@ -211,7 +212,8 @@ def main(argv=None) -> int:
                       batch_size=args.batch_size, seed=0)
         print(f"data {data}: {len(splits.train)} train / {len(splits.valid)} valid images, "
               f"{len(splits.classes)} classes; resnet18 at {args.image_size} px on {device}, "
-              f"{torch.get_num_threads()} threads; fine-tuning in {amp_dtype(device) or torch.float32}")
+              f"{torch.get_num_threads()} threads; fine-tuning in "
+              f"{precision.name(precision.pick(device, 'auto', fixed.backbone, fixed.image_size, fixed.batch_size))}")
         p1 = phase1_epochs(splits, fixed, device)
         vs_compute, vs_folder, compute_bound = phase2_throughput(splits, fixed, device)
         whole = whole_sweeps(data, args, work, compute_bound, len(splits.train))

@@ -38,7 +38,8 @@ def native_bf16(device: torch.device) -> bool:
 
 def amp_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
     """Autocast dtype for fine-tuning and evaluation: bf16 (no loss scaling needed) when asked, or
-    with "auto" where the hardware does it natively; None means fp32."""
+    with "auto" where the hardware does it natively; None means fp32. A sweep on a CPU that does
+    both measures which is faster instead (`precision.pick`)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
     if precision == "bf16" or (precision == "auto" and native_bf16(device)):

@@ -11,6 +11,7 @@ import torch
 
 from . import data as D
 from . import model as M
+from . import precision
 from . import trials as T
 from .config import Fixed, PruneSettings, load_sweep, resolve_fixed
 from .confirm import DEFAULT_FOLDS, FULL_TOP
@@ -41,6 +42,7 @@ class Started:
     fixed: Fixed | None = None
     confirm: tuple[int, int] = (0, DEFAULT_FOLDS)
     full_epochs: int = 0  # --full-epochs (with a search size)
+    full_amp: torch.dtype | None = None  # phase 2's autocast at the full size (`ctx.amp`: the trials')
     _full: Pipeline | None = None
 
     @property
@@ -129,7 +131,7 @@ def start(opts: SweepOptions) -> Started:
     M.check_backbone(fixed.backbone)
     splits = D.find_splits(D.demo_data_dir() if on_demo else opts.data, seed=fixed.seed)
     device = pick_device(opts.device)
-    amp = amp_dtype(device, opts.precision)
+    amp_dtype(device, opts.precision)  # a bad --precision fails here, before anything is opened
     base, weights, fell_back = resolve_weights(fixed, len(splits.classes), on_demo, opts.weights)
     tracker = Tracker(opts.tracking_uri)
     tracker.check_reachable()
@@ -142,6 +144,8 @@ def start(opts: SweepOptions) -> Started:
     _check_unfreeze(sweep, base)
     # Decoding every image once happens here: after the cheap checks, before any training.
     searched = replace(fixed, image_size=fixed.search_size) if fixed.search_size else fixed  # what trials train at
+    amp, full_amp = (precision.pick(device, opts.precision, fixed.backbone, f.image_size, fixed.batch_size)
+                     for f in (searched, fixed))
     pipeline = Pipeline(splits=splits, fixed=searched, weights=weights, device=device, loader_workers=opts.loader_workers,
                         use_cache=not opts.no_cache, base=base, max_bad_fraction=opts.max_bad_fraction)
     if not opts.no_cache and any(lvl in D.FRAME_LEVELS for lvl in sweep.search["aug_strength"].choices or ()):
@@ -149,7 +153,8 @@ def start(opts: SweepOptions) -> Started:
     tags = {"optuna.storage": opts.storage, "data.dir": str(splits.root), "data.demo": str(on_demo).lower(),
             "weights.requested": fixed.weights, "weights.effective": weights,
             "weights.unavailable": str(fell_back).lower(), "train.device": str(device),
-            "train.precision": "bf16" if amp is not None else "fp32", **{f"fixed.{k}": v for k, v in asdict(fixed).items()}}
+            "train.precision": precision.name(amp), **({"full.precision": precision.name(full_amp)} if
+                                                       fixed.search_size else {}), **{f"fixed.{k}": v for k, v in asdict(fixed).items()}}
     settle_s = 0.0 if opts.storage.startswith("sqlite") else PARENT_SETTLE_S
     parent_id = open_parent(tracker, study, opts.experiment or sweep.path.stem, splits, sweep, tags, settle_s)
     parent = tracker.get_run(parent_id)
@@ -168,4 +173,4 @@ def start(opts: SweepOptions) -> Started:
     recover(study, tracker, parent_id)  # what a killed or interrupted earlier run left behind
     record = TrialRecord(tracker, parent_id, pipeline.mean, pipeline.std)
     return Started(Context(pipeline, sweep.search, record, amp, opts.trials), study,
-                   parent.info.experiment_id, fixed, plan, full_epochs=opts.full_epochs)
+                   parent.info.experiment_id, fixed, plan, full_epochs=opts.full_epochs, full_amp=full_amp)

@@ -60,7 +60,8 @@ def try_confirm(started: Started, study: optuna.Study) -> bool:
         return False
     try:
         Confirmation(started.tracker, started.parent_id, study, started.ctx.pipeline, started.ctx.search, top, folds,
-                     started.ctx.amp, full=started.full_pipeline(), full_epochs=started.full_epochs).run()
+                     started.full_amp if started.searching else started.ctx.amp, full=started.full_pipeline(),
+                     full_epochs=started.full_epochs).run()
         return True
     except (KeyboardInterrupt, UserError):
         raise

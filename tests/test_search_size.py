@@ -51,6 +51,7 @@ def test_trials_search_small_the_best_train_full_size_and_only_those_are_scored(
     parent = study.user_attrs["mlflow_parent_run_id"]
     tags = client.get_run(parent).data.tags
     assert (tags["fixed.image_size"], tags["fixed.search_size"]) == ("16", "8")  # both sizes on the parent
+    assert (tags["train.precision"], tags["full.precision"]) == ("fp32", "fp32")  # and the precision at each
     assert tags["confirm.full_epochs"] == "0"
 
     # every trial trained at the search size: its params and its checkpoint say so

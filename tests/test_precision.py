@@ -1,0 +1,61 @@
+"""--precision auto on a CPU: measured once per backbone, side and batch, kept, and then reused."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from src import precision
+from src.splits import cache_dir
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def native(monkeypatch):
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
+
+
+def test_auto_keeps_bf16_only_where_it_was_measured_faster_by_the_margin(native, monkeypatch):
+    speeds = {("resnet18", 64): {"fp32": 100.0, "bf16": 180.0}, ("mobilenet_v2", 64): {"fp32": 250.0, "bf16": 140.0},
+              ("mobilenet_v2", 128): {"fp32": 70.0, "bf16": 75.0}}  # 1.07x: below the margin, fp32
+    measured = []
+
+    def measure(backbone, side, batch):
+        measured.append((backbone, side))
+        return speeds[backbone, side]
+
+    monkeypatch.setattr(precision, "measure", measure)
+    picks = {key: precision.pick(CPU, "auto", *key, 32) for key in speeds}
+    assert picks == {("resnet18", 64): torch.bfloat16, ("mobilenet_v2", 64): None, ("mobilenet_v2", 128): None}
+    kept = json.loads((cache_dir() / "precision.json").read_text())
+    assert sorted(v["picked"] for v in kept.values()) == ["bf16", "fp32", "fp32"]
+    assert all(f"torch {torch.__version__}" in key and "batch 32" in key for key in kept)
+    # later sweeps on this machine (and --workers, resumed studies) reuse the choice: nothing is measured
+    monkeypatch.setattr(precision, "measure", lambda *a: pytest.fail("measured again"))
+    assert {key: precision.pick(CPU, "auto", *key, 32) for key in speeds} == picks
+    assert measured == list(speeds)
+
+
+def test_auto_measures_nothing_where_the_cpu_has_no_native_bf16_and_the_flag_wins(monkeypatch):
+    monkeypatch.setattr(precision, "measure", lambda *a: pytest.fail("measured"))
+    monkeypatch.setattr(precision, "native_bf16", lambda device: False)
+    assert precision.pick(CPU, "auto", "resnet18", 64, 32) is None  # emulated bf16: fp32
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
+    assert precision.pick(CPU, "fp32", "resnet18", 64, 32) is None
+    assert precision.pick(CPU, "bf16", "mobilenet_v2", 64, 32) == torch.bfloat16
+    assert not (cache_dir() / "precision.json").exists()
+
+
+def test_a_damaged_choice_file_is_measured_again_not_a_crash(native, monkeypatch):
+    (cache_dir()).mkdir(parents=True, exist_ok=True)
+    (cache_dir() / "precision.json").write_text('{"half a fi')
+    monkeypatch.setattr(precision, "measure", lambda *a: {"fp32": 100.0, "bf16": 200.0})
+    assert precision.pick(CPU, "auto", "resnet18", 32, 8) == torch.bfloat16
+    assert len(json.loads((cache_dir() / "precision.json").read_text())) == 1
+
+
+def test_the_measurement_times_both_precisions_on_the_real_backbone():
+    speed = precision.measure("resnet18", 32, 4)  # random init, every stage trainable, a few steps
+    assert set(speed) == {"fp32", "bf16"} and min(speed.values()) > 0
