@@ -24,7 +24,7 @@ from sklearn.metrics import f1_score
 
 from . import data as D
 from . import trials as T
-from . import figures, model as M
+from . import figures, model as M, registry
 from .device import pick_device
 from .errors import UserError
 from .pipeline import DEFAULT_MAX_BAD_FRACTION
@@ -45,6 +45,7 @@ class TestResult:
     skipped: dict          # unreadable test files (relative path -> reason), not scored
     preds: list = None     # per scored test image, in the split's order (for paired comparisons)
     targets: list = None
+    registered: tuple | None = None  # (registered model name, version)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -55,6 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--force", action="store_true", help="score again although this sweep was scored (recorded)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | ... (default cpu)")
     p.add_argument("--batch-size", type=int, default=64, help="test batch size (default 64)")
+    p.add_argument("--model-name", help="register the scored model under this name (default: the study's name)")
+    p.add_argument("--no-register", action="store_true",
+                   help="do not register it (python -m src.register --run-id PARENT does it later)")
     p.add_argument("--max-bad-fraction", type=float, default=DEFAULT_MAX_BAD_FRACTION,
                    help=f"unreadable test images that are skipped (and recorded) before it is an error "
                         f"(default {DEFAULT_MAX_BAD_FRACTION})")
@@ -134,7 +138,10 @@ def score(model, config: dict, split: dict, device: torch.device, batch_size: in
 
 def run_final_test(run_id: str, tracking_uri: str | None = None, force: bool = False,
                    device: str = "cpu", batch_size: int = 64,
-                   max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION) -> TestResult:
+                   max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION, register: bool = False,
+                   model_name: str | None = None) -> TestResult:
+    """Score once; with `register`, the scored model becomes the next version of the registered
+    model (src/registry.py) and `TestResult.registered` names it."""
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: give at least 1")
     if not 0 <= max_bad_fraction < 1:
@@ -144,6 +151,8 @@ def run_final_test(run_id: str, tracking_uri: str | None = None, force: bool = F
     tracker.check_reachable()
     trial_id, parent_id = resolve_runs(tracker, run_id)
     earlier = check_not_scored(tracker, parent_id, force)
+    if register:  # a name the registry refuses fails here, before the one scoring
+        registry.model_name(tracker.get_run(parent_id).data.tags, model_name)
     split = tracker.load_json(parent_id, "dataset/split.json")
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = tracker.download(trial_id, "checkpoints/phase2_best.pt", Path(tmp))
@@ -159,6 +168,13 @@ def run_final_test(run_id: str, tracking_uri: str | None = None, force: bool = F
     result = TestResult(trial_id, parent_id, ev.acc, ev.loss, macro_f1, len(ev.targets), per_class,
                         dict(bad.found), ev.preds, ev.targets)
     log_result(tracker, result, ev, classes, earlier, force)
+    if register:
+        try:
+            result.registered = registry.register_winner(tracker, parent_id, model_name)
+        except Exception as exc:  # noqa: BLE001 - the score is recorded whatever the registry does
+            raise UserError(f"the test score is recorded, but registering the model failed ({type(exc).__name__}: "
+                            f"{exc}); register it with: python -m src.register --run-id {parent_id}"
+                            + (f" --tracking-uri {tracking_uri}" if tracking_uri else "")) from exc
     return result
 
 
@@ -188,7 +204,7 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)  # KeyboardInterrupt from here on
     try:
         r = run_final_test(args.run_id, args.tracking_uri, args.force, args.device, args.batch_size,
-                           args.max_bad_fraction)
+                           args.max_bad_fraction, not args.no_register, args.model_name)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -203,6 +219,9 @@ def main(argv=None) -> int:
     print(f"  {'class':<20} {'precision':>9} {'recall':>7} {'f1':>7} {'support':>7}")
     for row in r.per_class:
         print(f"  {row['class']:<20} {row['precision']:>9.3f} {row['recall']:>7.3f} {row['f1']:>7.3f} {row['support']:>7}")
+    if r.registered:
+        print(f"registered: models:/{r.registered[0]}@champion (version {r.registered[1]}; "
+              f"mlflow.pyfunc.load_model(\"models:/{r.registered[0]}@champion\") predicts from images)")
     return 0
 
 

@@ -1,13 +1,17 @@
 """`--precision auto` on a CPU with native bf16: measured, not assumed.
 
-On this project's CPU (AVX512-BF16, no AMX) bf16 autocast made resnet18's phase 2 1.7-2.0x faster
-but mobilenet_v2's 0.68x at 64 px (1.5x at 224 px) and efficientnet_b0's 0.6x up to 128 px
-(`benchmarks/bench_precision.py`): depthwise convolutions are slow in oneDNN's bf16. So where
-the CPU could do either, `auto` times a few phase-2 steps of the sweep's own backbone, image
-side and batch in both, once, and keeps bf16 only if it is at least `MARGIN` times faster (fp32 is
-the safer arithmetic). The choice is kept in `cache_dir()/precision.json`, keyed by the CPU
-model, torch version, backbone, side and batch, so every later sweep, worker and resumed study on
-this machine uses the same one. GPUs with native bf16 always use it; elsewhere `auto` is fp32.
+On this project's CPU (AVX512-BF16, no AMX) bf16 autocast made resnet18's phase 2 1.7-2.0x faster,
+but mobilenet_v2's 0.6-0.8x at 64 px, and efficientnet_b0's 0.6-0.85x up to 128 px
+(`benchmarks/bench_precision.py`): bf16's forward is fast (1.6-2.3x for mobilenet_v2), its
+backward through depthwise convolutions slow. So where the CPU could do either, `auto` times a
+few phase-2 steps of the sweep's own backbone, image side and batch in both (`measure`: training
+steps with every stage and with the last stage trainable, plus the validation forward passes of
+an epoch), once, and keeps bf16 only if it is at least `MARGIN` times faster (fp32 is the safer
+arithmetic). Near 1x the steps are noisy (mobilenet_v2 at 128 px: 0.86-1.15x here, where whole
+sweep trials ran 1.13x), and either choice costs little. The choice is kept in
+`cache_dir()/precision.json`, keyed by the CPU model, torch version, backbone, side, batch and
+validation share, so every later sweep, worker and resumed study on this machine uses the same
+one. GPUs with native bf16 always use it; elsewhere `auto` is fp32.
 """
 from __future__ import annotations
 
@@ -25,9 +29,9 @@ from .files import write_json_atomic
 from .splits import cache_dir
 
 log = logging.getLogger("tlsweep")
-MARGIN = 1.1      # bf16 must be this much faster than fp32 to be picked
-STEPS = 2         # timed steps per precision (after one warm-up step), twice, the faster kept
-MAX_BATCH = 16    # images per timed step (the ratio, not the speed, is what is kept)
+MARGIN = 1.05     # bf16 must be this much faster than fp32 to be picked
+WARMUP, STEPS = 2, 3  # steps per precision: untimed (oneDNN picks its kernels), then timed; twice, the faster kept
+MAX_BATCH = 32    # images per step (the sweep's batch up to this: smaller batches ranked them otherwise)
 
 
 def cpu_model() -> str:
@@ -40,52 +44,65 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _images_per_s(model: torch.nn.Module, amp, side: int, batch: int, n_classes: int) -> float:
+def _images_per_s(model: torch.nn.Module, amp, side: int, batch: int, n_classes: int, train: bool) -> float:
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-6)
     images = torch.randn(batch, 3, side, side).contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, n_classes, (batch,))
 
     def step():
-        with autocast(torch.device("cpu"), amp):
+        with torch.set_grad_enabled(train), autocast(torch.device("cpu"), amp):
             loss = torch.nn.functional.cross_entropy(model(images).float(), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if train:
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
 
-    step()  # warm-up: oneDNN picks its kernels
+    for _ in range(WARMUP):
+        step()
     start = time.perf_counter()
     for _ in range(STEPS):
         step()
     return batch * STEPS / (time.perf_counter() - start)
 
 
-def measure(backbone: str, side: int, batch: int, n_classes: int = 10) -> dict:
-    """Phase-2 images/s (every stage trainable, random init) in fp32 and bf16 on this CPU."""
+def measure(backbone: str, side: int, batch: int, eval_share: float = 0.5, n_classes: int = 10) -> dict:
+    """Phase-2 epochs per second, as training images/s, in fp32 and bf16 on this CPU (random init):
+    a training step averaged over the two ends of what `unfreeze` trains (every stage; the last
+    stage only, the rest forward only), plus `eval_share` validation images (forward only) per
+    training image. bf16's forward is fast here, its backward through depthwise convs slow."""
     model = M.build_model(backbone, n_classes, weights="none").to(memory_format=torch.channels_last)
-    M.unfreeze(model)
-    M.train_mode(model)
     batch = max(2, min(batch, MAX_BATCH))
     speed = {"fp32": 0.0, "bf16": 0.0}
     for _ in range(2):  # alternating: the machine's noise hits both
         for name, amp in (("fp32", None), ("bf16", torch.bfloat16)):
-            speed[name] = max(speed[name], _images_per_s(model, amp, side, batch, n_classes))
+            seconds = 0.0
+            for last in ("all", 1):
+                M.unfreeze(model, last)
+                M.train_mode(model)
+                seconds += 0.5 / _images_per_s(model, amp, side, batch, n_classes, train=True)
+            model.eval()
+            seconds += eval_share / _images_per_s(model, amp, side, batch, n_classes, train=False)
+            speed[name] = max(speed[name], 1 / seconds)
     return speed
 
 
-def pick(device: torch.device, precision: str, backbone: str, side: int, batch: int) -> torch.dtype | None:
-    """The phase-2 autocast dtype (None: fp32) for `--precision` at this backbone, side and batch."""
+def pick(device: torch.device, precision: str, backbone: str, side: int, batch: int,
+         eval_share: float = 0.5) -> torch.dtype | None:
+    """The phase-2 autocast dtype (None: fp32) for `--precision` at this backbone, side and batch;
+    `eval_share`: validation images per training image (a phase-2 epoch evaluates them too)."""
     if precision != "auto":
         return amp_dtype(device, precision)
     if not native_bf16(device) or device.type != "cpu":
         return torch.bfloat16 if native_bf16(device) else None
     path = cache_dir() / "precision.json"
-    key = f"{cpu_model()} | torch {torch.__version__} | {backbone} | {side} px | batch {batch}"
+    eval_share = round(min(max(eval_share, 0.0), 2.0), 1)
+    key = f"{cpu_model()} | torch {torch.__version__} | {backbone} | {side} px | batch {batch} | valid/train {eval_share}"
     try:
         known = json.loads(path.read_text())
     except (OSError, ValueError):
         known = {}
     if key not in known:
-        speed = measure(backbone, side, batch)
+        speed = measure(backbone, side, batch, eval_share)
         ratio = speed["bf16"] / max(speed["fp32"], 1e-9)
         known[key] = {**{k: round(v, 1) for k, v in speed.items()}, "bf16_vs_fp32": round(ratio, 3),
                       "picked": "bf16" if ratio >= MARGIN else "fp32"}

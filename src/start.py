@@ -144,7 +144,8 @@ def start(opts: SweepOptions) -> Started:
     _check_unfreeze(sweep, base)
     # Decoding every image once happens here: after the cheap checks, before any training.
     searched = replace(fixed, image_size=fixed.search_size) if fixed.search_size else fixed  # what trials train at
-    amp, full_amp = (precision.pick(device, opts.precision, fixed.backbone, f.image_size, fixed.batch_size)
+    share = len(splits.valid) / max(1, len(splits.train))  # a phase-2 epoch validates too
+    amp, full_amp = (precision.pick(device, opts.precision, fixed.backbone, f.image_size, fixed.batch_size, share)
                      for f in (searched, fixed))
     pipeline = Pipeline(splits=splits, fixed=searched, weights=weights, device=device, loader_workers=opts.loader_workers,
                         use_cache=not opts.no_cache, base=base, max_bad_fraction=opts.max_bad_fraction)

@@ -1,4 +1,4 @@
-"""The only importer of `mlflow`: parent/child runs, metrics, artifacts, figures.
+"""The importer of `mlflow` (with src/served.py, the logged model): parent/child runs, metrics, artifacts, figures.
 
 Conventions (kept stable; the README lists them too):
   experiment   one per sweep file (or --experiment)

@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-CLIS = {"sweep", "final_test", "stack"}
+CLIS = {"sweep", "final_test", "stack", "register", "predict", "export"}
 
 
 def _modules() -> dict[str, ast.Module]:
@@ -60,3 +60,14 @@ def test_only_trials_touches_optunas_private_storage_api():
     users = sorted(f.stem for f in SRC.glob("*.py")
                    if any(word in f.read_text() for word in ("._storage", "._trial_id", "._study_id")))
     assert users == ["trials"]
+
+
+def test_only_tracking_and_the_logged_model_import_mlflow():
+    importers = set()
+    for name, tree in _modules().items():
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            if any(n == "mlflow" or n.startswith("mlflow.") for n in names):
+                importers.add(name)
+    assert importers == {"tracking", "served"}

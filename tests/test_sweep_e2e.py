@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from conftest import sweep_args as _args
 from src import final_test, sweep
 from src import model as M
-from src import device, precision
+from src import device
 from src.errors import UserError
 from src.tracking import Tracker
 
@@ -69,10 +69,11 @@ def test_sweep_logs_every_trial_and_never_decodes_test(in_tmp, flat_folder, monk
     assert parent.info.status == "FINISHED"
     # --precision auto: where this CPU does bf16 natively, what was measured for this backbone and size
     # (kept in the cache for every later sweep here: asking again measures nothing); else fp32
-    cpu = torch.device("cpu")
-    measured = (in_tmp / "cache" / "precision.json").is_file()
-    assert measured == device.native_bf16(cpu)
-    assert parent.data.tags["train.precision"] == precision.name(precision.pick(cpu, "auto", "resnet18", 32, 8))
+    kept = in_tmp / "cache" / "precision.json"
+    assert kept.is_file() == device.native_bf16(torch.device("cpu"))
+    picks = [v["picked"] for k, v in json.loads(kept.read_text()).items() if "resnet18 | 32 px | batch 8 |" in k] \
+        if kept.is_file() else ["fp32"]
+    assert [parent.data.tags["train.precision"]] == picks
     assert parent.data.tags["train.device"] == "cpu"
     assert _artifacts(client, parent.info.run_id, "sweep") == ["default.toml"]
     assert _artifacts(client, parent.info.run_id, "dataset") == ["split.json", "summary.json"]
