@@ -87,6 +87,12 @@ def build_transform(level: str, image_size: int, mean, std, train: bool) -> T.Co
     return T.Compose([T.ToImage(), *start, *steps, T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)])
 
 
+def eval_transform(config: dict) -> T.Compose:
+    """The evaluation transform a checkpoint's config names: the final test's, and so the one
+    every use of a scored model applies (src/served.py, src/predict.py, src/export.py)."""
+    return build_transform("none", config["image_size"], config["mean"], config["std"], train=False)
+
+
 def stored_side(image_size: int) -> int:
     """Side of the square every image is resized/center-cropped to before cropping to image_size."""
     return round(image_size / 0.875)

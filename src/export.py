@@ -46,7 +46,7 @@ def need_onnx():
 def parity_inputs(tracker: Tracker, uri: str, config: dict) -> torch.Tensor:
     """Preprocessed real images: the sweep's first readable training images (never test ones),
     found through the run's parent; a random batch only when the data folder is gone."""
-    transform = D.build_transform("none", config["image_size"], config["mean"], config["std"], train=False)
+    transform = D.eval_transform(config)
     images, split = [], split_of(uri, tracker)
     if split:
         for rel, _ in split["train"][:4 * PARITY_IMAGES]:

@@ -115,7 +115,7 @@ def score(model, config: dict, split: dict, device: torch.device, batch_size: in
     classes = split["classes"]
     if list(config["classes"]) != list(classes):
         raise UserError(f"checkpoint classes {config['classes']} differ from the split's {classes}")
-    transform = D.build_transform("none", config["image_size"], config["mean"], config["std"], train=False)
+    transform = D.eval_transform(config)
     entries = [(rel, label) for rel, label in split["test"]]
     missing = [rel for rel, _ in entries if not (Path(split["root"]) / rel).is_file()]
     if missing:

@@ -53,7 +53,7 @@ def find_images(paths: list[str]) -> list[Path]:
 def predict(model: torch.nn.Module, config: dict, files: list[Path], batch_size: int, device: torch.device,
             top_k: int = 1, progress: bool = False) -> tuple[list[tuple[int, list, list]], dict[str, str]]:
     """([(file index, top-k class indices, their probabilities)], {unreadable file: reason})."""
-    transform = D.build_transform("none", config["image_size"], config["mean"], config["std"], train=False)
+    transform = D.eval_transform(config)
     entries = [(str(f.resolve()), i) for i, f in enumerate(files)]  # the label slot carries the file's index
     bad = D.BadImageLog("input", len(entries), 1.0)
     batches = D.skipping_loader(Path("/"), entries, transform, batch_size, False, bad)

@@ -56,7 +56,7 @@ class ImageClassifier(PythonModel):
         config = self.config
         self.model.eval()
         self.classes = list(config["classes"])
-        self.transform = D.build_transform("none", config["image_size"], config["mean"], config["std"], train=False)
+        self.transform = D.eval_transform(config)
         self._load_rgb = D.load_rgb
 
     def _image(self, row: int, path, image) -> torch.Tensor:
