@@ -92,7 +92,7 @@ def run_arm(name: str, sweep_file: str, trials: int, seed: int, args, suffix: st
     wall = before + time.time() - start
     _write_atomic(spent, f"{wall:.1f}")
     text = (out / "sweep.log").read_bytes()[offset:].decode(errors="replace")  # this attempt's output
-    parents = re.findall(r"parent run ([0-9a-f]{32})", text)
+    parents = re.findall(r"parent run (?:\(the whole sweep[^)]*\): )?([0-9a-f]{32})", text)  # before and after the label
     if code != 0 or not parents:
         raise SystemExit(f"{name} seed {seed}: the sweep failed (exit {code}); see {out / 'sweep.log'}")
     r = run_final_test(parents[-1], uri, force=bool(suffix) or _scored(uri, parents[-1]))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 
 import optuna
 import torch
@@ -22,7 +21,8 @@ from .pipeline import Pipeline, initial_model, resized
 from .record import TrialRecord
 from .recovery import LostTrials, recover
 from .pruning import make_pruner
-from .study import check_same_settings, check_steps, open_parent, open_study
+from .naming import names
+from .study import check_same_settings, check_steps, make_storage, open_parent, open_study
 from .tracking import Tracker
 from .trial import Context
 
@@ -118,10 +118,6 @@ def confirm_plan(opts: SweepOptions, fixed: Fixed) -> tuple[int, int]:
     return top, folds
 
 
-def study_name(opts: SweepOptions) -> str:
-    return opts.study_name or f"{opts.sweep.stem}-{'demo-digits' if opts.data is None else Path(opts.data).name}"
-
-
 def start(opts: SweepOptions) -> Started:
     """Validate everything and open study + parent run, before any training."""
     sweep = load_sweep(opts.sweep)
@@ -136,7 +132,8 @@ def start(opts: SweepOptions) -> Started:
     tracker = Tracker(opts.tracking_uri)
     tracker.check_reachable()
     pruner = make_pruner(sweep.prune, fixed.max_epochs_phase1, fixed.max_epochs_phase2, not opts.no_prune)
-    study = open_study(study_name(opts), opts.storage, fixed.seed, pruner, on_lost=LostTrials(tracker))
+    name, experiment = names(opts, fixed, make_storage(opts.storage))  # src/naming.py
+    study = open_study(name, opts.storage, fixed.seed, pruner, on_lost=LostTrials(tracker))
     check_steps(study)
     settings = {k: v for k, v in asdict(fixed).items() if k != "search_size" or v}  # 0: as before it existed
     check_same_settings(study, {**settings, "weights": weights, "search": {
@@ -157,7 +154,9 @@ def start(opts: SweepOptions) -> Started:
             "train.precision": precision.name(amp), **({"full.precision": precision.name(full_amp)} if
                                                        fixed.search_size else {}), **{f"fixed.{k}": v for k, v in asdict(fixed).items()}}
     settle_s = 0.0 if opts.storage.startswith("sqlite") else PARENT_SETTLE_S
-    parent_id = open_parent(tracker, study, opts.experiment or sweep.path.stem, splits, sweep, tags, settle_s)
+    parent_id = open_parent(tracker, study, experiment, splits, sweep, tags, settle_s)
+    # the settings a resume keeps (check_same_settings) as params: the runs table compares sweeps
+    tracker.log_params(parent_id, {**asdict(fixed), "weights": weights})
     parent = tracker.get_run(parent_id)
     made = parent.data.tags.get("confirm.full_epochs") if fixed.search_size else None
     if made is not None and int(made) != opts.full_epochs:  # its full-size models would be made two ways

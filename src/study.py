@@ -37,14 +37,14 @@ def derive_seed(study_seed: int, trial_number: int) -> int:
 def open_parent(tracker: Tracker, study: optuna.Study, experiment: str, splits: S.Splits,
                 sweep: SweepFile, tags: dict, settle_s: float = 0.0) -> str:
     """The study's parent run: reused when the study already has one in this store (also when a
-    kill came between creating it and recording its id: it is found by the study's uid tag)."""
+    kill came between creating it and recording its id: it is found by the study's uid tag). A
+    study's parent stays in the experiment it was made in, whatever `experiment` says now."""
     uid = study.user_attrs.get(STUDY_UID_ATTR) or study_uid(study)
     study.set_user_attr(STUDY_UID_ATTR, uid)  # every worker writes the same value
-    exp_id = tracker.experiment_id(experiment)
     parent_id = study.user_attrs.get(PARENT_RUN_ATTR)
     data_fp = "-".join(splits.fingerprints[n] for n in S.SPLITS)
     if not tracker.run_exists(parent_id):
-        parent_id = _elect_parent(tracker, exp_id, study.study_name, uid,
+        parent_id = _elect_parent(tracker, tracker.experiment_id(experiment), study.study_name, uid,
                                   {"dataset.fingerprint": data_fp, **tags}, settle_s)
     recorded = tracker.get_run(parent_id).data.tags.get("dataset.fingerprint")
     if recorded and recorded != data_fp:
@@ -187,7 +187,7 @@ def check_same_settings(study: optuna.Study, settings: dict) -> None:
         detail = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items()))
         hint = (f"; its sweep file is on its parent run under sweep/ (a study started with sweeps/default.toml "
                 f"before the transfer-aware parameters resumes with --sweep sweeps/four.toml --study-name "
-                f"{study.study_name} --experiment default)") if "search" in changed else ""
+                f"{study.study_name})") if "search" in changed else ""
         raise UserError(f"study {study.study_name!r} was started with other settings ({detail}); "
                         f"rerun with the original ones{hint}, or start a new --study-name")
 

@@ -154,8 +154,8 @@ def print_summary(started: Started, study: optuna.Study, tracking_uri: str | Non
     """The terminal's summary: counts, the top trials, epochs spent, the best trial and what to run
     next (logged on the parent too); returns the epochs spent."""
     completed, best = T.completed(study), T.best(study)
-    print(f"\nstudy {study.study_name!r}: {len(T.finished(study))} finished trials "
-          f"({len(completed)} complete), parent run {started.parent_id}")
+    print(f"\nstudy {study.study_name!r}: {len(T.finished(study))} finished trials ({len(completed)} complete)\n"
+          f"parent run (the whole sweep; final_test --run-id takes this one): {started.parent_id}")
     print(summary_table(study))
     spent, pruned_max = pruning_savings(study, started.ctx.pipeline.fixed)
     print(f"epochs spent: {spent}; pruned trials could have run up to {pruned_max} more without pruning")
@@ -163,7 +163,7 @@ def print_summary(started: Started, study: optuna.Study, tracking_uri: str | Non
         n = int(study.user_attrs.get(T.VALID_IMAGES_ATTR, 0))
         low, high = wilson(best.value, n)
         print(f"\nbest: trial {best.number}, valid_acc {best.value:.4f}, 95% interval {low:.3f}-{high:.3f} "
-              f"on {n} validation images (run {T.run_id(best)})")
+              f"on {n} validation images\n  best trial's run (one trial's, under the parent): {T.run_id(best)}")
         close = within_noise(best.value, {t.number: t.value for t in completed if t.number != best.number}, n)
         if close:
             shown = ", ".join(str(k) for k in sorted(close)[:8]) + (" ..." if len(close) > 8 else "")

@@ -1,8 +1,9 @@
 """The importer of `mlflow` (with src/served.py, the logged model): parent/child runs, metrics, artifacts, figures.
 
 Conventions (kept stable; the README lists them too):
-  experiment   one per sweep file (or --experiment)
-  parent run   one per Optuna study; tags tlsweep.role=parent, optuna.study_name, best.*
+  experiment   one per data set, the folder's name (or --experiment; src/naming.py)
+  parent run   one per Optuna study; tags tlsweep.role=parent, optuna.study_name, best.*;
+               params: the fixed settings (backbone, weights, image_size, search_size, ...)
   child run    one per trial, run name trial-<n>, nested under the parent; tags
                tlsweep.role=trial, optuna.trial_number, optuna.state (RUNNING|COMPLETE|PRUNED|
                FAIL|INTERRUPTED), optuna.fail_reason, tlsweep.fail_kind, optuna.retry_of,
@@ -163,6 +164,13 @@ class Tracker(Store):
     # -- values -----------------------------------------------------------------------------
     def set_tags(self, run_id: str, tags: dict) -> None:
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_params(self, run_id: str, params: dict) -> None:
+        """Params the run does not have yet (MLflow refuses to change one; the first value stays)."""
+        have = self.client.get_run(run_id).data.params
+        new = [Param(k, str(v)) for k, v in params.items() if k not in have]
+        if new:
+            self.client.log_batch(run_id, params=new)
 
     def log_metrics(self, run_id: str, metrics: dict, step: int = 0) -> None:
         now = int(time.time() * 1000)

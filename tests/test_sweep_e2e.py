@@ -345,7 +345,7 @@ def test_a_report_that_cannot_be_written_is_a_warning_not_the_outcome(in_tmp, fl
     assert sweep.main(_args(in_tmp, flat_folder, 1)) == 0
     assert "could not write the sweep's report" in caplog.text and "plotting broke" in caplog.text
     client = MlflowClient(f"sqlite:///{in_tmp}/mlflow.db")
-    [parent] = client.search_runs([client.get_experiment_by_name("default").experiment_id],
+    [parent] = client.search_runs([client.get_experiment_by_name("flat").experiment_id],  # per data set
                                   "tags.`tlsweep.role` = 'parent'")
     assert parent.info.status == "FINISHED"
     monkeypatch.setattr(report, "write_study_plots", working)
@@ -364,11 +364,10 @@ def test_a_study_of_the_old_default_is_told_to_resume_with_four_toml(in_tmp, fla
     first = sweep.run_sweep(sweep.parse_args(_args(in_tmp, flat_folder, 1, "--sweep", str(old_default))))
     assert sweep.main(_args(in_tmp, flat_folder, 2)) == 2  # sweeps/default.toml
     err = capsys.readouterr().err
-    hint = "--sweep sweeps/four.toml --study-name s --experiment default"
+    hint = "--sweep sweeps/four.toml --study-name s)"
     assert "started with other settings" in err and "weight_decay" in err and hint in err
     assert len(optuna.load_study(study_name="s", storage=f"sqlite:///{in_tmp}/optuna.db").trials) == 1
-    again = sweep.run_sweep(sweep.parse_args(_args(in_tmp, flat_folder, 2, "--sweep", str(sweeps / "four.toml"),
-                                                   "--experiment", "default")))
+    again = sweep.run_sweep(sweep.parse_args(_args(in_tmp, flat_folder, 2, "--sweep", str(sweeps / "four.toml"))))
     assert again.parent_run_id == first.parent_run_id
     assert len(optuna.load_study(study_name="s", storage=f"sqlite:///{in_tmp}/optuna.db").trials) == 2
 
