@@ -23,7 +23,7 @@ from .recovery import LostTrials, recover
 from .pruning import make_pruner
 from .naming import names
 from .study import check_same_settings, check_steps, make_storage, open_parent, open_study
-from .tracking import Tracker
+from .tracking import Tracker, log_params
 from .trial import Context
 
 log = logging.getLogger("tlsweep")
@@ -156,7 +156,7 @@ def start(opts: SweepOptions) -> Started:
     settle_s = 0.0 if opts.storage.startswith("sqlite") else PARENT_SETTLE_S
     parent_id = open_parent(tracker, study, experiment, splits, sweep, tags, settle_s)
     # the settings a resume keeps (check_same_settings) as params: the runs table compares sweeps
-    tracker.log_params(parent_id, {**asdict(fixed), "weights": weights})
+    log_params(tracker, parent_id, {**asdict(fixed), "weights": weights})
     parent = tracker.get_run(parent_id)
     made = parent.data.tags.get("confirm.full_epochs") if fixed.search_size else None
     if made is not None and int(made) != opts.full_epochs:  # its full-size models would be made two ways

@@ -165,13 +165,6 @@ class Tracker(Store):
     def set_tags(self, run_id: str, tags: dict) -> None:
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
-    def log_params(self, run_id: str, params: dict) -> None:
-        """Params the run does not have yet (MLflow refuses to change one; the first value stays)."""
-        have = self.client.get_run(run_id).data.params
-        new = [Param(k, str(v)) for k, v in params.items() if k not in have]
-        if new:
-            self.client.log_batch(run_id, params=new)
-
     def log_metrics(self, run_id: str, metrics: dict, step: int = 0) -> None:
         now = int(time.time() * 1000)
         self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
@@ -233,3 +226,10 @@ class Tracker(Store):
         return self.client.search_runs([exp_id], filter_string=f"tags.{MLFLOW_PARENT_RUN_ID} = '{parent_id}'",
                                        max_results=10000)
 
+
+def log_params(tracker: Tracker, run_id: str, params: dict) -> None:
+    """Params the run does not have yet (MLflow refuses to change one; the first value stays)."""
+    have = tracker.client.get_run(run_id).data.params
+    new = [Param(k, str(v)) for k, v in params.items() if k not in have]
+    if new:
+        tracker.client.log_batch(run_id, params=new)
