@@ -23,13 +23,13 @@ REPO = Path(__file__).resolve().parents[1]
 BEFORE = "041d290339778d2074b10fe2203792467a570e63"  # main before the redesign
 
 
-def _old_code(target: Path) -> Path:
-    """src/ and sweeps/ as they were at BEFORE, or a skip where history is not at hand."""
+def _old_code(target: Path, commit: str = BEFORE) -> Path:
+    """src/ and sweeps/ as they were at `commit`, or a skip where history is not at hand."""
     try:
-        blob = subprocess.run(["git", "-C", str(REPO), "archive", BEFORE, "src", "sweeps"],
+        blob = subprocess.run(["git", "-C", str(REPO), "archive", commit, "src", "sweeps"],
                               capture_output=True, check=True, timeout=60).stdout
     except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
-        pytest.skip(f"the code before the redesign is not in this checkout's history ({exc})")
+        pytest.skip(f"the code at {commit} is not in this checkout's history ({exc})")
     with tarfile.open(fileobj=BytesIO(blob)) as tar:
         tar.extractall(target, filter="data")
     return target

@@ -6,8 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tarfile
-from io import BytesIO
 from pathlib import Path
 
 import optuna
@@ -15,9 +13,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import sweep_args
+from test_compat import _old_code
 from src import sweep
 
-REPO = Path(__file__).resolve().parents[1]
 BEFORE = "83a5cb7d6e9bd037f923152adc1953412f0b8818"  # main before src/naming.py: study `<sweep>-<data>`, experiment = the sweep file's name
 
 
@@ -54,23 +52,12 @@ def test_default_names_keep_sweeps_of_other_backbones_and_sizes_apart(in_tmp, fl
     assert again.parent_run_id == second.parent_run_id and _studies(in_tmp)["default-flat-resnet18-24px"] == 2
 
 
-def _old_code(target: Path) -> Path:
-    try:
-        blob = subprocess.run(["git", "-C", str(REPO), "archive", BEFORE, "src", "sweeps"],
-                              capture_output=True, check=True, timeout=60).stdout
-    except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
-        pytest.skip(f"the code before src/naming.py is not in this checkout's history ({exc})")
-    with tarfile.open(fileobj=BytesIO(blob)) as tar:
-        tar.extractall(target, filter="data")
-    return target
-
-
 @pytest.mark.slow
 def test_a_study_named_before_is_resumed_by_the_same_command(in_tmp, flat_folder):
     """A sweep started by the code before these names (study `default-flat`, experiment `default`),
     run again by the code now: the same study and parent run go on; with another image size the
     old study is left alone and a new one starts."""
-    old = _old_code(in_tmp / "old")
+    old = _old_code(in_tmp / "old", BEFORE)
     four = ("--sweep", str(old / "sweeps" / "default.toml"))  # its own default file, so settings agree
     child = subprocess.run([sys.executable, "-m", "src.sweep", *_unnamed(in_tmp, flat_folder, 1, *four)], cwd=in_tmp,
                            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(old)}, timeout=600)
