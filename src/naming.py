@@ -22,6 +22,7 @@ import optuna
 
 from .config import Fixed
 from .options import SweepOptions
+from .study import make_storage
 from .trials import SETTINGS_ATTR
 
 log = logging.getLogger("tlsweep")
@@ -51,13 +52,14 @@ def _same_kind(settings: dict | None, fixed: Fixed) -> bool:
             and (settings.get("search_size") or 0) == (fixed.search_size or 0))
 
 
-def names(opts: SweepOptions, fixed: Fixed, storage) -> tuple[str, str]:
-    """(study name, experiment name) for this sweep; `storage` is an Optuna storage (URL or object)."""
+def names(opts: SweepOptions, fixed: Fixed) -> tuple[str, str]:
+    """(study name, experiment name) for this sweep, looking in `--storage` for an old-named study."""
     if opts.study_name:
         return opts.study_name, opts.experiment or data_name(opts)
     new, old = default_study_name(opts, fixed), old_study_name(opts)
     try:
-        studies = {s.study_name: s for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
+        studies = {s.study_name: s for s in optuna.get_all_study_summaries(make_storage(opts.storage),
+                                                                          include_best_trial=False)}
     except Exception:  # an empty or unreachable storage: open_study says what is wrong, if anything
         studies = {}
     if new not in studies and old in studies:

@@ -22,7 +22,7 @@ from .record import TrialRecord
 from .recovery import LostTrials, recover
 from .pruning import make_pruner
 from .naming import names
-from .study import check_same_settings, check_steps, make_storage, open_parent, open_study
+from .study import check_same_settings, check_steps, open_parent, open_study
 from .tracking import Tracker, log_params
 from .trial import Context
 
@@ -132,7 +132,7 @@ def start(opts: SweepOptions) -> Started:
     tracker = Tracker(opts.tracking_uri)
     tracker.check_reachable()
     pruner = make_pruner(sweep.prune, fixed.max_epochs_phase1, fixed.max_epochs_phase2, not opts.no_prune)
-    name, experiment = names(opts, fixed, make_storage(opts.storage))  # src/naming.py
+    name, experiment = names(opts, fixed)  # src/naming.py
     study = open_study(name, opts.storage, fixed.seed, pruner, on_lost=LostTrials(tracker))
     check_steps(study)
     settings = {k: v for k, v in asdict(fixed).items() if k != "search_size" or v}  # 0: as before it existed

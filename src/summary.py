@@ -154,8 +154,9 @@ def print_summary(started: Started, study: optuna.Study, tracking_uri: str | Non
     """The terminal's summary: counts, the top trials, epochs spent, the best trial and what to run
     next (logged on the parent too); returns the epochs spent."""
     completed, best = T.completed(study), T.best(study)
+    role = "final_test --run-id takes this one" if best is not None else "no trial to test yet"
     print(f"\nstudy {study.study_name!r}: {len(T.finished(study))} finished trials ({len(completed)} complete)\n"
-          f"parent run (the whole sweep; final_test --run-id takes this one): {started.parent_id}")
+          f"parent run (the whole sweep; {role}): {started.parent_id}")
     print(summary_table(study))
     spent, pruned_max = pruning_savings(study, started.ctx.pipeline.fixed)
     print(f"epochs spent: {spent}; pruned trials could have run up to {pruned_max} more without pruning")
