@@ -108,7 +108,8 @@ def confirm_plan(opts: SweepOptions, fixed: Fixed) -> tuple[int, int]:
     if fixed.search_size:
         if opts.no_cache:
             raise UserError(f"search_size = {fixed.search_size} re-trains the best configurations on the decoded "
-                            f"images: it cannot run with --no-cache; drop one of them")
+                            f"images: it cannot run with --no-cache; drop --no-cache, or search at full size "
+                            f"with --search-size 0")
         return opts.confirm_top or FULL_TOP, 0 if opts.confirm_folds is None else opts.confirm_folds
     top, folds = opts.confirm_top, DEFAULT_FOLDS if opts.confirm_folds is None else opts.confirm_folds
     if top == 1 or (top and folds < 1):
