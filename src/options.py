@@ -37,6 +37,8 @@ class SweepOptions:
     confirm_top: int = 0   # --confirm-top K, --confirm-folds F (src/confirm.py); K = 0: off
     confirm_folds: int | None = None  # None: 3, or 0 with a search size
     full_epochs: int = 0   # --full-epochs E: a search-size trial's model fine-tuned E epochs at full size (0: retrained)
+    keep_checkpoints: int = 0  # --keep-checkpoints K: a trial's model uploaded only while among the K best (0: all)
+    estimate: bool = False     # --estimate: print the sweep's expected cost (src/estimate.py), start nothing
 
     def fixed_overrides(self) -> dict[str, Any]:
         """The flags that override [fixed] (`resolve_fixed`): --max-epochs sets both phases."""

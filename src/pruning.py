@@ -62,6 +62,8 @@ class PhaseAligned(optuna.pruners.BasePruner):
         phase = 1 if step <= self.offset else 2
         if phase == 1 and not self.prune_phase1:
             return False
+        if step in (self.offset, self.offset + self.horizon):
+            return False  # a phase's last epoch: its cost is spent, pruning would only throw its result away
         view = _PhaseView(study, self.offset, self.horizon, phase)
         return self.inner.prune(view, view.view(trial))
 

@@ -28,6 +28,7 @@ from . import trials as T
 from .trials import FAIL_KIND_ATTR, FAIL_REASON_ATTR, PRUNE_REASON_ATTR, RUN_ID_ATTR
 
 log = logging.getLogger("tlsweep")
+KEPT_TAG = "checkpoint.kept"  # "false": --keep-checkpoints left this trial's model out (not among the best)
 MISTAKES_SHOWN = 16  # most confidently misclassified validation images drawn per trial (4 x 4)
 # Progress bars: tqdm's own choice (off when not a terminal), always off in a --workers child.
 BARS = True if os.environ.get("TLSWEEP_WORKER") else None
@@ -57,9 +58,9 @@ class TrialRecord:
         self.tracker.log_epoch(run_id, record)
 
     def phase_end(self, run_id: str, cfg: TrialConfig, result: PhaseResult, model, history: list,
-                  number: int) -> None:
-        """Best checkpoint and validation confusion matrix of a finished phase; after phase 2 also
-        the figures a user looks at."""
+                  number: int, keep: bool = True) -> None:
+        """Best checkpoint (unless not `keep`: tag `checkpoint.kept=false`) and validation confusion
+        matrix of a finished phase; after phase 2 also the figures a user looks at."""
         tracker, p = self.tracker, result.phase
         low, high = wilson(result.best_valid_acc, len(result.valid_targets))
         tracker.log_metrics(run_id, {f"phase{p}/epochs": result.epochs, f"phase{p}/best_epoch": result.best_epoch,
@@ -67,10 +68,12 @@ class TrialRecord:
                                      f"phase{p}/best_valid_acc_low": low, f"phase{p}/best_valid_acc_high": high,
                                      f"phase{p}/best_valid_loss": result.best_valid_loss}, step=result.last_step)
         with tempfile.TemporaryDirectory() as tmp:
-            ckpt = M.make_checkpoint(model, {**cfg.to_dict(), "mean": self.mean, "std": self.std},
-                                     p, result.best_epoch, result.best_valid_acc)
-            path = M.save_checkpoint(ckpt, Path(tmp) / f"phase{p}_best.pt")
-            tracker.log_files(run_id, [path], "checkpoints")
+            if keep:
+                ckpt = M.make_checkpoint(model, {**cfg.to_dict(), "mean": self.mean, "std": self.std},
+                                         p, result.best_epoch, result.best_valid_acc)
+                tracker.log_files(run_id, [M.save_checkpoint(ckpt, Path(tmp) / f"phase{p}_best.pt")], "checkpoints")
+            else:
+                tracker.set_tags(run_id, {KEPT_TAG: "false"})
             cm = figures.confusion(result.valid_targets, result.valid_preds, len(cfg.classes))
             files = figures.write_confusion(cm, cfg.classes, Path(tmp) / f"valid_phase{p}",
                                             f"validation, phase {p} best (epoch {result.best_epoch})")

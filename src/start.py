@@ -119,12 +119,30 @@ def confirm_plan(opts: SweepOptions, fixed: Fixed) -> tuple[int, int]:
     return top, folds
 
 
+def check_keep(opts: SweepOptions, fixed: Fixed, top: int) -> None:
+    """--keep-checkpoints K must keep every trial model the end of the sweep reads: the soup's and
+    the ensemble's candidates and the confirmation's configurations (with a search size those are
+    the full-size runs', always kept, unless --full-epochs starts from the trials' models)."""
+    k = opts.keep_checkpoints
+    if k < 0:
+        raise UserError(f"--keep-checkpoints {k}: give 0 (keep every model) or how many of the best to keep")
+    reads = {"--confirm-top": top} if fixed.search_size else {
+        "--soup-top": opts.soup_top, "--ensemble-top": opts.ensemble_top, "--confirm-top": top}
+    if fixed.search_size and not opts.full_epochs:
+        reads = {}
+    flag, need = max(reads.items(), key=lambda kv: kv[1], default=("", 0))
+    if k and k < need:
+        raise UserError(f"--keep-checkpoints {k} is below {flag} {need}: the end of the sweep reads the models of "
+                        f"the {need} best trials; give --keep-checkpoints {need} or more (0 keeps every model)")
+
+
 def start(opts: SweepOptions) -> Started:
     """Validate everything and open study + parent run, before any training."""
     sweep = load_sweep(opts.sweep)
     on_demo = opts.data is None
     fixed = resolve_fixed(sweep, on_demo, opts.fixed_overrides())
     plan = confirm_plan(opts, fixed)
+    check_keep(opts, fixed, plan[0])
     M.check_backbone(fixed.backbone)
     splits = D.find_splits(D.demo_data_dir() if on_demo else opts.data, seed=fixed.seed)
     device = pick_device(opts.device)
@@ -173,5 +191,5 @@ def start(opts: SweepOptions) -> Started:
     study.set_user_attr(T.VALID_IMAGES_ATTR, len(pipeline.labels("valid")))  # for accuracy intervals
     recover(study, tracker, parent_id)  # what a killed or interrupted earlier run left behind
     record = TrialRecord(tracker, parent_id, pipeline.mean, pipeline.std)
-    return Started(Context(pipeline, sweep.search, record, amp, opts.trials), study,
+    return Started(Context(pipeline, sweep.search, record, amp, opts.trials, opts.keep_checkpoints), study,
                    parent.info.experiment_id, fixed, plan, full_epochs=opts.full_epochs, full_amp=full_amp)

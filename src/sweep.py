@@ -21,6 +21,7 @@ import optuna
 from . import trials as T
 from .device import PRECISIONS, use_my_cores
 from .errors import UserError
+from .estimate import estimate
 from .launcher import launch
 from .options import SweepOptions
 from .pipeline import DEFAULT_MAX_BAD_FRACTION
@@ -43,6 +44,14 @@ DEFAULT_STORAGE = f"sqlite:///{REPO / 'optuna.db'}"  # in the repo, whatever the
 
 
 def parse_args(argv=None) -> SweepOptions:
+    p = build_parser()
+    args = p.parse_args(argv)
+    _check(p, args)
+    return SweepOptions(**vars(args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The sweep's flags (docs/flags.md lists each; tests/test_docs.py keeps the two agreeing)."""
     p = argparse.ArgumentParser(prog="python -m src.sweep", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trials", type=int, default=30,
@@ -60,9 +69,10 @@ def parse_args(argv=None) -> SweepOptions:
                    help=f"trials train at S px, the --confirm-top best again at --image-size, and only those "
                         f"can win ({HALF}: half the side, off below {2 * MIN_SEARCH} px; 0: off; default from the "
                         f"sweep file; see src/confirm.py)")
-    p.add_argument("--study-name", help="Optuna study; reusing a name resumes it (default <sweep>-<data>)")
+    p.add_argument("--study-name", help="Optuna study; reusing a name resumes it (default "
+                                        "<sweep>-<data>-<backbone>-<size>px[-search<S>]; see src/naming.py)")
     p.add_argument("--storage", default=DEFAULT_STORAGE, help="Optuna storage URL (default: optuna.db in the repo)")
-    p.add_argument("--experiment", help="MLflow experiment (default: the sweep file's name)")
+    p.add_argument("--experiment", help="MLflow experiment (default: the data folder's name, demo-digits for the demo)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLflow's own, sqlite:///mlflow.db)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
@@ -79,6 +89,12 @@ def parse_args(argv=None) -> SweepOptions:
     p.add_argument("--no-prune", action="store_true", help="never prune (to compare epochs spent)")
     p.add_argument("--no-cache", action="store_true",
                    help="decode images and run the frozen backbone every epoch (slow; for comparison)")
+    _end_flags(p)
+    return p
+
+
+def _end_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of how a sweep ends (its winner, the models it keeps) and --estimate."""
     p.add_argument("--soup-top", type=int, default=SOUP_TOP,
                    help=f"at the end, a greedy weight-averaged soup of the K best trials competes with the best "
                         f"one on validation (0 or 1: no soup; default {SOUP_TOP})")
@@ -97,9 +113,12 @@ def parse_args(argv=None) -> SweepOptions:
                    help=f"with a search size, each full-size model starts from its trial's best model and "
                         f"fine-tunes at --image-size for E phase-2 epochs (0: trained again from scratch at full "
                         f"size, both phases; default {FULL_EPOCHS}; see src/confirm.py)")
-    args = p.parse_args(argv)
-    _check(p, args)
-    return SweepOptions(**vars(args))
+    p.add_argument("--keep-checkpoints", type=int, default=0, metavar="K",
+                   help="upload a trial's model (phase 2's best) only while the trial is among the K best, and "
+                        "no phase-1 models: less disk (0: every model, the default)")
+    p.add_argument("--estimate", action="store_true",
+                   help="time a few real batches of both phases on this data and device, print the sweep's "
+                        "expected and worst-case wall time and disk, and exit: no study, no run")
 
 
 def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -127,6 +146,8 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--max-bad-fraction {args.max_bad_fraction}: give a fraction from 0 to below 1, e.g. 0.01")
     if args.workers < 1:
         p.error(f"--workers {args.workers}: give at least 1")
+    if args.keep_checkpoints < 0:
+        p.error(f"--keep-checkpoints {args.keep_checkpoints}: give 0 (every model) or how many of the best to keep")
     if args.timeout is not None and args.timeout <= 0:
         p.error(f"--timeout {args.timeout}: give a positive number of seconds")
 
@@ -186,6 +207,9 @@ def main(argv=None) -> int:
         log.info("worker %s: %d CPU thread(s)", os.environ["TLSWEEP_WORKER"], threads)
     try:
         with handling_signals():  # Ctrl-C and SIGTERM: see src/stopping.py
+            if opts.estimate:
+                print(estimate(opts))
+                return 0
             if opts.workers > 1:
                 return launch(opts, list(sys.argv[1:] if argv is None else argv))
             outcome = run_sweep(opts)

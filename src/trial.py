@@ -46,6 +46,7 @@ class Context:
     record: TrialRecord
     amp: torch.dtype | None = None  # phase-2 autocast dtype (None: fp32)
     trials: int | None = None       # finished trials the study should have (--trials): the cap
+    keep_checkpoints: int = 0       # --keep-checkpoints K: phase-2 models of the K best only (0: every model)
 
 
 def as_fault(exc: Exception, device: torch.device, batch_size: int) -> TrialFault | None:
@@ -174,8 +175,10 @@ class Objective:
 
             def on_phase_end(result, trained_model):
                 history.extend(result.history)
+                k = self.ctx.keep_checkpoints  # with K: no phase-1 model; phase 2's while among the K best
+                keep = not k or (result.phase == 2 and T.among_best(trial.study, result.best_valid_acc, k))
                 with writing():
-                    record.phase_end(run_id, cfg, result, trained_model, history, trial.number)
+                    record.phase_end(run_id, cfg, result, trained_model, history, trial.number, keep)
                 raise_if_stopped()
 
             _, phase2 = fit_two_phase(

@@ -50,6 +50,12 @@ def best(study: optuna.Study) -> FrozenTrial | None:
     return max(completed(study), key=lambda t: t.value, default=None)
 
 
+def among_best(study: optuna.Study, value: float, k: int) -> bool:
+    """Whether a trial finishing with `value` is among the `k` best complete trials so far (ties
+    in): `--keep-checkpoints`. A trial among the k best at the end was among them when it finished."""
+    return sum(t.value > value for t in completed(study)) < k
+
+
 def run_id(trial: FrozenTrial) -> str | None:
     return trial.user_attrs.get(RUN_ID_ATTR)
 
