@@ -28,7 +28,7 @@ from . import trials as T
 from .trials import FAIL_KIND_ATTR, FAIL_REASON_ATTR, PRUNE_REASON_ATTR, RUN_ID_ATTR
 
 log = logging.getLogger("tlsweep")
-KEPT_TAG = "checkpoint.kept"  # "false": --keep-checkpoints left this trial's model out (not among the best)
+KEPT_TAG = "checkpoint.kept"  # "false": --keep-checkpoints left this trial's phase-2 model out (not among the best)
 MISTAKES_SHOWN = 16  # most confidently misclassified validation images drawn per trial (4 x 4)
 # Progress bars: tqdm's own choice (off when not a terminal), always off in a --workers child.
 BARS = True if os.environ.get("TLSWEEP_WORKER") else None
@@ -59,7 +59,7 @@ class TrialRecord:
 
     def phase_end(self, run_id: str, cfg: TrialConfig, result: PhaseResult, model, history: list,
                   number: int, keep: bool = True) -> None:
-        """Best checkpoint (unless not `keep`: tag `checkpoint.kept=false`) and validation confusion
+        """Best checkpoint (unless not `keep`; phase 2: tag `checkpoint.kept=false`) and validation confusion
         matrix of a finished phase; after phase 2 also the figures a user looks at."""
         tracker, p = self.tracker, result.phase
         low, high = wilson(result.best_valid_acc, len(result.valid_targets))
@@ -72,7 +72,7 @@ class TrialRecord:
                 ckpt = M.make_checkpoint(model, {**cfg.to_dict(), "mean": self.mean, "std": self.std},
                                          p, result.best_epoch, result.best_valid_acc)
                 tracker.log_files(run_id, [M.save_checkpoint(ckpt, Path(tmp) / f"phase{p}_best.pt")], "checkpoints")
-            else:
+            elif p == 2:
                 tracker.set_tags(run_id, {KEPT_TAG: "false"})
             cm = figures.confusion(result.valid_targets, result.valid_preds, len(cfg.classes))
             files = figures.write_confusion(cm, cfg.classes, Path(tmp) / f"valid_phase{p}",

@@ -185,9 +185,12 @@ def check_same_settings(study: optuna.Study, settings: dict) -> None:
     changed = {k: (recorded.get(k), settings.get(k)) for k in keys if recorded.get(k) != settings.get(k)}
     if changed:
         detail = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items()))
-        hint = (f"; its sweep file is on its parent run under sweep/ (a study started with sweeps/default.toml "
-                f"before the transfer-aware parameters resumes with --sweep sweeps/four.toml --study-name "
-                f"{study.study_name})") if "search" in changed else ""
+        parent = study.user_attrs.get(PARENT_RUN_ATTR)
+        hint = (f"; its sweep file is on its parent run: mlflow artifacts download -r {parent} -a sweep -d . "
+                f"puts it under ./sweep/, then pass it as --sweep") if parent else ""
+        if "search" in changed:
+            hint += (f" (a study started with sweeps/default.toml before the transfer-aware parameters resumes "
+                     f"with --sweep sweeps/four.toml --study-name {study.study_name})")
         raise UserError(f"study {study.study_name!r} was started with other settings ({detail}); "
                         f"rerun with the original ones{hint}, or start a new --study-name")
 

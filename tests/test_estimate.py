@@ -1,0 +1,70 @@
+"""`--estimate` (src/estimate.py) starts nothing and says within 2x what the sweep then costs;
+`--keep-checkpoints K` keeps the models of the trials among the K best, and every final top-K
+trial has one."""
+from __future__ import annotations
+
+import re
+import time
+
+import optuna
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from conftest import sweep_args
+from src import final_test, sweep
+
+
+def _estimate(out: str) -> tuple[float, float, float, float]:
+    wall, worst, disk, disk_worst = re.search(r"^estimate wall_s (\S+) (\S+) disk_bytes (\S+) (\S+)$", out, re.M).groups()
+    return float(wall), float(worst), float(disk), float(disk_worst)
+
+
+@pytest.mark.slow
+def test_estimate_starts_nothing_and_is_within_2x_of_the_sweep(in_tmp, flat_folder, capsys):
+    args = sweep_args(in_tmp, flat_folder, 4)
+    assert sweep.main([*args, "--estimate"]) == 0
+    out = capsys.readouterr().out
+    expected, worst, disk, disk_worst = _estimate(out)
+    assert "Nothing was started" in out and "expected" in out and "worst case" in out
+    assert not (in_tmp / "optuna.db").exists() or optuna.get_all_study_summaries(f"sqlite:///{in_tmp}/optuna.db") == []
+    assert not (in_tmp / "mlflow.db").exists() and not (in_tmp / "mlruns").exists()  # no run, no store
+    start = time.perf_counter()
+    assert sweep.main(args) == 0
+    wall = time.perf_counter() - start
+    assert wall / 2 <= expected <= 2 * wall, (expected, wall)
+    assert worst >= expected and disk_worst >= disk
+    stored = sum(p.stat().st_size for p in (in_tmp / "mlruns").rglob("*") if p.is_file())
+    cached = sum(p.stat().st_size for p in (in_tmp / "cache").rglob("*") if p.is_file())
+    assert stored / 2 <= disk <= 2 * (stored + cached), (disk, stored, cached)
+
+
+def test_estimate_refuses_what_the_sweep_would_refuse(in_tmp, flat_folder, capsys):
+    args = sweep_args(in_tmp, flat_folder, 4, "--keep-checkpoints", "2", "--estimate")
+    assert sweep.main(args) == 2  # --soup-top 5 reads the 5 best trials' models
+    err = capsys.readouterr().err
+    assert "--keep-checkpoints 2" in err and "--soup-top 5" in err and "--keep-checkpoints 5" in err
+    assert not (in_tmp / "mlflow.db").exists()
+
+
+@pytest.mark.slow
+def test_keep_checkpoints_keeps_the_best_trials_models_only(in_tmp, flat_folder):
+    args = sweep_args(in_tmp, flat_folder, 5, "--keep-checkpoints", "2", "--soup-top", "2", "--ensemble-top", "2",
+                      "--no-prune")
+    assert sweep.main(args) == 0
+    client = MlflowClient(f"sqlite:///{in_tmp}/mlflow.db")
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{in_tmp}/optuna.db")
+    trials = sorted(study.trials, key=lambda t: t.number)
+    for t in trials:
+        run = t.user_attrs["mlflow_run_id"]
+        names = {a.path for a in client.list_artifacts(run, "checkpoints")}
+        earlier = [u.value for u in trials if u.number < t.number and u.state.name == "COMPLETE"]
+        among = sum(v > t.value for v in earlier) < 2  # among the 2 best when it ended
+        assert names == ({"checkpoints/phase2_best.pt"} if among else set()), (t.number, names)
+        assert (client.get_run(run).data.tags.get("checkpoint.kept") == "false") == (not among)
+    best_two = sorted(trials, key=lambda t: (-t.value, t.number))[:2]
+    for t in best_two:  # every trial among the final 2 best has its model, and it loads
+        path = client.download_artifacts(t.user_attrs["mlflow_run_id"], "checkpoints/phase2_best.pt", str(in_tmp))
+        assert "state_dict" in torch.load(path, weights_only=True)
+    parent = study.user_attrs["mlflow_parent_run_id"]
+    assert final_test.main(["--run-id", parent, "--tracking-uri", f"sqlite:///{in_tmp}/mlflow.db"]) == 0
