@@ -10,8 +10,10 @@ Arms, each on its own stores under `--out`, each winner scored once on the folde
 - `recipe`: `sweeps/seed-recipe.toml` through the product (one run);
 - `handwired`: `benchmarks/handwired.py` (stock Optuna TPE + MedianPruner, nested MLflow runs, a
   PIL loop that runs the frozen backbone every phase-1 epoch, the design's four parameters), for
-  `--handwired-trials` trials (default `--trials`); with fewer, its wall time is scaled by
-  trials / handwired-trials (said in the output: its per-trial cost, not its search, is measured).
+  `--handwired-trials` trials (default `--trials`); with fewer, each missing trial is costed at
+  the mean of its trials after the MedianPruner's 5 startup trials (which can be pruned, as the
+  missing ones would be), or at its mean trial when it ran no more than those (said in the output:
+  its per-trial cost, not its search, is measured; `scale_peer`).
 `--sweep-flags` reach our sweep only (the recipe runs as it is). Rows go to `--out/results.jsonl`
 as each arm ends; a rerun skips the arms there. Prints per arm wall time, epochs (of the trials:
 with a search size, the full-size trainings after them are in the wall time, not here), best valid
@@ -97,12 +99,26 @@ def report(rows: dict, trials: int) -> None:
         print(f"{arm:>10}: {r['trials']} trial(s), wall {r['wall_s']:.0f} s, epochs {r['epochs']}, best valid "
               f"{valid}, test acc {r['test_acc']:.4f}")
     peer, ours, recipe = rows["handwired"], rows["ours"], rows["recipe"]
-    scaled = peer["wall_s"] * trials / peer["trials"]
-    if peer["trials"] != trials:
-        print(f"handwired ran {peer['trials']} of {trials} trials: its wall time scaled to {scaled:.0f} s "
-              f"(per-trial cost measured; its search over {trials} trials is not)")
+    scaled = scale_peer(peer, trials)
     print(f"ratio sweep_vs_handwired_wall {ours['wall_s'] / scaled:.3f}")
     print(f"ratio sweep_vs_recipe_wall {ours['wall_s'] / recipe['wall_s']:.3f}")
+
+
+def scale_peer(peer: dict, trials: int) -> float:
+    """The peer's wall time for `trials` trials when it ran fewer: its own wall, plus each missing
+    trial at the mean cost of its trials after the MedianPruner's startup trials (those can be
+    pruned, as the missing ones would be); with none after the startup, at its mean trial cost."""
+    if peer["trials"] >= trials:
+        return peer["wall_s"]
+    after = peer.get("trial_s", [])[peer.get("startup_trials", 0):]
+    each = sum(after) / len(after) if after else peer["wall_s"] / peer["trials"]
+    scaled = peer["wall_s"] + (trials - peer["trials"]) * each
+    how = (f"its {len(after)} trial(s) after the pruner's startup" if after else
+           "its mean trial, none of which could be pruned (an upper bound: run more --handwired-trials)")
+    print(f"handwired ran {peer['trials']} of {trials} trials: its wall time scaled to {scaled:.0f} s, each "
+          f"missing trial costed as {how} ({each:.0f} s); its search over {trials} trials is not measured")
+    return scaled
+
 
 
 if __name__ == "__main__":

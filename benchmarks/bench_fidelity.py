@@ -1,5 +1,5 @@
 """Does a smaller image size rank configurations as the full size does, and for how much less?
-The measurement behind the default `search_size` (README: Sweep files, Search size).
+The measurement behind the default `search_size` (docs/sweep-files.md, Search size).
 
     python benchmarks/bench_fidelity.py --data ~/data/openclipart --backbone mobilenet_v2 \\
         --sizes 64 96 128 --configs 8 --max-epochs 15 --out ~/fidelity

@@ -9,7 +9,7 @@ it prints the test accuracy of: the best trial alone, with a horizontal-flip tes
 uniform ensembles of the best 2 / 3 / 5 / `--top` (class probabilities averaged, as
 `model.Ensemble`), and a greedy ensemble (from the best 5, a model added when validation accuracy
 does not drop). This reads the TEST split of every sweep it is given, for several rules at once:
-a rule chosen by it is chosen on test, so check it on a sweep run after it was fixed (the README
+a rule chosen by it is chosen on test, so check it on a sweep run after it was fixed (docs/quality-and-cost.md
 says which were which). The product itself never does this; it chooses on validation
 (src/winner.py).
 """

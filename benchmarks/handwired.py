@@ -203,5 +203,6 @@ def _sweep(settings: Settings, classes, split, uri: str, start: float) -> dict:
         test = torch.utils.data.DataLoader(Files(split["test"], eval_tf), batch_size=2 * settings.batch_size)
         test_acc = evaluate(model, test)
         mlflow.log_metric("test_acc", test_acc)
+    trial_s = [(t.datetime_complete - t.datetime_start).total_seconds() for t in study.trials]
     return {"wall_s": time.time() - start, "epochs": epochs[0], "trials": settings.trials,
-            "best_valid": best.value, "test_acc": test_acc}
+            "best_valid": best.value, "test_acc": test_acc, "trial_s": trial_s, "startup_trials": 5}

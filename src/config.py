@@ -257,7 +257,7 @@ def load_sweep(path: str | Path) -> SweepFile:
 
 
 HALF = "half"     # search_size = "half": `half_size` of image_size
-MIN_SEARCH = 64   # "half" never searches below this side (measured down to it: README, Cost)
+MIN_SEARCH = 64   # "half" never searches below this side (measured down to it: docs/quality-and-cost.md)
 
 
 def half_size(image_size: int) -> int:

@@ -1,5 +1,5 @@
 """`--confirm-top K --confirm-folds F`: the K best configurations re-trained on F re-drawn
-train/valid splits; the best mean wins (README: Sweep files, Confirmation).
+train/valid splits; the best mean wins (docs/sweep-files.md, Confirmation).
 
 Why: the best of many trials on one validation split is partly the luckiest (the top trials are
 often within noise of each other, src/stats.py). Each re-training has another validation set (of
@@ -74,7 +74,7 @@ ROLE, FULL_ROLE = ROLES
 POLL_S = 5.0         # while other workers' jobs run: how often to look again
 DEFAULT_FOLDS = 3
 FULL_TOP = 3         # --confirm-top when a search size is set and it is not given
-FULL_EPOCHS = 0      # --full-epochs: 0 trains a full-size model from scratch (fine-tuning 3: -3.4 points, README)
+FULL_EPOCHS = 0      # --full-epochs: 0 trains a full-size model from scratch (fine-tuning 3: -3.4 points, docs/quality-and-cost.md)
 FULL_SEED = 999_999  # a full-size job's seed offset (fold f: 1 + f), apart from the trial's own
 MAX_TOP = 50  # --confirm-top's ceiling (the parent's tags of one decision go in one MLflow batch)
 

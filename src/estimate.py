@@ -196,7 +196,9 @@ def _disk(opts, fixed, n, speeds, levels, frames, ckpt_bytes, completes, top) ->
     for sp in speeds.values():
         side = D.stored_side(sp.side)
         images = (ntr + nva) * 3 * side * side + (1.5 * ntr * 3 * side * side if frames else 0)
+        full_only = fixed.search_size and sp.side == fixed.image_size  # only the best configurations' levels
         for i, views in enumerate(levels):
+            views = min(views, top) if full_only else views
             cache[i] += images + (views * e1 * ntr + nva) * sp.features * 4
     disk.append(Cost(f"caches (decoded images, phase-1 features; under {D.cache_dir()})", *cache))
     return disk
@@ -253,6 +255,9 @@ def report(opts, fixed, splits, device, weights, speeds: dict, times: list[Cost]
     lines += [f"  {c.what:44s} {_b(c.expected):>10s} {_b(c.worst):>11s}" for c in disk]
     lines.append("  expected: typical pruning and early stopping; worst: none of either, nothing cached "
                  "(src/estimate.py). Nothing was started: no study, no run.")
+    if opts.workers > 1:
+        lines.append(f"  for one process: --workers {opts.workers} share this machine's cores or device, which "
+                     f"shortens the trials' part by less than {opts.workers}x (docs/scale-out.md)")
     lines.append(f"estimate wall_s {sum(c.expected for c in times):.1f} {sum(c.worst for c in times):.1f} "
                  f"disk_bytes {sum(c.expected for c in disk):.0f} {sum(c.worst for c in disk):.0f}")
     return "\n".join(lines)

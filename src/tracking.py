@@ -1,6 +1,6 @@
 """The importer of `mlflow` (with src/served.py, the logged model): parent/child runs, metrics, artifacts, figures.
 
-Conventions (kept stable; the README lists them too):
+Conventions (kept stable; docs/results.md lists them too):
   experiment   one per data set, the folder's name (or --experiment; src/naming.py)
   parent run   one per Optuna study; tags tlsweep.role=parent, optuna.study_name, best.*;
                params: the fixed settings (backbone, weights, image_size, search_size, ...)
@@ -188,8 +188,8 @@ class Tracker(Store):
 
     def download(self, run_id: str, artifact_path: str, dst: Path) -> Path:
         if Path(artifact_path).name not in self.artifact_names(run_id, str(Path(artifact_path).parent)):
-            raise UserError(f"run {run_id} has no artifact {artifact_path} in {self.uri}; "
-                            f"it was pruned or failed before saving it: pick a completed trial")
+            raise UserError(f"run {run_id} has no artifact {artifact_path} in {self.uri}; it was pruned or failed "
+                            f"before saving it, or --keep-checkpoints left it out: pick one of the best trials")
         return Path(self.client.download_artifacts(run_id, artifact_path, str(dst)))
 
     def load_json(self, run_id: str, artifact_path: str) -> dict:

@@ -12,7 +12,7 @@ it; else the soup if it beats the single; else the single. Why ties go to the en
 validation accuracy is the best of many noisy figures and the soup's a greedy pick on the same
 images, so both overstate what they do on new images; the ensemble's members are fixed by rank
 alone, and averaging their predictions cancels part of each member's seed noise. Measured on the
-24-class clip-art folder, see the README's "Quality" section; `--ensemble-top 0` (or 1) leaves the
+24-class clip-art folder, see docs/quality-and-cost.md; `--ensemble-top 0` (or 1) leaves the
 ensemble out, for a model that costs one network at inference.
 
 Each candidate of two or more members is a run under the parent (role and run name `soup` or
