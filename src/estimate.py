@@ -35,10 +35,10 @@ from . import data as D
 from . import features as F
 from . import model as M
 from . import precision
-from .config import FRAME_LEVELS, load_sweep, resolve_fixed
-from .device import autocast, pick_device
+from .config import FRAME_LEVELS
+from .device import autocast
 from .options import SweepOptions
-from .start import check_keep, confirm_plan, resolve_weights
+from .start import check
 
 EARLY_STOP = 0.7   # an unpruned trial stops early at this share of its max epochs (typical, not measured per data)
 STARTUP_S = 1.5    # the study, its parent run and tracking store (beside the measured decoding)
@@ -206,15 +206,7 @@ def _disk(opts, fixed, n, speeds, levels, frames, ckpt_bytes, completes, top) ->
 
 def estimate(opts: SweepOptions) -> str:
     """Measure on the user's data and device, and say what the sweep will cost."""
-    sweep = load_sweep(opts.sweep)
-    on_demo = opts.data is None
-    fixed = resolve_fixed(sweep, on_demo, opts.fixed_overrides())
-    plan = confirm_plan(opts, fixed)
-    check_keep(opts, fixed, plan[0])
-    M.check_backbone(fixed.backbone)
-    splits = D.find_splits(D.demo_data_dir() if on_demo else opts.data, seed=fixed.seed)
-    device = pick_device(opts.device)
-    base, weights, _ = resolve_weights(fixed, len(splits.classes), on_demo, opts.weights)
+    sweep, _, fixed, plan, splits, device, base, weights, _ = check(opts)  # what the sweep checks first
     share = len(splits.valid) / max(1, len(splits.train))
     speeds = {}
     for side in sorted({fixed.search_size or fixed.image_size, fixed.image_size}):

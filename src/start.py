@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass, replace
+from typing import NamedTuple
 
 import optuna
 import torch
@@ -12,7 +13,7 @@ from . import data as D
 from . import model as M
 from . import precision
 from . import trials as T
-from .config import Fixed, PruneSettings, load_sweep, resolve_fixed
+from .config import Fixed, PruneSettings, SweepFile, load_sweep, resolve_fixed
 from .confirm import DEFAULT_FOLDS, FULL_TOP
 from .device import amp_dtype, pick_device
 from .errors import UserError
@@ -136,8 +137,21 @@ def check_keep(opts: SweepOptions, fixed: Fixed, top: int) -> None:
                         f"the {need} best trials; give --keep-checkpoints {need} or more (0 keeps every model)")
 
 
-def start(opts: SweepOptions) -> Started:
-    """Validate everything and open study + parent run, before any training."""
+class Checked(NamedTuple):
+    """What the checks before anything is opened found: shared by `start` and `--estimate`."""
+    sweep: SweepFile
+    on_demo: bool
+    fixed: Fixed
+    plan: tuple[int, int]
+    splits: D.Splits
+    device: torch.device
+    base: torch.nn.Module  # the starting model
+    weights: str           # the effective weights
+    fell_back: bool        # the demo's fall-back to random init
+
+
+def check(opts: SweepOptions) -> Checked:
+    """Every cheap check (sweep file, flags, data, device, precision), then the starting model."""
     sweep = load_sweep(opts.sweep)
     on_demo = opts.data is None
     fixed = resolve_fixed(sweep, on_demo, opts.fixed_overrides())
@@ -148,6 +162,13 @@ def start(opts: SweepOptions) -> Started:
     device = pick_device(opts.device)
     amp_dtype(device, opts.precision)  # a bad --precision fails here, before anything is opened
     base, weights, fell_back = resolve_weights(fixed, len(splits.classes), on_demo, opts.weights)
+    _check_unfreeze(sweep, base)
+    return Checked(sweep, on_demo, fixed, plan, splits, device, base, weights, fell_back)
+
+
+def start(opts: SweepOptions) -> Started:
+    """Validate everything and open study + parent run, before any training."""
+    sweep, on_demo, fixed, plan, splits, device, base, weights, fell_back = check(opts)
     tracker = Tracker(opts.tracking_uri)
     tracker.check_reachable()
     pruner = make_pruner(sweep.prune, fixed.max_epochs_phase1, fixed.max_epochs_phase2, not opts.no_prune)
@@ -157,7 +178,6 @@ def start(opts: SweepOptions) -> Started:
     settings = {k: v for k, v in asdict(fixed).items() if k != "search_size" or v}  # 0: as before it existed
     check_same_settings(study, {**settings, "weights": weights, "search": {
         n: asdict(spec) for n, spec in sweep.search.items()}, **_prune_setting(sweep)})
-    _check_unfreeze(sweep, base)
     # Decoding every image once happens here: after the cheap checks, before any training.
     searched = replace(fixed, image_size=fixed.search_size) if fixed.search_size else fixed  # what trials train at
     share = len(splits.valid) / max(1, len(splits.train))  # a phase-2 epoch validates too
