@@ -227,9 +227,19 @@ class Tracker(Store):
                                        max_results=10000)
 
 
-def log_params(tracker: Tracker, run_id: str, params: dict) -> None:
-    """Params the run does not have yet (MLflow refuses to change one; the first value stays)."""
-    have = tracker.client.get_run(run_id).data.params
-    new = [Param(k, str(v)) for k, v in params.items() if k not in have]
-    if new:
-        tracker.client.log_batch(run_id, params=new)
+def log_params(tracker: Tracker, run_id: str, params: dict, tries: int = 3) -> None:
+    """Params the run does not have yet (MLflow refuses to change one; the first value stays).
+    Workers starting together log the same parent's params at once: a key another one wrote in
+    between is a refused batch, so read again and log what is still missing."""
+    for attempt in range(tries):
+        have = tracker.client.get_run(run_id).data.params
+        new = [Param(k, str(v)) for k, v in params.items() if k not in have]
+        if not new:
+            return
+        try:
+            tracker.client.log_batch(run_id, params=new)
+            return
+        except MlflowException:
+            if attempt == tries - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
