@@ -101,10 +101,15 @@ class Decoded:
     upscaled_examples: list[str]
 
 
+def store_decode(side: int):
+    """What the image store keeps of a file: resized to `side` (shorter side), center-cropped square."""
+    return D.T.Compose([D.T.ToImage(), D.T.Resize(side, antialias=True), D.T.CenterCrop(side)])
+
+
 def decode_split(root: Path, entries, side: int, workers: int = 0) -> Decoded:
     """uint8 N x side x side x 3 for the entries, decoded once and memory-mapped; unreadable
     files are left as zero rows and listed (the caller decides whether there are too many)."""
-    decode = D.T.Compose([D.T.ToImage(), D.T.Resize(side, antialias=True), D.T.CenterCrop(side)])
+    decode = store_decode(side)
     key = cache_key("images", D.content_key(root, entries), side, repr(decode), D.DECODE_VERSION,
                     torch.__version__, torchvision.__version__, PIL.__version__)
     shape = (len(entries), side, side, 3)

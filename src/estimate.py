@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from . import data as D
+from .cache import store_decode
 from . import features as F
 from . import model as M
 from . import precision
@@ -106,7 +107,7 @@ def measure(model: torch.nn.Module, backbone: str, splits: D.Splits, side: int, 
 
 def decode_seconds(splits: D.Splits, side: int, n: int = 16) -> float:
     """Seconds to decode, resize and crop one image into the store (a sample of the train split)."""
-    decode = D.T.Compose([D.T.ToImage(), D.T.Resize(side, antialias=True), D.T.CenterCrop(side)])
+    decode = store_decode(side)
     sample = splits.train[:n]
     start = time.perf_counter()
     for rel, _ in sample:

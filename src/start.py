@@ -124,13 +124,11 @@ def check_keep(opts: SweepOptions, fixed: Fixed, top: int) -> None:
     """--keep-checkpoints K must keep every trial model the end of the sweep reads: the soup's and
     the ensemble's candidates and the confirmation's configurations (with a search size those are
     the full-size runs', always kept, unless --full-epochs starts from the trials' models)."""
-    k = opts.keep_checkpoints
-    if k < 0:
-        raise UserError(f"--keep-checkpoints {k}: give 0 (keep every model) or how many of the best to keep")
-    reads = {"--confirm-top": top} if fixed.search_size else {
-        "--soup-top": opts.soup_top, "--ensemble-top": opts.ensemble_top, "--confirm-top": top}
-    if fixed.search_size and not opts.full_epochs:
-        reads = {}
+    k = opts.keep_checkpoints  # >= 0: parse_args
+    if fixed.search_size:
+        reads = {"--confirm-top": top} if opts.full_epochs else {}
+    else:
+        reads = {"--soup-top": opts.soup_top, "--ensemble-top": opts.ensemble_top, "--confirm-top": top}
     flag, need = max(reads.items(), key=lambda kv: kv[1], default=("", 0))
     if k and k < need:
         raise UserError(f"--keep-checkpoints {k} is below {flag} {need}: the end of the sweep reads the models of "
