@@ -14,6 +14,7 @@ Arms, each on its own stores under `--out`, each winner scored once on the folde
   the mean of its trials after the MedianPruner's 5 startup trials (which can be pruned, as the
   missing ones would be), or at its mean trial when it ran no more than those (said in the output:
   its per-trial cost, not its search, is measured; `scale_peer`).
+`--arms` runs only some (the peer alone first; more study seeds of ours, each in its own `--out`).
 `--sweep-flags` reach our sweep only (the recipe runs as it is). Rows go to `--out/results.jsonl`
 as each arm ends; a rerun skips the arms there. Prints per arm wall time, epochs (of the trials:
 with a search size, the full-size trainings after them are in the wall time, not here), best valid
@@ -37,6 +38,8 @@ import handwired  # noqa: E402
 sys.path.insert(0, str(HERE.parent))
 from src.data import find_splits  # noqa: E402
 
+ARMS = ("ours", "recipe", "handwired")
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -51,6 +54,8 @@ def main(argv=None) -> int:
     p.add_argument("--handwired-trials", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("cost-out"))
+    p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS),
+                   help="run only these (e.g. the slow peer alone first, or more study seeds of ours in other --out)")
     p.add_argument("--sweep-flags", nargs=argparse.REMAINDER, default=[], help="passed to our src.sweep runs")
     args = p.parse_args(argv)
     args.out = args.out.resolve()
@@ -60,8 +65,8 @@ def main(argv=None) -> int:
     results = args.out / "results.jsonl"
     rows = {r["arm"]: r for r in map(json.loads, results.read_text().splitlines())} if results.is_file() else {}
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    for arm in ("ours", "recipe", "handwired"):
-        if arm in rows:
+    for arm in ARMS:
+        if arm in rows or arm not in args.arms:
             continue
         if arm == "handwired":
             settings = handwired.Settings(data=args.data, backbone=args.backbone,
@@ -94,14 +99,15 @@ def write_split(args) -> Path:
 
 
 def report(rows: dict, trials: int) -> None:
+    """Each arm's figures, then each ratio whose two arms are in `rows`."""
     for arm, r in rows.items():
         valid = "n/a" if r.get("best_valid") is None else f"{r['best_valid']:.4f}"
         print(f"{arm:>10}: {r['trials']} trial(s), wall {r['wall_s']:.0f} s, epochs {r['epochs']}, best valid "
               f"{valid}, test acc {r['test_acc']:.4f}")
-    peer, ours, recipe = rows["handwired"], rows["ours"], rows["recipe"]
-    scaled = scale_peer(peer, trials)
-    print(f"ratio sweep_vs_handwired_wall {ours['wall_s'] / scaled:.3f}")
-    print(f"ratio sweep_vs_recipe_wall {ours['wall_s'] / recipe['wall_s']:.3f}")
+    if "ours" in rows and "handwired" in rows:
+        print(f"ratio sweep_vs_handwired_wall {rows['ours']['wall_s'] / scale_peer(rows['handwired'], trials):.3f}")
+    if "ours" in rows and "recipe" in rows:
+        print(f"ratio sweep_vs_recipe_wall {rows['ours']['wall_s'] / rows['recipe']['wall_s']:.3f}")
 
 
 def scale_peer(peer: dict, trials: int) -> float:

@@ -35,7 +35,8 @@ models cannot win; the confirmation is then how the full size is reached (K defa
 F to 0). Every job trains at the full `image_size` (`full`: the pipeline at full size, its own
 decoded store and features), and each configuration gets one more job, fold FULL (-1) on the
 ORIGINAL split, the run `full-<trial>` (role `full`, checkpoints and figures like a trial's): the
-configuration trained again from scratch at full size, both phases, or with `--full-epochs E`
+configuration trained again from scratch (phase 1 on the search size's cached features, the
+views its trials made: `Pipeline.loaders(head_at=)`; phase 2 at full size), or with `--full-epochs E`
 > 0 its trial's best model fine-tuned there for E phase-2 epochs (`confirm_jobs.fine_tuned`).
 That run represents the configuration: the best mean over the F folds wins (F = 0: the best
 full-size valid accuracy on the original split), among those whose full-size run completed. On
@@ -123,6 +124,7 @@ class Confirmation:
                  full_epochs: int = 0):
         self.tracker, self.parent_id, self.study = tracker, parent_id, study
         self.pipe, self.full = full or pipeline, full is not None  # what every job trains at
+        self.head_at = pipeline if self.full else None  # a full-size run's phase 1: at the search size
         self.search, self.folds, self.amp, self.full_epochs = search, folds, amp, full_epochs
         self.plan = ranked(study, top)
         self.complete = {t.number: t for t in T.completed(study)}  # a job of another plan may name any
@@ -182,7 +184,7 @@ class Confirmation:
             self.parent_id, f"full-{number}" if fold == FULL else f"confirm-{number}-fold{fold}",
             FULL_ROLE if fold == FULL else ROLE,
             {"confirm.trial": number, "confirm.fold": fold, "confirm.job": trial.number, "optuna.state": "RUNNING",
-             **full_start(fold, self.full_epochs)},
+             **full_start(fold, self.full_epochs, self.head_at.fixed.image_size if self.full else 0)},
             params={k: v for k, v in cfg.to_dict().items() if k != "classes"})
         trial.set_user_attr(T.RUN_ID_ATTR, run_id)
         return trial, original, fold, cfg, run_id
@@ -216,7 +218,8 @@ class Confirmation:
 
                 acc = fine_tuned(self.pipe, cfg, self.tracker, T.run_id(original), self.full_epochs, on_epoch,
                                  self.amp, on_phase_end) if fold == FULL and self.full_epochs else \
-                    train_on_fold(self._fold_pipe(fold), cfg, on_epoch, self.amp, on_phase_end if fold == FULL else None)
+                    train_on_fold(self._fold_pipe(fold), cfg, on_epoch, self.amp, *(
+                        (on_phase_end, self.head_at) if fold == FULL else ()))
         except KeyboardInterrupt:
             interrupted_try(self.tracker, side, trial, run_id)
             raise
@@ -284,10 +287,12 @@ def job_config(pipe: Pipeline, search: dict, original: FrozenTrial, fold: int) -
                                               FULL_SEED if fold == FULL else 1 + fold))
 
 
-def train_on_fold(pipe: Pipeline, cfg: TrialConfig, on_epoch, amp, on_phase_end=None) -> float:
-    """A configuration trained on a fold's pipeline, unpruned: its best phase-2 validation accuracy."""
+def train_on_fold(pipe: Pipeline, cfg: TrialConfig, on_epoch, amp, on_phase_end=None,
+                  head_at: Pipeline | None = None) -> float:
+    """A configuration trained on a fold's pipeline, unpruned: its best phase-2 validation
+    accuracy. `head_at`: phase 1 on that pipeline's inputs (the search size's cached features)."""
     model = pipe.model(cfg.seed)
-    data = pipe.loaders(cfg, model)
+    data = pipe.loaders(cfg, model, head_at)
     _, phase2 = fit_two_phase(model, data.train, data.valid, **recipe(cfg), device=pipe.device,
                               phase1=data.phase1, on_epoch=on_epoch, on_phase_end=on_phase_end, amp=amp,
                               keep_mistakes=MISTAKES_SHOWN if on_phase_end else 0)

@@ -139,9 +139,11 @@ def interrupted_try(tracker: Tracker, side: optuna.Study, trial, run_id: str) ->
         tracker.end_run(run_id, "INTERRUPTED", "interrupted (Ctrl-C or SIGTERM); queued again")
 
 
-def full_start(fold: int, epochs: int) -> dict:
-    """A FULL job's run tag `full.start`: how its model was made (`--full-epochs`)."""
-    return {"full.start": f"fine-tuned {epochs} epoch{'s' * (epochs != 1)}" if epochs else "trained again"} if fold == FULL else {}
+def full_start(fold: int, epochs: int, head_size: int) -> dict:
+    """A FULL job's run tag `full.start`: how its model was made (`--full-epochs`; retrained: its
+    phase 1 on the search size's cached features, `head_size` px)."""
+    made = f"fine-tuned {epochs} epoch{'s' * (epochs != 1)}" if epochs else f"trained again, phase 1 at {head_size} px"
+    return {"full.start": made} if fold == FULL else {}
 
 
 def fine_tuned(pipe: Pipeline, cfg: TrialConfig, tracker: Tracker, trial_run_id: str, epochs: int, on_epoch, amp,

@@ -164,7 +164,8 @@ def costs(opts: SweepOptions, sweep, fixed, plan, n: tuple[int, int], speeds: di
     keep = opts.keep_checkpoints
     saves = (1 + completes, 2) if not keep else (completes, 1)
     per = [x * p2[s.side] + PER_TRIAL_S + k * save_s for x, k in zip((exp2, e2), saves)]
-    full = [top * _training(p2[f.side], f, ntr, e1, x, PER_TRIAL_S + 2 * save_s) if fixed.search_size else 0
+    # a full-size model's phase 1 fits on the search size's features, cached by its trials: ~nothing
+    full = [top * (x * p2[f.side] + PER_TRIAL_S + 2 * save_s) if fixed.search_size else 0
             for x in (EARLY_STOP * e2, e2)]
     fold_sp = f if fixed.search_size else s
     redrawn = [top * folds * _training(p2[fold_sp.side], fold_sp, ntr + nva, e1, x, PER_TRIAL_S)
@@ -197,10 +198,9 @@ def _disk(opts, fixed, n, speeds, levels, frames, ckpt_bytes, completes, top) ->
     for sp in speeds.values():
         side = D.stored_side(sp.side)
         images = (ntr + nva) * 3 * side * side + (1.5 * ntr * 3 * side * side if frames else 0)
-        full_only = fixed.search_size and sp.side == fixed.image_size  # only the best configurations' levels
+        full_only = fixed.search_size and sp.side == fixed.image_size  # no features: phase 1 at the search size
         for i, views in enumerate(levels):
-            views = min(views, top) if full_only else views
-            cache[i] += images + (views * e1 * ntr + nva) * sp.features * 4
+            cache[i] += images + (0 if full_only else (views * e1 * ntr + nva) * sp.features * 4)
     disk.append(Cost(f"caches (decoded images, phase-1 features; under {D.cache_dir()})", *cache))
     return disk
 

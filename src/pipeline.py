@@ -198,11 +198,14 @@ class Pipeline:
         train = self._loader(self._dataset("train", cfg.aug_strength, False), bs, True, cfg.seed, logs["train"])
         return train, self._loader(self._dataset("valid", "none", False), bs * 2, False, log=logs["valid"])
 
-    def loaders(self, cfg: TrialConfig, model: nn.Module) -> TrialData:
+    def loaders(self, cfg: TrialConfig, model: nn.Module, head_at: Pipeline | None = None) -> TrialData:
         """The trial's loaders, and phase 1's inputs: the head on cached features (caches on), or
-        the model on the same views decoded every epoch."""
+        the model on the same views decoded every epoch. `head_at`: phase 1 fits on that
+        pipeline's inputs instead (a full-size training's head at the search size, src/confirm.py)."""
         bs, logs = cfg.batch_size, self._logs()
         train, valid = self.image_loaders(cfg, logs)
+        if head_at is not None:
+            return TrialData(train, valid, head_at.loaders(cfg, model).phase1, logs)
         if self.features is None:
             views = self._loader(self._dataset("train", cfg.aug_strength, True), bs, True, cfg.seed, logs["train"])
             return TrialData(train, valid, HeadInputs(model, F.ViewEpochs(views), valid), logs)

@@ -3,6 +3,7 @@
 scored, and the rank agreement of the two sizes is recorded."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from pathlib import Path
@@ -22,7 +23,7 @@ from src import data as D
 from src.config import Fixed, TrialConfig
 from src.confirm import decide
 from src.confirm_jobs import FULL, fine_tuned
-from src.pipeline import Pipeline
+from src.pipeline import Pipeline, resized
 from src.data import stored_side
 from src.errors import UserError
 from src.tracking import Tracker
@@ -69,8 +70,8 @@ def test_trials_search_small_the_best_train_full_size_and_only_those_are_scored(
     for number, run in full.items():
         assert run.info.status == "FINISHED" and run.info.run_name == f"full-{number}"
         assert run.data.params["image_size"] == "16"
-        # --full-epochs 0 (the default): trained again from scratch at full size, both phases
-        assert run.data.tags["full.start"] == "trained again" and "phase1/best_valid_acc" in run.data.metrics
+        # --full-epochs 0 (the default): trained again from scratch, phase 1 on the search size's features
+        assert run.data.tags["full.start"] == "trained again, phase 1 at 8 px" and "phase1/best_valid_acc" in run.data.metrics
         assert (_config(tracker, run.info.run_id)["image_size"], _config(tracker, run.info.run_id)["search_size"]) == (16, 8)
         assert float(tags[f"confirm.full.{number}"]) == pytest.approx(run.data.metrics["phase2/best_valid_acc"], abs=1e-6)  # tag: 6 decimals
         assert {a.path for a in client.list_artifacts(run.info.run_id, "figures")} >= {"figures/training_curves.png"}
@@ -169,6 +170,34 @@ def test_a_full_size_model_is_its_trials_model_fine_tuned_at_full_size(in_tmp, f
     assert all(torch.allclose(p, start[n], atol=1e-6) for n, p in model.named_parameters())
     fresh = pipe.model(cfg.seed)
     assert not torch.allclose(dict(fresh.named_parameters())["fc.weight"], dict(model.named_parameters())["fc.weight"])
+
+
+def test_a_full_size_training_fits_its_head_on_the_search_size_features(in_tmp, flat_folder):
+    """A full-size run's phase 1 trains the head on the features the search cached (no backbone
+    pass at the full size: the views the trials made), and its phase 2 sees full-size images."""
+    splits = D.find_splits(flat_folder)
+    fixed = Fixed(backbone="resnet18", weights="none", image_size=16, batch_size=8, max_epochs_phase1=2,
+                  max_epochs_phase2=1, seed=3, search_size=8)
+    search = Pipeline(splits=splits, fixed=dataclasses.replace(fixed, image_size=8), weights="none",
+                      device=torch.device("cpu"), loader_workers=0)
+    full = resized(search, fixed)
+    cfg = TrialConfig("resnet18", "none", 16, 8, 2, 1, 1e-3, 0.1, 1.0, 2, "light", 5, search_size=8,
+                      classes=tuple(splits.classes))
+    features = Path(os.environ["TLSWEEP_CACHE"]) / "features"
+
+    def one_pass(data) -> list[torch.Tensor]:
+        return [x for epoch in range(2) for x, _ in data.phase1.train]
+
+    searched = one_pass(search.loaders(cfg, search.model(1)))  # what the trials extracted: views 0 and 1
+    cached = sorted(features.glob("*.npy"))
+    model = full.model(2)
+    data = full.loaders(cfg, model, head_at=search)
+    assert data.phase1.module is model.fc  # the full-size model's own head learns
+    assert [x.shape for x in one_pass(data)] == [x.shape for x in searched]
+    assert sorted(features.glob("*.npy")) == cached  # nothing extracted at the full size
+    assert next(iter(data.train))[0].shape[-1] == 16  # phase 2: full-size images
+    one_pass(full.loaders(cfg, model))  # without head_at: the full size's own views, extracted now
+    assert len(list(features.glob("*.npy"))) > len(cached)
 
 
 def test_a_low_rank_agreement_is_warned_of_only_over_enough_configurations():
