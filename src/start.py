@@ -113,6 +113,9 @@ def confirm_plan(opts: SweepOptions, fixed: Fixed) -> tuple[int, int]:
                             f"with --search-size 0")
         return opts.confirm_top or FULL_TOP, 0 if opts.confirm_folds is None else opts.confirm_folds
     top, folds = opts.confirm_top, DEFAULT_FOLDS if opts.confirm_folds is None else opts.confirm_folds
+    if not top and opts.confirm_folds:
+        log.warning("--confirm-folds %d does nothing without --confirm-top K (search_size is 0): no configuration "
+                    "is re-trained; add --confirm-top 3 to re-train the 3 best", opts.confirm_folds)
     if top == 1 or (top and folds < 1):
         raise UserError(f"--confirm-top {top} --confirm-folds {folds}: a confirmation compares 2 or more "
                         f"configurations on 1 or more re-drawn splits (with a --search-size, --confirm-top 1 "

@@ -237,3 +237,13 @@ def test_bad_confirmation_flags_are_clear_errors(in_tmp, flat_folder, capsys, fl
         code = exc.code
     assert code == 2 and words in capsys.readouterr().err
     assert not (in_tmp / "optuna.db").exists() or optuna.get_all_study_names(f"sqlite:///{in_tmp}/optuna.db") == []
+
+def test_confirm_folds_without_confirm_top_is_said_to_do_nothing(caplog):
+    from src.start import confirm_plan
+    fixed = Fixed(search_size=0)
+    assert confirm_plan(sweep.parse_args(["--confirm-folds", "2"]), fixed) == (0, 2)
+    assert "--confirm-folds 2 does nothing without --confirm-top" in caplog.text
+    caplog.clear()
+    assert confirm_plan(sweep.parse_args(["--confirm-top", "3", "--confirm-folds", "2"]), fixed) == (3, 2)
+    assert confirm_plan(sweep.parse_args([]), fixed) == (0, 3)  # nothing asked: nothing said
+    assert "does nothing" not in caplog.text
