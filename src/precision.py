@@ -8,7 +8,9 @@ few phase-2 steps of the sweep's own backbone, image side and batch in both (`me
 steps with every stage and with the last stage trainable, plus the validation forward passes of
 an epoch), once, and keeps bf16 only if it is at least `MARGIN` times faster (fp32 is the safer
 arithmetic). Near 1x the steps are noisy (mobilenet_v2 at 128 px: 0.86-1.15x here, where whole
-sweep trials ran 1.13x), and either choice costs little. The choice is kept in
+sweep trials ran 1.13x), and either choice costs little; a burst of other work can mislead a round
+(at 64 px one run read bf16 at 1.10x where others read 0.60-0.80x, and its trials then ran slower
+than fp32's), hence the fastest of ROUNDS alternating rounds. The choice is kept in
 `cache_dir()/precision.json`, keyed by the CPU model, torch version, backbone, side, batch and
 validation share, so every later sweep, worker and resumed study on this machine uses the same
 one. GPUs with native bf16 always use it; elsewhere `auto` is fp32.
@@ -30,7 +32,8 @@ from .splits import cache_dir
 
 log = logging.getLogger("tlsweep")
 MARGIN = 1.05     # bf16 must be this much faster than fp32 to be picked
-WARMUP, STEPS = 2, 3  # steps per precision: untimed (oneDNN picks its kernels), then timed; twice, the faster kept
+WARMUP, STEPS = 2, 3  # steps per precision: untimed (oneDNN picks its kernels), then timed; ROUNDS times, the fastest kept
+ROUNDS = 3        # alternating fp32 / bf16: a burst of other work on the machine must hit every round to mislead
 MAX_BATCH = 32    # images per step (the sweep's batch up to this: smaller batches ranked them otherwise)
 
 
@@ -73,7 +76,7 @@ def measure(backbone: str, side: int, batch: int, eval_share: float = 0.5, n_cla
     model = M.build_model(backbone, n_classes, weights="none").to(memory_format=torch.channels_last)
     batch = max(2, min(batch, MAX_BATCH))
     speed = {"fp32": 0.0, "bf16": 0.0}
-    for _ in range(2):  # alternating: the machine's noise hits both
+    for _ in range(ROUNDS):  # alternating: the machine's noise hits both
         for name, amp in (("fp32", None), ("bf16", torch.bfloat16)):
             seconds = 0.0
             for last in ("all", 1):
