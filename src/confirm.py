@@ -117,14 +117,13 @@ def decide(tracker: Tracker, parent_id: str, plan: list[FrozenTrial], folds: lis
 
 class Confirmation:
     """One worker's part in the study's confirmation (see the module docstring). `full`: the
-    pipeline at full size when the trials searched at a smaller one."""
+    pipeline at full size when the trials searched at a smaller one (`pipeline`: phase 1 fits there)."""
 
     def __init__(self, tracker: Tracker, parent_id: str, study: optuna.Study, pipeline: Pipeline, search: dict,
                  top: int, folds: int, amp: torch.dtype | None = None, full: Pipeline | None = None,
                  full_epochs: int = 0):
         self.tracker, self.parent_id, self.study = tracker, parent_id, study
-        self.pipe, self.full = full or pipeline, full is not None  # what every job trains at
-        self.head_at = pipeline if self.full else None  # a full-size run's phase 1: at the search size
+        self.pipe, self.full, self.head_at = full or pipeline, full is not None, pipeline if full else None
         self.search, self.folds, self.amp, self.full_epochs = search, folds, amp, full_epochs
         self.plan = ranked(study, top)
         self.complete = {t.number: t for t in T.completed(study)}  # a job of another plan may name any
@@ -199,8 +198,7 @@ class Confirmation:
             claimed = self._claim(side)
         if claimed is None:
             return
-        trial, original, fold, cfg, run_id = claimed
-        history = []
+        (trial, original, fold, cfg, run_id), history = claimed, []
         try:
             with T.heartbeat(trial), computing():
                 raise_if_stopped()

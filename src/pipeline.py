@@ -101,12 +101,10 @@ class Pipeline:
                  max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION):
         self.splits, self.fixed, self.weights, self.device = splits, fixed, weights, device
         self.mean, self.std = M.norm_stats(fixed.backbone)  # the backbone's own statistics
-        self.max_bad_fraction = max_bad_fraction
+        self.max_bad_fraction, self.whole = max_bad_fraction, None  # whole: a re-split pipeline's original (`refold`)
         self.workers = default_loader_workers(device) if loader_workers is None else loader_workers
         self.base = base if base is not None else initial_model(fixed.backbone, len(splits.classes), weights, fixed.seed)
-        self.head = M.head_name(self.base)
-        self.decoded, self.features, self.valid_features, self.frames = None, None, None, None
-        self.whole = None  # a re-split pipeline's original (`refold`)
+        self.head, self.decoded, self.features, self.valid_features, self.frames = M.head_name(self.base), None, None, None, None
         self.rows = {name: list(range(len(getattr(splits, name)))) for name in ("train", "valid")}
         self.decode_logs: dict[str, D.BadImageLog] = {}  # the decode pass's unreadable files (caches on)
         if use_cache:
@@ -199,9 +197,8 @@ class Pipeline:
         return train, self._loader(self._dataset("valid", "none", False), bs * 2, False, log=logs["valid"])
 
     def loaders(self, cfg: TrialConfig, model: nn.Module, head_at: Pipeline | None = None) -> TrialData:
-        """The trial's loaders, and phase 1's inputs: the head on cached features (caches on), or
-        the model on the same views decoded every epoch. `head_at`: phase 1 fits on that
-        pipeline's inputs instead (a full-size training's head at the search size, src/confirm.py)."""
+        """The trial's loaders, and phase 1's inputs: the head on cached features (caches on), the model
+        on the same views decoded every epoch, or `head_at`'s inputs (the search size's, src/confirm.py)."""
         bs, logs = cfg.batch_size, self._logs()
         train, valid = self.image_loaders(cfg, logs)
         if head_at is not None:
