@@ -14,7 +14,8 @@ Arms, each on its own stores under `--out`, each winner scored once on the folde
   the mean of its trials after the MedianPruner's 5 startup trials (which can be pruned, as the
   missing ones would be), or at its mean trial when it ran no more than those (said in the output:
   its per-trial cost, not its search, is measured; `scale_peer`).
-`--arms` runs only some (the peer alone first; more study seeds of ours, each in its own `--out`).
+Each arm starts on an empty cache of its own (`--out/cache-<arm>`, removed after it: a first
+sweep on a folder, decoding, feature views and the precision choice included). `--arms` runs only some (the peer alone first; more study seeds of ours, each in its own `--out`).
 `--sweep-flags` reach our sweep only (the recipe runs as it is). Rows go to `--out/results.jsonl`
 as each arm ends; a rerun skips the arms there. Prints per arm wall time, epochs (of the trials:
 with a search size, the full-size trainings after them are in the wall time, not here), best valid
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -68,6 +70,9 @@ def main(argv=None) -> int:
     for arm in ARMS:
         if arm in rows or arm not in args.arms:
             continue
+        cache = args.out / f"cache-{arm}"  # every arm starts cold, as a first sweep on a folder does
+        shutil.rmtree(cache, ignore_errors=True)
+        os.environ["TLSWEEP_CACHE"] = str(cache)
         if arm == "handwired":
             settings = handwired.Settings(data=args.data, backbone=args.backbone,
                                           weights="DEFAULT" if args.weights == "imagenet" else "none",
@@ -80,6 +85,7 @@ def main(argv=None) -> int:
             args.sweep_flags = common + (ours_only if arm == "ours" else [])  # the recipe as it is
             got = run_arm(arm, sweep_file, trials, args.seed, args)
             row = {"arm": arm, **{k: got[k] for k in ("wall_s", "epochs", "best_valid", "test_acc")}, "trials": trials}
+        shutil.rmtree(cache, ignore_errors=True)
         rows[arm] = row
         with results.open("a") as f:
             f.write(json.dumps(row) + "\n")
