@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -28,7 +29,6 @@ def test_bench_cost_runs_all_three_arms_and_prints_the_ratios(tmp_path, flat_fol
     import handwired
 
     monkeypatch.chdir(tmp_path)
-    cache = tmp_path / "cache"  # ours (conftest's TLSWEEP_CACHE)
     runs = []
     real_run = handwired.run
 
@@ -38,11 +38,24 @@ def test_bench_cost_runs_all_three_arms_and_prints_the_ratios(tmp_path, flat_fol
         return real_run(settings)
 
     monkeypatch.setattr(handwired, "run", peer)
+    real_arm, caches = bench_cost.run_arm, {}
+
+    def arm(name, *rest):  # each of our arms decodes into an empty cache of its own
+        cache_dir = Path(os.environ["TLSWEEP_CACHE"])
+        assert not cache_dir.exists()
+        got = real_arm(name, *rest)
+        caches[name] = (cache_dir, (cache_dir / "images").is_dir())
+        return got
+
+    monkeypatch.setattr(bench_cost, "run_arm", arm)
     args = ["--data", str(flat_folder), "--weights", "none", "--image-size", "16", "--batch-size", "8",
             "--max-epochs", "1", "--trials", "2", "--handwired-trials", "1", "--out", str(tmp_path / "out")]
     assert bench_cost.main(args) == 0
     out = capsys.readouterr().out
-    assert cache.is_dir() and not (tmp_path / "never").exists()
+    assert not (tmp_path / "never").exists()
+    out_dir = tmp_path / "out"
+    assert caches == {"ours": (out_dir / "cache-ours", True), "recipe": (out_dir / "cache-recipe", True)}
+    assert not any(out_dir.glob("cache-*"))  # removed after each arm
     rows = {r["arm"]: r for r in map(json.loads, (tmp_path / "out" / "results.jsonl").read_text().splitlines())}
     assert set(rows) == {"ours", "recipe", "handwired"} and rows["handwired"]["trials"] == 1
     assert all(0.0 <= r["test_acc"] <= 1.0 and r["wall_s"] > 0 for r in rows.values())
