@@ -216,8 +216,8 @@ class Confirmation:
 
                 acc = fine_tuned(self.pipe, cfg, self.tracker, T.run_id(original), self.full_epochs, on_epoch,
                                  self.amp, on_phase_end) if fold == FULL and self.full_epochs else \
-                    train_on_fold(self._fold_pipe(fold), cfg, on_epoch, self.amp, *(
-                        (on_phase_end, self.head_at) if fold == FULL else ()))
+                    train_on_fold(self._fold_pipe(fold), cfg, on_epoch, self.amp, on_phase_end if fold == FULL else None,
+                                  self.head_at if fold == FULL else None)
         except KeyboardInterrupt:
             interrupted_try(self.tracker, side, trial, run_id)
             raise

@@ -101,10 +101,12 @@ class Pipeline:
                  max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION):
         self.splits, self.fixed, self.weights, self.device = splits, fixed, weights, device
         self.mean, self.std = M.norm_stats(fixed.backbone)  # the backbone's own statistics
-        self.max_bad_fraction, self.whole = max_bad_fraction, None  # whole: a re-split pipeline's original (`refold`)
+        self.max_bad_fraction = max_bad_fraction
         self.workers = default_loader_workers(device) if loader_workers is None else loader_workers
         self.base = base if base is not None else initial_model(fixed.backbone, len(splits.classes), weights, fixed.seed)
-        self.head, self.decoded, self.features, self.valid_features, self.frames = M.head_name(self.base), None, None, None, None
+        self.head = M.head_name(self.base)
+        self.decoded, self.features, self.valid_features, self.frames = None, None, None, None
+        self.whole = None  # a re-split pipeline's original (`refold`)
         self.rows = {name: list(range(len(getattr(splits, name)))) for name in ("train", "valid")}
         self.decode_logs: dict[str, D.BadImageLog] = {}  # the decode pass's unreadable files (caches on)
         if use_cache:
@@ -197,21 +199,26 @@ class Pipeline:
         return train, self._loader(self._dataset("valid", "none", False), bs * 2, False, log=logs["valid"])
 
     def loaders(self, cfg: TrialConfig, model: nn.Module, head_at: Pipeline | None = None) -> TrialData:
-        """The trial's loaders, and phase 1's inputs: the head on cached features (caches on), the model
-        on the same views decoded every epoch, or `head_at`'s inputs (the search size's, src/confirm.py)."""
-        bs, logs = cfg.batch_size, self._logs()
+        """The trial's loaders, and phase 1's inputs (`head_inputs`): its own, or `head_at`'s (the
+        search size's cached features, src/confirm.py)."""
+        logs = self._logs()
         train, valid = self.image_loaders(cfg, logs)
-        if head_at is not None:
-            return TrialData(train, valid, head_at.loaders(cfg, model).phase1, logs)
-        if self.features is None:
-            views = self._loader(self._dataset("train", cfg.aug_strength, True), bs, True, cfg.seed, logs["train"])
-            return TrialData(train, valid, HeadInputs(model, F.ViewEpochs(views), valid), logs)
-        if self.valid_features is None:
-            self.valid_features = torch.from_numpy(np.array(self.features.valid()))
-        valid_features = torch.utils.data.TensorDataset(self.valid_features, torch.as_tensor(self.labels("valid")))
-        phase1_train = F.FeatureEpochs(self.features, cfg.aug_strength, bs, torch.Generator().manual_seed(cfg.seed))
-        return TrialData(train, valid, HeadInputs(model.get_submodule(self.head), phase1_train,
-                                                  self._loader(valid_features, bs * 2, False)), logs)
+        phase1 = head_inputs(head_at, cfg, model) if head_at is not None else head_inputs(self, cfg, model, valid, logs)
+        return TrialData(train, valid, phase1, logs)
+
+
+def head_inputs(pipe: Pipeline, cfg: TrialConfig, model: nn.Module, valid=None, logs: dict | None = None) -> HeadInputs:
+    """What phase 1 fits on `pipe`: the head on cached features (caches on), or the model on the
+    same views decoded every epoch, judged on `valid` (default: `pipe`'s validation loader)."""
+    bs, logs = cfg.batch_size, logs or pipe._logs()
+    if pipe.features is None:
+        views = pipe._loader(pipe._dataset("train", cfg.aug_strength, True), bs, True, cfg.seed, logs["train"])
+        return HeadInputs(model, F.ViewEpochs(views), valid if valid is not None else pipe.valid_loader(bs * 2))
+    if pipe.valid_features is None:
+        pipe.valid_features = torch.from_numpy(np.array(pipe.features.valid()))
+    valid_features = torch.utils.data.TensorDataset(pipe.valid_features, torch.as_tensor(pipe.labels("valid")))
+    phase1_train = F.FeatureEpochs(pipe.features, cfg.aug_strength, bs, torch.Generator().manual_seed(cfg.seed))
+    return HeadInputs(model.get_submodule(pipe.head), phase1_train, pipe._loader(valid_features, bs * 2, False))
 
 
 # -- the train + valid pool, re-split (src/confirm.py) ---------------------------------------------

@@ -238,6 +238,7 @@ def test_bad_confirmation_flags_are_clear_errors(in_tmp, flat_folder, capsys, fl
     assert code == 2 and words in capsys.readouterr().err
     assert not (in_tmp / "optuna.db").exists() or optuna.get_all_study_names(f"sqlite:///{in_tmp}/optuna.db") == []
 
+
 def test_confirm_folds_without_confirm_top_is_said_to_do_nothing(caplog):
     from src.start import confirm_plan
     fixed = Fixed(search_size=0)
