@@ -8,6 +8,11 @@ aug_strength). What it does not have is ours: no decode-once store, no feature c
 backbone runs on every image in every phase-1 epoch), no phase-aligned pruning (one global epoch
 count), no soup. It imports nothing from `src/` (tests/test_bench.py checks), and trains on the
 same split (the file lists bench_cost.py hands it) so test accuracies compare.
+
+Its Optuna study lives in `<out>/optuna.db` (study "handwired"), so a run asked for more trials
+than it has goes on from the finished ones (a 2-4 hour peer can be measured in pieces): its
+sampler is seeded with `seed + finished` so it draws new points, and its wall time is this run's
+plus the earlier trials' own durations (their start-up between sessions is not counted again).
 """
 from __future__ import annotations
 
@@ -172,9 +177,12 @@ def _sweep(settings: Settings, classes, split, uri: str, start: float) -> dict:
     mlflow.set_experiment("handwired")
     eval_tf = transform("none", settings.image_size)
     valid = torch.utils.data.DataLoader(Files(split["valid"], eval_tf), batch_size=2 * settings.batch_size)
-    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=settings.seed),
+    study = optuna.create_study(direction="maximize", study_name="handwired", load_if_exists=True,
+                                storage=f"sqlite:///{settings.out.resolve()}/optuna.db",
                                 pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2))
-    epochs = [0]
+    before = [t for t in study.trials if t.state.is_finished()]
+    # A resumed study draws new points: the same seed again would repeat TPE's random startup draws.
+    study.sampler = optuna.samplers.TPESampler(seed=settings.seed + len(before))
     with mlflow.start_run(run_name="handwired-sweep"):
         def objective(trial):
             params = {"head_lr": trial.suggest_float("head_lr", 1e-4, 1e-2, log=True),
@@ -194,15 +202,18 @@ def _sweep(settings: Settings, classes, split, uri: str, start: float) -> dict:
                     return fit(model, head, params, {"train": train, "valid": valid}, settings, trial,
                                run.info.run_id, step)
                 finally:
-                    epochs[0] += step[0]
+                    trial.set_user_attr("epochs", step[0])
 
-        study.optimize(objective, n_trials=settings.trials)
+        study.optimize(objective, n_trials=max(0, settings.trials - len(before)))
         best = study.best_trial
         model, _ = build(settings, len(classes))
         model.load_state_dict(torch.load(best.user_attrs["state_path"], weights_only=True))
         test = torch.utils.data.DataLoader(Files(split["test"], eval_tf), batch_size=2 * settings.batch_size)
         test_acc = evaluate(model, test)
         mlflow.log_metric("test_acc", test_acc)
-    trial_s = [(t.datetime_complete - t.datetime_start).total_seconds() for t in study.trials]
-    return {"wall_s": time.time() - start, "epochs": epochs[0], "trials": settings.trials,
+    done = [t for t in study.trials if t.state.is_finished()]
+    trial_s = [(t.datetime_complete - t.datetime_start).total_seconds() for t in done]
+    earlier_s = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in before)
+    return {"wall_s": time.time() - start + earlier_s, "trials": len(done),  # a resumed run: + its trials before
+            "epochs": sum(t.user_attrs.get("epochs", t.last_step or 0) for t in done),
             "best_valid": best.value, "test_acc": test_acc, "trial_s": trial_s, "startup_trials": 5}

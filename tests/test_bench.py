@@ -88,3 +88,23 @@ def test_bench_fidelity_trains_each_configuration_at_each_size_and_ranks_them(tm
     assert "fidelity spearman_8_vs_16" in out and "fidelity cost_8_vs_16" in out and "fidelity top1_8_vs_16" in out
     assert bench_fidelity.main(args) == 0  # a rerun trains nothing again
     assert len((tmp_path / "fid" / "results.jsonl").read_text().splitlines()) == 6
+
+
+def test_the_handwired_peer_goes_on_from_its_finished_trials(tmp_path, split_folder):
+    """Asked for more trials than its study has, the peer runs only the missing ones, draws new
+    points, and counts the earlier trials' time and epochs in its figures."""
+    import handwired
+
+    settings = handwired.Settings(data=split_folder, weights="none", image_size=16, batch_size=8,
+                                  max_epochs=1, trials=1, out=tmp_path / "peer")
+    first = handwired.run(settings)
+    assert first["trials"] == 1 and first["epochs"] == 2 and len(first["trial_s"]) == 1
+    settings.trials = 2
+    second = handwired.run(settings)
+    assert second["trials"] == 2 and second["epochs"] == 4 and second["trial_s"][0] == first["trial_s"][0]
+    assert second["wall_s"] > first["trial_s"][0]
+    import optuna
+    study = optuna.load_study(study_name="handwired", storage=f"sqlite:///{tmp_path / 'peer' / 'optuna.db'}")
+    assert len(study.trials) == 2 and study.trials[0].params != study.trials[1].params
+    assert handwired.run(settings)["trials"] == 2  # nothing left to run: no third trial
+    assert len(optuna.load_study(study_name="handwired", storage=f"sqlite:///{tmp_path / 'peer' / 'optuna.db'}").trials) == 2
