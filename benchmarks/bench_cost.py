@@ -13,7 +13,9 @@ Arms, each on its own stores under `--out`, each winner scored once on the folde
   `--handwired-trials` trials (default `--trials`); with fewer, each missing trial is costed at
   the mean of its trials after the MedianPruner's 5 startup trials (which can be pruned, as the
   missing ones would be), or at its mean trial when it ran no more than those (said in the output:
-  its per-trial cost, not its search, is measured; `scale_peer`).
+  its per-trial cost, not its search, is measured; `scale_peer`). A rerun with more
+  `--handwired-trials` than its row has goes on from the peer's finished trials (its Optuna study
+  is kept in `--out/handwired/optuna.db`) and appends a new row, which is the one reported.
 Each arm starts on an empty cache of its own (`--out/cache-<arm>`, removed after it: a first
 sweep on a folder, decoding, feature views and the precision choice included). `--arms` runs only some (the peer alone first; more study seeds of ours, each in its own `--out`).
 `--sweep-flags` reach our sweep only (the recipe runs as it is). Rows go to `--out/results.jsonl`
@@ -68,7 +70,8 @@ def main(argv=None) -> int:
     rows = {r["arm"]: r for r in map(json.loads, results.read_text().splitlines())} if results.is_file() else {}
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     for arm in ARMS:
-        if arm in rows or arm not in args.arms:
+        more_peer = arm == "handwired" and arm in rows and rows[arm]["trials"] < peer_trials
+        if (arm in rows and not more_peer) or arm not in args.arms:
             continue
         cache = args.out / f"cache-{arm}"  # every arm starts cold, as a first sweep on a folder does
         shutil.rmtree(cache, ignore_errors=True)

@@ -72,6 +72,12 @@ def test_bench_cost_runs_all_three_arms_and_prints_the_ratios(tmp_path, flat_fol
     assert len(children) == 1 and "valid_acc" in children[0].data.metrics
     # a rerun skips what is done
     assert bench_cost.main(args) == 0 and len(runs) == 1
+    # more peer trials asked: the peer goes on from its finished one, and its new row is reported
+    more = [a if a != "1" or args[i - 1] != "--handwired-trials" else "2" for i, a in enumerate(args)]
+    assert bench_cost.main(more) == 0 and len(runs) == 2 and runs[-1].trials == 2
+    rows = [json.loads(r) for r in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert [r["trials"] for r in rows if r["arm"] == "handwired"] == [1, 2]
+    assert "handwired ran 2 of 2" not in capsys.readouterr().out
 
 
 @pytest.mark.slow
