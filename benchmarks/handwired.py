@@ -114,9 +114,9 @@ def evaluate(model, loader) -> float:
     return right / max(total, 1)
 
 
-def fit(model, head, params: dict, loaders, settings: Settings, trial, run_id: str, step: list[int]) -> float:
+def fit(model, head, params: dict, loaders, settings: Settings, trial, run_id: str) -> float:
     """Both phases; each epoch logged, reported to the pruner at the global epoch count."""
-    best, best_state = 0.0, copy.deepcopy(model.state_dict())
+    best, best_state, step = 0.0, copy.deepcopy(model.state_dict()), 0
     for phase, lr_groups in ((1, [{"params": head.parameters(), "lr": params["head_lr"]}]),
                              (2, [{"params": head.parameters(), "lr": params["head_lr"]},
                                   {"params": [p for n, p in model.named_parameters() if not n.startswith(_head_name(model))],
@@ -137,13 +137,13 @@ def fit(model, head, params: dict, loaders, settings: Settings, trial, run_id: s
                 nn.functional.cross_entropy(model(x), y).backward()
                 optimizer.step()
             acc = evaluate(model, loaders["valid"])
-            step[0] += 1
-            mlflow.log_metrics({"valid_acc": acc, "phase": phase}, step=step[0], run_id=run_id)
+            step += 1
+            mlflow.log_metrics({"valid_acc": acc, "phase": phase}, step=step, run_id=run_id)
             if acc > best:
                 best, best_state, since = acc, copy.deepcopy(model.state_dict()), 0
             else:
                 since += 1
-            trial.report(acc, step[0])
+            trial.report(acc, step)
             if trial.should_prune():
                 raise optuna.TrialPruned()
             if since >= params["patience"]:
@@ -197,12 +197,8 @@ def _sweep(settings: Settings, classes, split, uri: str, start: float) -> dict:
             model, head = build(settings, len(classes))
             with mlflow.start_run(run_name=f"trial-{trial.number}", nested=True) as run:
                 mlflow.log_params(params)
-                step = [0]
-                try:
-                    return fit(model, head, params, {"train": train, "valid": valid}, settings, trial,
-                               run.info.run_id, step)
-                finally:
-                    trial.set_user_attr("epochs", step[0])
+                return fit(model, head, params, {"train": train, "valid": valid}, settings, trial,
+                           run.info.run_id)
 
         study.optimize(objective, n_trials=max(0, settings.trials - len(before)))
         best = study.best_trial
@@ -213,7 +209,7 @@ def _sweep(settings: Settings, classes, split, uri: str, start: float) -> dict:
         mlflow.log_metric("test_acc", test_acc)
     done = [t for t in study.trials if t.state.is_finished()]
     trial_s = [(t.datetime_complete - t.datetime_start).total_seconds() for t in done]
-    earlier_s = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in before)
-    return {"wall_s": time.time() - start + earlier_s, "trials": len(done),  # a resumed run: + its trials before
-            "epochs": sum(t.user_attrs.get("epochs", t.last_step or 0) for t in done),
+    # done starts with `before` (trials are numbered in order); each trial's last step is its epoch count
+    return {"wall_s": time.time() - start + sum(trial_s[:len(before)]), "trials": len(done),
+            "epochs": sum(t.last_step or 0 for t in done),
             "best_valid": best.value, "test_acc": test_acc, "trial_s": trial_s, "startup_trials": 5}
