@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .fidelity import HALF, SEARCH_KEYS, resolve_search
 
 SEARCHED = ("head_lr", "backbone_lr_ratio", "patience", "aug_strength")
 # Optional searched parameters and what a sweep file without them trains with (as before them):
@@ -60,6 +61,8 @@ class Fixed:
     seed: int = 0                       # study seed
     search_size: int = 0                # trials train at this side, the best again at image_size (0: off;
                                         # "half" in a sweep file or flag: `half_size`, resolved by resolve_fixed)
+    search_epochs: int = 0              # phase-2 epochs of a trial at the search size (0: max_epochs_phase2;
+                                        # "half": half of it, rounded up; 0 without a search size): `searched`
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,7 @@ class TrialConfig:
     lr_schedule: str = "constant"
     unfreeze: str | int = "all"
     search_size: int = 0                # the study's (Fixed); image_size == search_size: a search-size model
+    search_epochs: int = 0              # the study's (Fixed)
     classes: tuple[str, ...] = field(default_factory=tuple)
 
     @classmethod
@@ -139,17 +143,17 @@ def _check_keys(table: dict, allowed: set[str], where: str, path: Path) -> None:
 
 
 def _fixed_value(name: str, value: Any, path: Path, where: str) -> Any:
-    if name == "search_size" and value == HALF:
+    if name in SEARCH_KEYS and value == HALF:
         return value
     expected = {f.name: f.type for f in dataclasses.fields(Fixed)}[name]
     ok = {"str": isinstance(value, str), "int": isinstance(value, int) and not isinstance(value, bool),
           "float": isinstance(value, (int, float)) and not isinstance(value, bool)}[expected]
     if not ok:
         raise UserError(f"{path}: [{where}] {name} = {value!r} should be a {expected}"
-                        + (f' or "{HALF}"' if name == "search_size" else ""))
-    if expected in ("int", "float") and name not in ("seed", "search_size") and value <= 0:
+                        + (f' or "{HALF}"' if name in SEARCH_KEYS else ""))
+    if expected in ("int", "float") and name not in ("seed", *SEARCH_KEYS) and value <= 0:
         raise UserError(f"{path}: [{where}] {name} = {value!r} must be > 0")
-    if name in ("seed", "search_size") and value < 0:
+    if name in ("seed", *SEARCH_KEYS) and value < 0:
         raise UserError(f"{path}: [{where}] {name} = {value!r} must be >= 0")
     return float(value) if expected == "float" else value
 
@@ -256,17 +260,6 @@ def load_sweep(path: str | Path) -> SweepFile:
                      prune=_prune_settings(doc.get("prune", {}), path))
 
 
-HALF = "half"     # search_size = "half": `half_size` of image_size
-MIN_SEARCH = 64   # "half" never searches below this side (measured down to it: docs/quality-and-cost.md)
-
-
-def half_size(image_size: int) -> int:
-    """The search size "half" means: half the side (a quarter of the pixels) rounded down to a
-    multiple of 8, or 0 (no search size) where that is below MIN_SEARCH px."""
-    side = image_size // 2 // 8 * 8
-    return side if side >= MIN_SEARCH else 0
-
-
 def resolve_fixed(sweep: SweepFile, on_demo: bool, overrides: dict[str, Any]) -> Fixed:
     """[fixed], then [demo] when on the demo data, then CLI flags that were given (not None)."""
     values = dataclasses.asdict(sweep.fixed)
@@ -278,9 +271,4 @@ def resolve_fixed(sweep: SweepFile, on_demo: bool, overrides: dict[str, Any]) ->
             raise UserError(f"{name} = {values[name]!r} must be at least 1")
     if int(values["seed"]) < 0:
         raise UserError(f"seed = {values['seed']!r} must be >= 0")
-    if values["search_size"] == HALF:
-        values["search_size"] = half_size(int(values["image_size"]))
-    if not 0 <= int(values["search_size"]) < int(values["image_size"]):
-        raise UserError(f"search_size = {values['search_size']!r} must be below image_size = {values['image_size']!r} "
-                        f"(trials search at search_size px, the best are trained again at image_size px; 0: off)")
-    return Fixed(**values)
+    return Fixed(**resolve_search(values))

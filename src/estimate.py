@@ -34,6 +34,7 @@ import torch
 from . import data as D
 from .cache import store_decode
 from . import features as F
+from . import fidelity
 from . import model as M
 from . import precision
 from .config import FRAME_LEVELS
@@ -148,14 +149,14 @@ def costs(opts: SweepOptions, sweep, fixed, plan, n: tuple[int, int], speeds: di
           save_s: float, ckpt_bytes: int) -> tuple[list[Cost], list[Cost]]:
     """(time terms, disk terms) of the sweep asked for, from the measured speeds (see the docstring)."""
     (ntr, nva), trials, (top, folds) = n, opts.trials, plan
-    e1, e2 = fixed.max_epochs_phase1, fixed.max_epochs_phase2
+    e1, e2, es = fixed.max_epochs_phase1, fixed.max_epochs_phase2, fidelity.searched(fixed).max_epochs_phase2
     s, f = speeds[fixed.search_size or fixed.image_size], speeds[fixed.image_size]
     levels = sweep.search["aug_strength"].choices
     touched = len(levels) * (1 - (1 - 1 / len(levels)) ** trials)
     sizes = 2 if fixed.search_size else 1
     frames = any(lvl in FRAME_LEVELS for lvl in levels) and not opts.no_cache
     p2 = {sp.side: ntr * sp.train + nva * sp.valid + (ntr + nva) * decode * opts.no_cache for sp in (s, f)}
-    exp2, completes = _expected_phase2_epochs(sweep.prune, e2, trials, not opts.no_prune)
+    exp2, completes = _expected_phase2_epochs(sweep.prune, es, trials, not opts.no_prune)
     if opts.no_cache:  # the frozen backbone runs every phase-1 epoch of every trial
         p1 = (trials * EARLY_STOP * e1 * (ntr + nva) * s.forward, trials * e1 * (ntr + nva) * s.forward)
     else:  # each level's view of each epoch once, shared by all trials
@@ -163,7 +164,7 @@ def costs(opts: SweepOptions, sweep, fixed, plan, n: tuple[int, int], speeds: di
     startup = STARTUP_S + (0 if opts.no_cache else (ntr + nva) * decode * sizes + ntr * decode * frames)
     keep = opts.keep_checkpoints
     saves = (1 + completes, 2) if not keep else (completes, 1)
-    per = [x * p2[s.side] + PER_TRIAL_S + k * save_s for x, k in zip((exp2, e2), saves)]
+    per = [x * p2[s.side] + PER_TRIAL_S + k * save_s for x, k in zip((exp2, es), saves)]
     # a full-size model's phase 1 fits on the search size's features, cached by its trials: ~nothing
     full = [top * (x * p2[f.side] + PER_TRIAL_S + 2 * save_s) if fixed.search_size else 0
             for x in (EARLY_STOP * e2, e2)]
@@ -233,7 +234,8 @@ def _b(size: float) -> str:
 
 
 def report(opts, fixed, splits, device, weights, speeds: dict, times: list[Cost], disk: list[Cost]) -> str:
-    searched = f" (trials at {fixed.search_size} px)" if fixed.search_size else ""
+    searched = (f" (trials at {fixed.search_size} px" + (f", phase 2 at most {fixed.search_epochs} epochs"
+                                                         if fixed.search_epochs else "") + ")") if fixed.search_size else ""
     lines = [f"estimate: {opts.trials} trials of {fixed.backbone} ({weights} weights) at {fixed.image_size} px"
              f"{searched}, batch {fixed.batch_size}, at most {fixed.max_epochs_phase1} + {fixed.max_epochs_phase2} "
              f"epochs, on {device}",

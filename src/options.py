@@ -31,7 +31,8 @@ class SweepOptions:
     max_bad_fraction: float
     no_prune: bool
     no_cache: bool
-    search_size: int | str | None = None  # "half": config.half_size
+    search_size: int | str | None = None  # "half": fidelity.half_size
+    search_epochs: int | str | None = None  # "half": half of max_epochs_phase2 (src/fidelity.py)
     soup_top: int = 5
     ensemble_top: int = 3
     confirm_top: int = 0   # --confirm-top K, --confirm-folds F (src/confirm.py); K = 0: off
@@ -44,4 +45,5 @@ class SweepOptions:
         """The flags that override [fixed] (`resolve_fixed`): --max-epochs sets both phases."""
         return {"backbone": self.backbone, "weights": self.weights, "image_size": self.image_size,
                 "batch_size": self.batch_size, "max_epochs_phase1": self.max_epochs,
-                "max_epochs_phase2": self.max_epochs, "seed": self.seed, "search_size": self.search_size}
+                "max_epochs_phase2": self.max_epochs, "seed": self.seed, "search_size": self.search_size,
+                "search_epochs": self.search_epochs}

@@ -3,13 +3,14 @@ run, decode the images once, take up what an earlier run left, before any traini
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
 import optuna
 import torch
 
 from . import data as D
+from . import fidelity as F
 from . import model as M
 from . import precision
 from . import trials as T
@@ -172,15 +173,15 @@ def start(opts: SweepOptions) -> Started:
     sweep, on_demo, fixed, plan, splits, device, base, weights, fell_back = check(opts)
     tracker = Tracker(opts.tracking_uri)
     tracker.check_reachable()
-    pruner = make_pruner(sweep.prune, fixed.max_epochs_phase1, fixed.max_epochs_phase2, not opts.no_prune)
+    searched = F.searched(fixed)  # what trials train at: the search size and search epochs, where set
+    pruner = make_pruner(sweep.prune, fixed.max_epochs_phase1, searched.max_epochs_phase2, not opts.no_prune)
     name, experiment = names(opts, fixed)  # src/naming.py
     study = open_study(name, opts.storage, fixed.seed, pruner, on_lost=LostTrials(tracker))
     check_steps(study)
-    settings = {k: v for k, v in asdict(fixed).items() if k != "search_size" or v}  # 0: as before it existed
+    settings = {k: v for k, v in asdict(fixed).items() if k not in F.SEARCH_KEYS or v}  # 0: as before they existed
     check_same_settings(study, {**settings, "weights": weights, "search": {
         n: asdict(spec) for n, spec in sweep.search.items()}, **_prune_setting(sweep)})
     # Decoding every image once happens here: after the cheap checks, before any training.
-    searched = replace(fixed, image_size=fixed.search_size) if fixed.search_size else fixed  # what trials train at
     share = len(splits.valid) / max(1, len(splits.train))  # a phase-2 epoch validates too
     amp, full_amp = (precision.pick(device, opts.precision, fixed.backbone, f.image_size, fixed.batch_size, share)
                      for f in (searched, fixed))

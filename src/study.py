@@ -170,7 +170,7 @@ def check_steps(study: optuna.Study) -> None:
     study.set_user_attr(STEPS_ATTR, STEPS)
 
 
-OMITTED_AT_DEFAULT = ("search_size", "prune")  # not in a study's settings while at their defaults
+OMITTED_AT_DEFAULT = ("search_size", "search_epochs", "prune")  # not in a study's settings while at their defaults
 
 
 def check_same_settings(study: optuna.Study, settings: dict) -> None:

@@ -28,7 +28,7 @@ from .pipeline import DEFAULT_MAX_BAD_FRACTION
 from .recovery import requeue_interrupted
 from .scheduler import optimize
 from .confirm import DEFAULT_FOLDS, FULL_EPOCHS, FULL_TOP, MAX_TOP
-from .config import HALF, MIN_SEARCH
+from .fidelity import HALF, MIN_SEARCH
 from .soup import SOUP_TOP
 from .start import start
 from .stopping import STOP, handling_signals, writing
@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"trials train at S px, the --confirm-top best again at --image-size, and only those "
                         f"can win ({HALF}: half the side, off below {2 * MIN_SEARCH} px; 0: off; default from the "
                         f"sweep file; see src/confirm.py)")
+    p.add_argument("--search-epochs", metavar="E",
+                   help=f"a trial at the search size trains phase 2 for at most E epochs; the models trained again "
+                        f"at --image-size get all of them ({HALF}: half of --max-epochs, rounded up; 0: all; default "
+                        f"from the sweep file; see src/fidelity.py)")
     p.add_argument("--study-name", help="Optuna study; reusing a name resumes it (default "
                                         "<sweep>-<data>-<backbone>-<size>px[-search<S>]; see src/naming.py)")
     p.add_argument("--storage", default=DEFAULT_STORAGE, help="Optuna storage URL (default: optuna.db in the repo)")
@@ -129,11 +133,14 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--confirm-folds {args.confirm_folds}: give 0 or more re-drawn splits")
     if args.full_epochs < 0:
         p.error(f"--full-epochs {args.full_epochs}: give 0 (train again at full size) or more epochs")
-    if args.search_size not in (None, HALF):
-        if not (args.search_size.isascii() and args.search_size.isdigit()):
-            p.error(f"--search-size {args.search_size}: give a side in pixels below --image-size, {HALF} (half the "
-                    f"side, not below {MIN_SEARCH} px) or 0 (off)")
-        args.search_size = int(args.search_size)
+    for flag, give in (("search_size", f"a side in pixels below --image-size, {HALF} (half the side, not below "
+                                       f"{MIN_SEARCH} px) or 0 (off)"),
+                       ("search_epochs", f"phase-2 epochs up to --max-epochs, {HALF} (half of them) or 0 (all)")):
+        value = getattr(args, flag)
+        if value not in (None, HALF):
+            if not (value.isascii() and value.isdigit()):
+                p.error(f"--{flag.replace('_', '-')} {value}: give {give}")
+            setattr(args, flag, int(value))
     if (args.confirm_top or args.search_size not in (None, 0, HALF)) and args.no_cache:  # "half": confirm_plan
         p.error("--confirm-top and --search-size re-train on the decoded images: they cannot run with --no-cache")
     if args.soup_top < 0:

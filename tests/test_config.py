@@ -58,10 +58,11 @@ def _raises_naming(path, *words):
 def test_shipped_sweeps_load_with_documented_values(name):
     from src.config import OPTIONAL, PruneSettings
     sweep = load_sweep(SWEEPS / name)
-    # the file states the dataclass defaults, but default.toml searches at half the side with
-    # successive halving (measured: README, Cost); four.toml is the design's sweep as it was
+    # the file states the dataclass defaults, but default.toml searches at half the side for half the
+    # phase-2 epochs with successive halving (measured: README, Cost); four.toml is the design's sweep as it was
     searched = name == "default.toml"
-    assert sweep.fixed == dataclasses.replace(Fixed(), search_size="half" if searched else 0)
+    half = "half" if searched else 0
+    assert sweep.fixed == dataclasses.replace(Fixed(), search_size=half, search_epochs=half)
     assert sweep.demo == {"image_size": 32, "batch_size": 64, "max_epochs_phase1": 3, "max_epochs_phase2": 6}
     assert sweep.prune == dataclasses.replace(PruneSettings(), pruner="halving" if searched else "median")
     if name == "four.toml":  # the design's four parameters over the five square levels

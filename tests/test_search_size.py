@@ -43,7 +43,7 @@ def _config(tracker, run_id) -> dict:
 
 @pytest.mark.slow
 def test_trials_search_small_the_best_train_full_size_and_only_those_are_scored(in_tmp, flat_folder, capsys):
-    assert sweep.main(sweep_args(in_tmp, flat_folder, 3, *SEARCH)) == 0
+    assert sweep.main(sweep_args(in_tmp, flat_folder, 3, *SEARCH, "--search-epochs", "1")) == 0
     out = capsys.readouterr().out
     uri = f"sqlite:///{in_tmp}/mlflow.db"
     client, tracker = MlflowClient(uri), Tracker(uri)
@@ -52,6 +52,7 @@ def test_trials_search_small_the_best_train_full_size_and_only_those_are_scored(
     parent = study.user_attrs["mlflow_parent_run_id"]
     tags = client.get_run(parent).data.tags
     assert (tags["fixed.image_size"], tags["fixed.search_size"]) == ("16", "8")  # both sizes on the parent
+    assert (tags["fixed.max_epochs_phase2"], tags["fixed.search_epochs"]) == ("2", "1")  # and both phase-2 lengths
     assert (tags["train.precision"], tags["full.precision"]) == ("fp32", "fp32")  # and the precision at each
     assert tags["confirm.full_epochs"] == "0"
 
@@ -60,6 +61,8 @@ def test_trials_search_small_the_best_train_full_size_and_only_those_are_scored(
         assert client.get_run(T.run_id(t)).data.params["image_size"] == "8"
         cfg = _config(tracker, T.run_id(t))
         assert (cfg["image_size"], cfg["search_size"]) == (8, 8)
+        # and for --search-epochs 1 of phase 2's 2: its last report is phase-2 epoch 1 (step 2 + 1)
+        assert cfg["max_epochs_phase2"] == 1 and max(t.intermediate_values) == 3
     # the images were stored at both sides: the search size's for the trials, the full one's for the rest
     sides = {np.load(p, mmap_mode="r").shape[1] for p in (Path(os.environ["TLSWEEP_CACHE"]) / "images").glob("*.npy")}
     assert sides == {stored_side(8), stored_side(16)}
@@ -72,7 +75,8 @@ def test_trials_search_small_the_best_train_full_size_and_only_those_are_scored(
         assert run.data.params["image_size"] == "16"
         # --full-epochs 0 (the default): trained again from scratch, phase 1 on the search size's features
         assert run.data.tags["full.start"] == "trained again, phase 1 at 8 px" and "phase1/best_valid_acc" in run.data.metrics
-        assert (_config(tracker, run.info.run_id)["image_size"], _config(tracker, run.info.run_id)["search_size"]) == (16, 8)
+        cfg = _config(tracker, run.info.run_id)
+        assert (cfg["image_size"], cfg["search_size"], cfg["max_epochs_phase2"]) == (16, 8, 2)  # every epoch
         assert float(tags[f"confirm.full.{number}"]) == pytest.approx(run.data.metrics["phase2/best_valid_acc"], abs=1e-6)  # tag: 6 decimals
         assert {a.path for a in client.list_artifacts(run.info.run_id, "figures")} >= {"figures/training_curves.png"}
     # F = 0: the best full-size valid accuracy wins, and its full-size run is the model
@@ -222,6 +226,17 @@ def test_search_size_half_is_half_the_side_and_off_below_64_px(tmp_path, image_s
     for bad in (["--search-size", "\u00b2"], ["--search-size", "-8"], ["--full-epochs", "-1"]):
         with pytest.raises(SystemExit):
             sweep.parse_args(bad)
+    # search_epochs: "half" of max_epochs_phase2 rounded up, only with a search size, never above it
+    half = {"image_size": 128, "max_epochs_phase2": 15, "search_epochs": "half"}
+    assert resolve_fixed(sweep_file, False, half).search_epochs == 8
+    assert resolve_fixed(sweep_file, False, {**half, "search_size": 0}).search_epochs == 0  # no search size: off
+    assert resolve_fixed(sweep_file, False, {**half, "search_epochs": 15}).search_epochs == 0  # every epoch: off
+    with pytest.raises(UserError, match="search_epochs = 16 must be from 0 to max_epochs_phase2 = 15"):
+        resolve_fixed(sweep_file, False, {**half, "search_epochs": 16})
+    assert sweep.parse_args(["--search-epochs", "half"]).search_epochs == "half"
+    assert sweep.parse_args(["--search-epochs", "3"]).search_epochs == 3
+    with pytest.raises(SystemExit):
+        sweep.parse_args(["--search-epochs", "some"])
     path.write_text(path.read_text().replace('"half"', '"third"'))
     with pytest.raises(UserError, match=r'search_size = .third. should be a int or "half"'):
         load_sweep(path)
