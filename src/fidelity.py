@@ -10,12 +10,11 @@ docs/quality-and-cost.md.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypeVar
 
 from .errors import UserError
 
-if TYPE_CHECKING:
-    from .config import Fixed
+FixedT = TypeVar("FixedT")  # config.Fixed (not imported: config imports this module)
 
 HALF = "half"     # search_size = "half": `half_size` of image_size; search_epochs = "half": of max_epochs_phase2
 SEARCH_KEYS = ("search_size", "search_epochs")
@@ -48,7 +47,7 @@ def resolve_search(values: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
-def searched(fixed: Fixed) -> Fixed:
+def searched(fixed: FixedT) -> FixedT:
     """What a trial trains at: the search size and search epochs where set (the best configurations
     are trained again at `fixed` itself: full size, every phase-2 epoch), else `fixed`."""
     if not fixed.search_size:

@@ -68,3 +68,24 @@ def test_keep_checkpoints_keeps_the_best_trials_models_only(in_tmp, flat_folder)
         assert "state_dict" in torch.load(path, weights_only=True)
     parent = study.user_attrs["mlflow_parent_run_id"]
     assert final_test.main(["--run-id", parent, "--tracking-uri", f"sqlite:///{in_tmp}/mlflow.db"]) == 0
+
+
+def test_the_estimate_costs_trials_at_the_search_epochs_and_full_size_models_at_every_epoch():
+    from src.config import load_sweep, resolve_fixed
+    from src.estimate import Speed, costs
+    opts = sweep.parse_args(["--trials", "10", "--no-prune"])
+    sweep_file = load_sweep("sweeps/default.toml")
+    speeds = {s: Speed(s, forward=1e-4, train=1e-3 * s / 64, valid=1e-4, features=1280) for s in (64, 128)}
+
+    def worst(search_epochs) -> dict[str, float]:
+        fixed = resolve_fixed(sweep_file, False, {"image_size": 128, "max_epochs_phase1": 8, "max_epochs_phase2": 8,
+                                                  "search_epochs": search_epochs})
+        times, _ = costs(opts, sweep_file, fixed, (3, 0), (1000, 200), speeds, 0.0, 0.0, 1)
+        return {c.what: c.worst for c in times}
+
+    every, half = worst(0), worst("half")
+    trials, full = "10 trials at 64 px", "the 3 best again at 128 px"
+    assert half[full] == every[full]  # the full-size models: all 8 epochs either way
+    # 10 trials x 8 (or 4) phase-2 epochs of 1000 train + 200 valid images, plus what does not scale with them
+    phase2 = 10 * (1000 * 1e-3 + 200 * 1e-4)
+    assert every[trials] - half[trials] == pytest.approx(4 * phase2)
