@@ -20,6 +20,7 @@ from . import splits as S
 from . import trials as T
 from .config import Fixed, SweepFile
 from .errors import UserError
+from .fidelity import SEARCH_KEYS
 from .stats import wilson
 from .recovery import GRACE_PERIOD_S, HEARTBEAT_INTERVAL_S
 from .tracking import ROLE, Tracker
@@ -170,7 +171,7 @@ def check_steps(study: optuna.Study) -> None:
     study.set_user_attr(STEPS_ATTR, STEPS)
 
 
-OMITTED_AT_DEFAULT = ("search_size", "search_epochs", "prune")  # not in a study's settings while at their defaults
+OMITTED_AT_DEFAULT = (*SEARCH_KEYS, "prune")  # not in a study's settings while at their defaults
 
 
 def check_same_settings(study: optuna.Study, settings: dict) -> None:

@@ -50,6 +50,15 @@ def parse_args(argv=None) -> SweepOptions:
     return SweepOptions(**vars(args))
 
 
+def _half_or(give: str):
+    """argparse's `type` for --search-size and --search-epochs: a whole number >= 0, or HALF."""
+    def parse(value: str) -> int | str:
+        if value != HALF and not (value.isascii() and value.isdigit()):
+            raise argparse.ArgumentTypeError(f"{value}: give {give}")
+        return value if value == HALF else int(value)
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The sweep's flags (docs/flags.md lists each; tests/test_docs.py keeps the two agreeing)."""
     p = argparse.ArgumentParser(prog="python -m src.sweep", description=__doc__,
@@ -65,11 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="batch size (default from the sweep file)")
     p.add_argument("--max-epochs", type=int, help="max epochs of EACH phase (default from the sweep file)")
     p.add_argument("--seed", type=int, help="study seed (default from the sweep file)")
-    p.add_argument("--search-size", metavar="S",
+    p.add_argument("--search-size", metavar="S", type=_half_or(f"a side in pixels below --image-size, {HALF} (half "
+                                                         f"the side, not below {MIN_SEARCH} px) or 0 (off)"),
                    help=f"trials train at S px, the --confirm-top best again at --image-size, and only those "
                         f"can win ({HALF}: half the side, off below {2 * MIN_SEARCH} px; 0: off; default from the "
                         f"sweep file; see src/confirm.py)")
     p.add_argument("--search-epochs", metavar="E",
+                   type=_half_or(f"phase-2 epochs up to --max-epochs, {HALF} (half of them) or 0 (all)"),
                    help=f"a trial at the search size trains phase 2 for at most E epochs; the models trained again "
                         f"at --image-size get all of them ({HALF}: half of --max-epochs, rounded up; 0: all; default "
                         f"from the sweep file; see src/fidelity.py)")
@@ -133,14 +144,6 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--confirm-folds {args.confirm_folds}: give 0 or more re-drawn splits")
     if args.full_epochs < 0:
         p.error(f"--full-epochs {args.full_epochs}: give 0 (train again at full size) or more epochs")
-    for flag, give in (("search_size", f"a side in pixels below --image-size, {HALF} (half the side, not below "
-                                       f"{MIN_SEARCH} px) or 0 (off)"),
-                       ("search_epochs", f"phase-2 epochs up to --max-epochs, {HALF} (half of them) or 0 (all)")):
-        value = getattr(args, flag)
-        if value not in (None, HALF):
-            if not (value.isascii() and value.isdigit()):
-                p.error(f"--{flag.replace('_', '-')} {value}: give {give}")
-            setattr(args, flag, int(value))
     if (args.confirm_top or args.search_size not in (None, 0, HALF)) and args.no_cache:  # "half": confirm_plan
         p.error("--confirm-top and --search-size re-train on the decoded images: they cannot run with --no-cache")
     if args.soup_top < 0:
