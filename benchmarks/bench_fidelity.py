@@ -129,7 +129,8 @@ def warm_started(small: Pipeline, full: Pipeline, cfg: TrialConfig, epochs: int,
     start = time.time()
     model = small.model(cfg.seed)
     data = small.loaders(cfg, model)
-    _, phase2 = fit_two_phase(model, data.train, data.valid, **recipe(cfg), device=device, phase1=data.phase1)
+    _, phase2 = fit_two_phase(model, data.train, data.valid, **recipe(cfg), device=device, phase1=data.phase1,
+                              phase2=data.phase2)
     trained = {"size": small.fixed.image_size, "valid_acc": phase2.best_valid_acc, "wall_s": time.time() - start}
     start = time.time()
     train, valid = full.image_loaders(cfg)

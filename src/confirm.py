@@ -290,8 +290,8 @@ def train_on_fold(pipe: Pipeline, cfg: TrialConfig, on_epoch, amp, on_phase_end=
     """A configuration trained on a fold's pipeline, unpruned: its best phase-2 validation
     accuracy. `head_at`: phase 1 on that pipeline's inputs (the search size's cached features)."""
     model = pipe.model(cfg.seed)
-    data = pipe.loaders(cfg, model, head_at)
+    data = pipe.loaders(cfg, model, head_at, amp)
     _, phase2 = fit_two_phase(model, data.train, data.valid, **recipe(cfg), device=pipe.device,
-                              phase1=data.phase1, on_epoch=on_epoch, on_phase_end=on_phase_end, amp=amp,
+                              phase1=data.phase1, phase2=data.phase2, on_epoch=on_epoch, on_phase_end=on_phase_end, amp=amp,
                               keep_mistakes=MISTAKES_SHOWN if on_phase_end else 0)
     return phase2.best_valid_acc

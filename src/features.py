@@ -18,7 +18,10 @@ from torch import nn
 
 from . import data as D
 from .cache import StoredImages, cache_key, cached
-from .device import to_device
+from .device import autocast, to_device
+
+
+PHASE2_FIRST_VIEW = 10_000  # phase-2 epoch e serves view PHASE2_FIRST_VIEW + e: other draws than phase 1's
 
 
 def _view_seed(base: int, single_view: bool, epoch: int, i: int) -> int:
@@ -33,13 +36,13 @@ def view_seed_fn(study_seed: int, level: str):
 
 
 class ViewEpochs:
-    """A train loader whose k-th pass (k = 0, 1, ...) serves view k of every image: the
-    uncached phase-1 path, same views as `FeatureEpochs`."""
+    """A train loader whose k-th pass (k = 0, 1, ...) serves view `first_view` + k of every
+    image: the image path of both phases, the same views as `FeatureEpochs`."""
 
-    def __init__(self, loader: torch.utils.data.DataLoader):
+    def __init__(self, loader: torch.utils.data.DataLoader, first_view: int = 0):
         # Workers must be re-created each pass to see the new epoch: never persistent ones.
         assert not loader.persistent_workers, "ViewEpochs needs non-persistent DataLoader workers"
-        self.loader, self.epoch = loader, 0
+        self.loader, self.epoch = loader, first_view
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -63,10 +66,14 @@ class FeatureCache:
 
     def __init__(self, extractor: nn.Module, model_key: dict, train_views, train_labels,
                  valid: StoredImages, study_seed: int, device: torch.device,
-                 batch_size: int = 128, workers: int = 0, level_tags: dict | None = None):
+                 batch_size: int = 128, workers: int = 0, level_tags: dict | None = None, dtype=np.float32,
+                 amp: torch.dtype | None = None):
         # train_views(level): the train images under the level's transform with seeded views;
-        # train_labels: theirs; level_tags: extra entry-name parts of levels outside `model_key`
+        # train_labels: theirs; level_tags: extra entry-name parts of levels outside `model_key`;
+        # dtype: how entries are stored, amp: the autocast they are computed in (phase 2's prefix
+        # outputs: float16, in the phase's own precision; phase 1's features: float32, in fp32)
         self.extractor = extractor.to(device, memory_format=torch.channels_last)
+        self.dtype, self.amp = np.dtype(dtype), amp
         self.model_key, self.device = model_key, device
         self.train_views, self.train_labels, self.level_tags = train_views, list(train_labels), level_tags or {}
         self.valid_images, self.study_seed = valid, study_seed
@@ -77,15 +84,19 @@ class FeatureCache:
                                              pin_memory=self.device.type == "cuda",
                                              generator=torch.Generator())  # leave the global RNG alone
         chunks = []
-        # fp32 even on CUDA: a one-off cost, and features must not carry bf16 rounding.
-        with torch.inference_mode():
+        # Phase 1's features in fp32 even on CUDA: a one-off cost, and they must not carry bf16 rounding.
+        with torch.inference_mode(), autocast(self.device, self.amp):
             for images, labels in loader:
                 chunks.append(self.extractor(to_device(images, labels, self.device)[0]))
-        return torch.cat(chunks).float().cpu().numpy()  # one host sync, at the end
+        out = torch.cat(chunks).float().cpu().numpy()  # one host sync, at the end
+        if self.dtype != np.float32:  # never an inf where a value is beyond the type's range
+            limit = np.finfo(self.dtype).max
+            out = np.clip(out, -limit, limit).astype(self.dtype)
+        return out
 
     def _entry(self, name: str, dataset) -> np.ndarray:
         path = D.cache_dir() / "features" / f"{cache_key('features', self.model_key, name)}.npy"
-        return cached(path, np.float32, lambda tmp: np.save(tmp, self._extract(dataset)))[0]
+        return cached(path, self.dtype, lambda tmp: np.save(tmp, self._extract(dataset)))[0]
 
     def valid(self) -> np.ndarray:
         return self._entry("valid", self.valid_images)
@@ -98,12 +109,14 @@ class FeatureCache:
 
 
 class FeatureEpochs:
-    """A train loader over cached features whose k-th pass serves view k (see `ViewEpochs`)."""
+    """A train loader over cached features whose k-th pass serves view `first_view` + k (see
+    `ViewEpochs`), as float32."""
 
-    def __init__(self, cache: FeatureCache, level: str, batch_size: int, generator: torch.Generator):
+    def __init__(self, cache: FeatureCache, level: str, batch_size: int, generator: torch.Generator,
+                 first_view: int = 0):
         self.cache, self.level, self.batch_size, self.generator = cache, level, batch_size, generator
         self.labels = torch.as_tensor(cache.train_labels)
-        self.epoch = 0
+        self.epoch = first_view
 
     def __len__(self) -> int:
         """Batches per pass, as `data.loader` makes them (last partial batch dropped)."""
@@ -111,7 +124,7 @@ class FeatureEpochs:
         return n // bs if n > bs else 1
 
     def __iter__(self):
-        features = torch.from_numpy(np.array(self.cache.train_view(self.level, self.epoch)))
+        features = torch.from_numpy(np.array(self.cache.train_view(self.level, self.epoch))).float()
         self.epoch += 1
         # One generator across epochs, drawn exactly like the image loader's: same shuffles.
         dataset = torch.utils.data.TensorDataset(features, self.labels)

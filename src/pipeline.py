@@ -13,7 +13,6 @@ import hashlib
 import logging
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torchvision
 from torch import nn
@@ -26,7 +25,8 @@ from .config import Fixed, TrialConfig
 from .device import default_loader_workers
 from .errors import DataError, UserError
 from .files import remove_dead_temps
-from .train import HeadInputs
+from .inputs import feature_cache, head_inputs, prefix_inputs
+from .train import PhaseInputs
 
 log = logging.getLogger("tlsweep")
 DEFAULT_MAX_BAD_FRACTION = 0.01  # of a split's images that may be unreadable (skipped) before it is a fault
@@ -41,12 +41,13 @@ def initial_model(backbone: str, n_classes: int, weights: str, study_seed: int) 
 
 @dataclass(frozen=True)
 class TrialData:
-    """What one trial trains on: phase 2's image loaders, what phase 1 fits, and the log of the
-    unreadable files it skips per split (found while decoding once, or by its own loaders)."""
+    """What one trial trains on: phase 2's image loaders, what phase 1 fits (and phase 2, when not
+    the images), and the log of the unreadable files it skips per split."""
     train: object
     valid: object
-    phase1: HeadInputs
+    phase1: PhaseInputs
     unreadable: dict[str, D.BadImageLog]
+    phase2: PhaseInputs | None = None  # phase 2 on its frozen prefix's cached outputs (`prefix_inputs`)
 
     def skipped(self) -> dict[str, dict[str, str]]:
         """Split -> {relative path: reason} of the files this trial skipped so far."""
@@ -83,15 +84,6 @@ def checked_frames(splits: D.Splits, image_size: int, workers: int, square: C.De
     return frames
 
 
-def feature_cache(pipe: "Pipeline", extractor: nn.Module, key: dict) -> F.FeatureCache:
-    """The phase-1 feature cache of a pipeline's train views and valid images, under `key`."""
-    return F.FeatureCache(
-        extractor, key, lambda level: pipe._dataset("train", level, True), pipe.labels("train"),
-        pipe._dataset("valid", "none", False), pipe.fixed.seed, pipe.device, workers=pipe.workers,
-        level_tags={lvl: "-" + hashlib.sha256(repr(pipe.transform(lvl)).encode()).hexdigest()[:12]
-                    for lvl in D.FRAME_LEVELS})
-
-
 class Pipeline:
     """The data and starting model every trial of a sweep shares (decoded images and cached
     features with caches on), and each trial's model copy and loaders."""
@@ -106,6 +98,7 @@ class Pipeline:
         self.base = base if base is not None else initial_model(fixed.backbone, len(splits.classes), weights, fixed.seed)
         self.head = M.head_name(self.base)
         self.decoded, self.features, self.valid_features, self.frames = None, None, None, None
+        self.prefixes: dict = {}  # unfreeze -> phase 2's frozen prefix cache (`prefix_cache`)
         self.whole = None  # a re-split pipeline's original (`refold`)
         self.rows = {name: list(range(len(getattr(splits, name)))) for name in ("train", "valid")}
         self.decode_logs: dict[str, D.BadImageLog] = {}  # the decode pass's unreadable files (caches on)
@@ -193,32 +186,21 @@ class Pipeline:
         return self._loader(self._dataset("valid", "none", False), batch_size, False, log=self._logs()["valid"])
 
     def image_loaders(self, cfg: TrialConfig, logs: dict | None = None) -> tuple:
-        """Phase 2's loaders: the train images (the trial's level, its seed's order), the valid ones."""
+        """Phase 2's loaders: the train images (the trial's level, views from `PHASE2_FIRST_VIEW` on,
+        its seed's order), the valid ones."""
         logs, bs = logs or self._logs(), cfg.batch_size
-        train = self._loader(self._dataset("train", cfg.aug_strength, False), bs, True, cfg.seed, logs["train"])
-        return train, self._loader(self._dataset("valid", "none", False), bs * 2, False, log=logs["valid"])
+        train = self._loader(self._dataset("train", cfg.aug_strength, True), bs, True, cfg.seed, logs["train"])
+        return (F.ViewEpochs(train, first_view=F.PHASE2_FIRST_VIEW),
+                self._loader(self._dataset("valid", "none", False), bs * 2, False, log=logs["valid"]))
 
-    def loaders(self, cfg: TrialConfig, model: nn.Module, head_at: Pipeline | None = None) -> TrialData:
-        """The trial's loaders, and phase 1's inputs (`head_inputs`): its own, or `head_at`'s (the
-        search size's cached features, src/confirm.py)."""
+    def loaders(self, cfg: TrialConfig, model: nn.Module, head_at: Pipeline | None = None,
+                amp: torch.dtype | None = None) -> TrialData:
+        """The trial's loaders, phase 1's inputs (`head_inputs`): its own, or `head_at`'s (the
+        search size's cached features, src/confirm.py), and phase 2's (`prefix_inputs`, at `amp`)."""
         logs = self._logs()
         train, valid = self.image_loaders(cfg, logs)
         phase1 = head_inputs(head_at, cfg, model) if head_at is not None else head_inputs(self, cfg, model, valid, logs)
-        return TrialData(train, valid, phase1, logs)
-
-
-def head_inputs(pipe: Pipeline, cfg: TrialConfig, model: nn.Module, valid=None, logs: dict | None = None) -> HeadInputs:
-    """What phase 1 fits on `pipe`: the head on cached features (caches on), or the model on the
-    same views decoded every epoch, judged on `valid` (default: `pipe`'s validation loader)."""
-    bs, logs = cfg.batch_size, logs or pipe._logs()
-    if pipe.features is None:
-        views = pipe._loader(pipe._dataset("train", cfg.aug_strength, True), bs, True, cfg.seed, logs["train"])
-        return HeadInputs(model, F.ViewEpochs(views), valid if valid is not None else pipe.valid_loader(bs * 2))
-    if pipe.valid_features is None:
-        pipe.valid_features = torch.from_numpy(np.array(pipe.features.valid()))
-    valid_features = torch.utils.data.TensorDataset(pipe.valid_features, torch.as_tensor(pipe.labels("valid")))
-    phase1_train = F.FeatureEpochs(pipe.features, cfg.aug_strength, bs, torch.Generator().manual_seed(cfg.seed))
-    return HeadInputs(model.get_submodule(pipe.head), phase1_train, pipe._loader(valid_features, bs * 2, False))
+        return TrialData(train, valid, phase1, logs, prefix_inputs(self, cfg, model, amp))
 
 
 # -- the train + valid pool, re-split (src/confirm.py) ---------------------------------------------
@@ -243,7 +225,7 @@ def refold(pipe: Pipeline, train_rows: list[int], valid_rows: list[int]) -> Pipe
     array = C.Pooled(pipe.decoded["train"].array, pipe.decoded["valid"].array)
     fold.decoded = {name: dataclasses.replace(pipe.decoded[name], array=array, rows=fold.rows[name], bad={})
                     for name in ("train", "valid")}
-    fold.frames, fold.valid_features, fold.whole = None, None, pipe
+    fold.frames, fold.valid_features, fold.whole, fold.prefixes = None, None, pipe, {}
     rows = hashlib.sha256(repr((fold.rows["train"], fold.rows["valid"])).encode()).hexdigest()[:16]
     fold.features = feature_cache(fold, pipe.features.extractor, {**fold.model_key(), "rows": rows})
     return fold

@@ -235,9 +235,9 @@ def fit_phase(model: nn.Module, train_loader, valid_loader, optimizer: torch.opt
 
 
 @dataclass(frozen=True)
-class HeadInputs:
-    """What phase 1 fits: the model's own head on cached backbone features (the same result:
-    the frozen eval-mode backbone is a pure function of its input), or the whole model on images."""
+class PhaseInputs:
+    """What a phase fits: the model's head on cached backbone features (phase 1), the model after
+    its frozen stages on their cached outputs (phase 2, src/prefix.py), or the model on images."""
     module: nn.Module
     train: object       # loader of (features or images, labels), one view per pass
     valid: object
@@ -256,21 +256,22 @@ def fit_two_phase(model: nn.Module, train_loader, valid_loader, *, head_lr: floa
                   backbone_lr_ratio: float, patience: int, max_epochs_phase1: int,
                   max_epochs_phase2: int, device: torch.device, phase2_head_lr_factor: float = 1.0,
                   weight_decay: float = 0.0, label_smoothing: float = 0.0, lr_schedule: str = "constant",
-                  unfreeze: str | int = "all", phase1: HeadInputs | None = None, on_epoch=None,
-                  on_phase_end=None, amp: torch.dtype | None = None,
-                  keep_mistakes: int = 0) -> tuple[PhaseResult, PhaseResult]:
+                  unfreeze: str | int = "all", phase1: PhaseInputs | None = None,
+                  phase2: PhaseInputs | None = None, on_epoch=None, on_phase_end=None,
+                  amp: torch.dtype | None = None, keep_mistakes: int = 0) -> tuple[PhaseResult, PhaseResult]:
     """The recipe: fit the head on a frozen backbone, then fine-tune (all of it, or its last
     `unfreeze` stages).
 
     Steps are phase-aligned: phase-1 epoch e is step e, phase-2 epoch e is step
     `max_epochs_phase1 + e`, whenever phase 1 stopped, so a step means the same phase and epoch
-    in every trial. `phase1` says what phase 1 fits (default: the model on the image loaders).
-    `amp` (see `device.amp_dtype`) and `keep_mistakes` (the best epoch's most confidently wrong
-    validation predictions, with their images) apply to phase 2 only: phase 1 may see features,
-    not images, and runs in fp32, so cached and recomputed phase 1 agree on every device (a
-    linear head on features costs next to nothing anyway)."""
+    in every trial. `phase1` and `phase2` say what each phase fits (default: the model on the
+    image loaders; `phase2` must train every parameter that `unfreeze` leaves trainable).
+    `amp` (see `device.amp_dtype`) and `keep_mistakes` (the best model's most confidently wrong
+    validation predictions, with their images: from `valid_loader`) apply to phase 2 only: phase
+    1 may see features, not images, and runs in fp32, so cached and recomputed phase 1 agree on
+    every device (a linear head on features costs next to nothing anyway)."""
     model.to(device, memory_format=torch.channels_last)
-    head = phase1 or HeadInputs(model, train_loader, valid_loader)
+    head = phase1 or PhaseInputs(model, train_loader, valid_loader)
     done = on_phase_end or (lambda result, model: None)
     fit = dict(patience=patience, device=device, on_epoch=on_epoch, label_smoothing=label_smoothing,
                lr_schedule=lr_schedule)
@@ -284,9 +285,16 @@ def fit_two_phase(model: nn.Module, train_loader, valid_loader, *, head_lr: floa
 
     # Phase 2: from phase 1's best state, the backbone (or its last stages) learns too, at a lower lr.
     M.unfreeze(model, unfreeze)
+    tail = phase2 or PhaseInputs(model, train_loader, valid_loader)
+    held = {id(p) for p in tail.module.parameters()}  # a suffix holds every stage that unfreeze trains
+    assert all(id(p) in held for p in model.parameters() if p.requires_grad), "phase 2 leaves out trained stages"
     both = make_optimizer(M.param_groups(model, head_lr * phase2_head_lr_factor, head_lr * backbone_lr_ratio,
                                          weight_decay=weight_decay))
-    result2 = fit_phase(model, train_loader, valid_loader, both, max_epochs=max_epochs_phase2, phase=2,
-                        first_step=max_epochs_phase1 + 1, amp=amp, keep_mistakes=keep_mistakes, **fit)
+    on_images = tail.module is model
+    result2 = fit_phase(tail.module, tail.train, tail.valid, both, max_epochs=max_epochs_phase2, phase=2,
+                        first_step=max_epochs_phase1 + 1, amp=amp, keep_mistakes=keep_mistakes if on_images else 0,
+                        **fit)
+    if keep_mistakes and not on_images:  # the mistakes are shown as images: one pass over them
+        result2.valid_mistakes = evaluate(model, valid_loader, device, amp, keep_mistakes).mistakes
     done(result2, model)
     return result1, result2

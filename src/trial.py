@@ -140,7 +140,7 @@ class Objective:
         try:
             raise_if_stopped()  # a stop that came while Optuna was starting this trial
             model = pipe.model(cfg.seed)
-            data = pipe.loaders(cfg, model)
+            data = pipe.loaders(cfg, model, amp=self.ctx.amp)
             return self.fit(trial, cfg, run_id, model, data)
         except BaseException as exc:
             # The traceback's frames hold the model, optimizer, batches and best state; Optuna keeps
@@ -182,6 +182,6 @@ class Objective:
                 raise_if_stopped()
 
             _, phase2 = fit_two_phase(
-                model, data.train, data.valid, **recipe(cfg), device=self.ctx.pipeline.device, phase1=data.phase1,
+                model, data.train, data.valid, **recipe(cfg), device=self.ctx.pipeline.device, phase1=data.phase1, phase2=data.phase2,
                 on_epoch=on_epoch, on_phase_end=on_phase_end, amp=self.ctx.amp, keep_mistakes=MISTAKES_SHOWN)
         return phase2.best_valid_acc
