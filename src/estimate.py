@@ -37,6 +37,7 @@ from . import features as F
 from . import fidelity
 from . import model as M
 from . import precision
+from . import prefix as P
 from .config import FRAME_LEVELS
 from .device import autocast
 from .options import SweepOptions
@@ -58,6 +59,7 @@ class Speed:
     train: float     # a phase-2 step (whole network, the sweep's precision)
     valid: float     # a validation forward (the sweep's precision)
     features: int    # the feature width phase 1 caches
+    prefix: dict     # unfreeze -> the frozen prefix's output per image phase 2 caches (src/prefix.py; 0: not cut)
 
 
 def _timed(fn) -> float:
@@ -76,8 +78,21 @@ def _batch(splits: D.Splits, side: int, batch: int, mean, std) -> torch.Tensor:
     return torch.stack(images)
 
 
-def measure(model: torch.nn.Module, backbone: str, splits: D.Splits, side: int, batch: int, device, amp) -> Speed:
-    """Time STEPS real batches of the frozen forward, a phase-2 step and a validation pass."""
+def prefix_sizes(model: torch.nn.Module, side: int, depths) -> dict:
+    """Unfreeze depth -> numbers per image its phase 2 caches (0 where the model is not cut)."""
+    sizes, model = {}, copy.deepcopy(model).cpu()
+    for depth in depths:
+        cut = P.cut_for(model, depth)
+        halves = P.checked_split(model, cut, side) if cut else None
+        with torch.no_grad():
+            sizes[depth] = halves[0].eval()(torch.zeros(1, 3, side, side)).numel() if halves else 0
+    return sizes
+
+
+def measure(model: torch.nn.Module, backbone: str, splits: D.Splits, side: int, batch: int, device, amp,
+            depths=()) -> Speed:
+    """Time STEPS real batches of the frozen forward, a phase-2 step and a validation pass; the
+    prefix sizes of the `depths` (unfreeze values) phase 2 may cache."""
     mean, std = M.norm_stats(backbone)
     x = _batch(splits, side, batch, mean, std).to(device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, len(splits.classes), (batch,), device=device)
@@ -103,7 +118,7 @@ def measure(model: torch.nn.Module, backbone: str, splits: D.Splits, side: int, 
     net.eval()
     with torch.no_grad(), autocast(device, amp):
         valid = _timed(lambda: net(x)) / batch
-    return Speed(side, forward, train, valid, width)
+    return Speed(side, forward, train, valid, width, prefix_sizes(model, side, depths))
 
 
 def decode_seconds(splits: D.Splits, side: int, n: int = 16) -> float:
@@ -180,8 +195,26 @@ def costs(opts: SweepOptions, sweep, fixed, plan, n: tuple[int, int], speeds: di
     if folds and top:
         time_terms.append(Cost(f"confirmation: {top} x {folds} re-drawn splits", *redrawn))
     time_terms.append(Cost("the winner's candidates, the report", end, end))
-    return time_terms, _disk(opts, fixed, (ntr, nva), speeds, (touched, len(levels)), frames,
-                             ckpt_bytes, completes, top)
+    disk = _disk(opts, fixed, (ntr, nva), speeds, (touched, len(levels)), frames, ckpt_bytes, completes, top)
+    return time_terms, disk + _prefix_disk(fixed, (ntr, nva), speeds, (touched, len(levels)), top, es) * (not opts.no_cache)
+
+
+def _prefix_disk(fixed, n, speeds, levels, top, searched_epochs) -> list[Cost]:
+    """Phase 2's cached frozen-prefix outputs (float16), per depth the search offers: each level's
+    views of every phase-2 epoch (expected: the levels the trials likely touch, worst: all); at
+    full size after a search, the `top` models' (expected: one level and depth, worst: each its own)."""
+    (ntr, nva), out = n, [0.0, 0.0]
+    for sp in speeds.values():
+        if not sp.prefix:
+            continue
+        if fixed.search_size and sp.side == fixed.image_size:
+            one = 2 * (fixed.max_epochs_phase2 * ntr + nva) * max(sp.prefix.values())
+            out = [out[0] + one, out[1] + top * one]
+            continue
+        e2 = searched_epochs if fixed.search_size else fixed.max_epochs_phase2
+        out = [out[i] + sum(2 * (views * e2 * ntr + nva) * size for size in sp.prefix.values())
+               for i, views in enumerate(levels)]
+    return [Cost("caches: phase 2's frozen-prefix outputs", *out)] if any(out) else []
 
 
 def _disk(opts, fixed, n, speeds, levels, frames, ckpt_bytes, completes, top) -> list[Cost]:
@@ -213,7 +246,8 @@ def estimate(opts: SweepOptions) -> str:
     speeds = {}
     for side in sorted({fixed.search_size or fixed.image_size, fixed.image_size}):
         amp = precision.pick(device, opts.precision, fixed.backbone, side, fixed.batch_size, share)
-        speeds[side] = measure(base, fixed.backbone, splits, side, fixed.batch_size, device, amp)
+        depths = [u for u in getattr(sweep.search.get("unfreeze"), "choices", None) or () if u != "all"]
+        speeds[side] = measure(base, fixed.backbone, splits, side, fixed.batch_size, device, amp, depths)
     decode = decode_seconds(splits, D.stored_side(fixed.image_size))
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()

@@ -1,4 +1,5 @@
-"""The phase-1 feature cache: what the frozen backbone makes of each training view, on disk.
+"""The feature caches: what a frozen network makes of each training view, on disk (phase 1's
+backbone features; phase 2's frozen-prefix outputs, src/prefix.py, from view PHASE2_FIRST_VIEW on).
 
 In phase 1 the backbone is frozen and in eval mode, so its output is a pure function of the
 input. Each augmentation level has views: view e of image i is the level's transform seeded by
