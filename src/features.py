@@ -109,6 +109,20 @@ class FeatureCache:
         return self._entry(f"train/{level}{self.level_tags.get(level, '')}/view{view}/seed{self.study_seed}", dataset)
 
 
+class Rows(torch.utils.data.Dataset):
+    """(row i as float32, label i) of a cached entry, read from its memory map one row at a time:
+    a view of a large split's prefix outputs never has to sit in RAM as float32."""
+
+    def __init__(self, array: np.ndarray, labels):
+        self.array, self.labels = array, torch.as_tensor(labels)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return torch.from_numpy(np.asarray(self.array[i], dtype=np.float32)), self.labels[i]
+
+
 class FeatureEpochs:
     """A train loader over cached features whose k-th pass serves view `first_view` + k (see
     `ViewEpochs`), as float32."""
@@ -125,8 +139,7 @@ class FeatureEpochs:
         return n // bs if n > bs else 1
 
     def __iter__(self):
-        features = torch.from_numpy(np.array(self.cache.train_view(self.level, self.epoch))).float()
+        view = self.cache.train_view(self.level, self.epoch)
         self.epoch += 1
         # One generator across epochs, drawn exactly like the image loader's: same shuffles.
-        dataset = torch.utils.data.TensorDataset(features, self.labels)
-        yield from D.loader(dataset, self.batch_size, train=True, generator=self.generator)
+        yield from D.loader(Rows(view, self.labels), self.batch_size, train=True, generator=self.generator)

@@ -44,7 +44,7 @@ def head_inputs(pipe, cfg: TrialConfig, model: nn.Module, valid=None, logs: dict
 
 def prefix_cache(pipe, unfreeze, amp: torch.dtype | None) -> tuple | None:
     """(cut, the cache of the frozen prefix's outputs up to block `cut`, the valid outputs as a
-    tensor) for phase 2 with `unfreeze` stages trained, computed under `amp` (as phase 2 would);
+    dataset) for phase 2 with `unfreeze` stages trained, computed under `amp` (as phase 2 would);
     None where everything trains, caches are off, or the model is not cut there (src/prefix.py).
     Made once per pipeline, depth and precision."""
     if (unfreeze, amp) in pipe.prefixes:
@@ -57,9 +57,10 @@ def prefix_cache(pipe, unfreeze, amp: torch.dtype | None) -> tuple | None:
         cache = feature_cache(pipe, halves[0].eval().requires_grad_(False),
                               {**pipe.features.model_key, "prefix": cut, "amp": str(amp)}, dtype=P.STORED_AS,
                               amp=amp, batch_size=pipe.fixed.batch_size)
-        valid = torch.from_numpy(np.array(cache.valid())).float()
-        if valid.abs().max() < P.FP16_LIMIT:  # else float16 clips them: phase 2 runs on images
-            found = (cut, cache, valid)
+        valid = cache.valid()  # memory-mapped: read in chunks
+        top = max(float(np.abs(valid[i:i + 256]).max()) for i in range(0, len(valid), 256))
+        if top < P.FP16_LIMIT:  # else float16 clipped them: phase 2 runs on images
+            found = (cut, cache, F.Rows(valid, pipe.labels("valid")))
     pipe.prefixes[unfreeze, amp] = found
     return found
 
@@ -73,5 +74,4 @@ def prefix_inputs(pipe, cfg: TrialConfig, model: nn.Module, amp: torch.dtype | N
     cut, cache, valid = found
     train = F.FeatureEpochs(cache, cfg.aug_strength, cfg.batch_size, torch.Generator().manual_seed(cfg.seed),
                             first_view=F.PHASE2_FIRST_VIEW)
-    valid_set = torch.utils.data.TensorDataset(valid, torch.as_tensor(pipe.labels("valid")))
-    return PhaseInputs(P.suffix_of(model, cut), train, pipe._loader(valid_set, cfg.batch_size * 2, False))
+    return PhaseInputs(P.suffix_of(model, cut), train, pipe._loader(valid, cfg.batch_size * 2, False))

@@ -98,7 +98,7 @@ class Pipeline:
         self.base = base if base is not None else initial_model(fixed.backbone, len(splits.classes), weights, fixed.seed)
         self.head = M.head_name(self.base)
         self.decoded, self.features, self.valid_features, self.frames = None, None, None, None
-        self.prefixes: dict = {}  # unfreeze -> phase 2's frozen prefix cache (`prefix_cache`)
+        self.prefixes: dict = {}  # (unfreeze, amp) -> phase 2's frozen prefix cache (`inputs.prefix_cache`)
         self.whole = None  # a re-split pipeline's original (`refold`)
         self.rows = {name: list(range(len(getattr(splits, name)))) for name in ("train", "valid")}
         self.decode_logs: dict[str, D.BadImageLog] = {}  # the decode pass's unreadable files (caches on)

@@ -79,7 +79,7 @@ def test_the_estimate_costs_trials_at_the_search_epochs_and_full_size_models_at_
     from src.estimate import Speed, costs
     opts = sweep.parse_args(["--trials", "10", "--no-prune"])
     sweep_file = load_sweep("sweeps/default.toml")
-    speeds = {s: Speed(s, forward=1e-4, train=1e-3 * s / 64, valid=1e-4, features=1280) for s in (64, 128)}
+    speeds = {s: Speed(s, forward=1e-4, train=1e-3 * s / 64, valid=1e-4, features=1280, prefix={}) for s in (64, 128)}
 
     def worst(search_epochs) -> dict[str, float]:
         fixed = resolve_fixed(sweep_file, False, {"image_size": 128, "max_epochs_phase1": 8, "max_epochs_phase2": 8,
@@ -93,3 +93,23 @@ def test_the_estimate_costs_trials_at_the_search_epochs_and_full_size_models_at_
     # 10 trials x 8 (or 4) phase-2 epochs of 1000 train + 200 valid images, plus what does not scale with them
     phase2 = 10 * (1000 * 1e-3 + 200 * 1e-4)
     assert every[trials] - half[trials] == pytest.approx(4 * phase2)
+
+
+def test_the_estimate_counts_phase2_prefix_caches_on_disk_per_depth_level_and_view():
+    from src.config import load_sweep, resolve_fixed
+    from src.estimate import Speed, costs
+    opts = sweep.parse_args(["--trials", "10", "--no-prune"])
+    sweep_file = load_sweep("sweeps/default.toml")  # 7 levels; search at 64 px, phase 2 at most 4 of 8 epochs
+    fixed = resolve_fixed(sweep_file, False, {"image_size": 128, "max_epochs_phase1": 8, "max_epochs_phase2": 8})
+
+    def prefix_disk(sizes) -> list[float]:
+        speeds = {s: Speed(s, 1e-4, 1e-3, 1e-4, 1280, {d: n * s // 64 for d, n in sizes.items()}) for s in (64, 128)}
+        _, disk = costs(opts, sweep_file, fixed, (3, 0), (1000, 200), speeds, 0.0, 0.0, 1)
+        return [(c.expected, c.worst) for c in disk if "prefix" in c.what]
+
+    assert prefix_disk({}) == []  # no depth is cut (or the space trains everything): no term
+    [(expected, worst)] = prefix_disk({1: 1000, 2: 500})
+    # float16: every level's 4 phase-2 views and the valid images, per depth, at 64 px; at 128 px
+    # the 3 full-size models' 8 views and the valid images each, at the largest depth's size
+    assert worst == 2 * (7 * 4 * 1000 + 200) * 1500 + 3 * 2 * (8 * 1000 + 200) * 2000
+    assert 0 < expected < worst
