@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 
 import numpy as np
 import torch
@@ -38,7 +39,7 @@ FP16_LIMIT = 60_000.0  # float16's largest value is 65,504: activations near it 
 
 
 def cut_for(model: nn.Module, unfreeze: str | int) -> str | None:
-    """The last block that `model.unfreeze(model, unfreeze)` leaves frozen (its output is what
+    """The last block that `model.unfreeze(model, unfreeze)` (src/model.py) leaves frozen (its output is what
     the trained stages see), or None when everything trains."""
     if unfreeze == "all":
         return None
@@ -47,7 +48,7 @@ def cut_for(model: nn.Module, unfreeze: str | int) -> str | None:
 
 
 def _trace(model: nn.Module) -> tuple[fx.Graph, dict]:
-    tracer = NodePathTracer(autowrap_modules=(__import__("math"), torchvision.ops), leaf_modules=LEAVES)
+    tracer = NodePathTracer(autowrap_modules=(math, torchvision.ops), leaf_modules=LEAVES)
     graph = tracer.trace(model)
     return graph, tracer.node_to_qualname
 
