@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import logging
 
 import numpy as np
 import torch
@@ -22,6 +23,8 @@ from .cache import StoredImages, cache_key, cached
 from .device import autocast, to_device
 
 
+log = logging.getLogger("tlsweep")
+_WARNED: set[str] = set()  # entries whose clipping was said once per process
 PHASE2_FIRST_VIEW = 10_000  # phase-2 epoch e serves view PHASE2_FIRST_VIEW + e: other draws than phase 1's
 
 
@@ -80,24 +83,52 @@ class FeatureCache:
         self.valid_images, self.study_seed = valid, study_seed
         self.batch_size, self.workers = batch_size, workers
 
-    def _extract(self, dataset) -> np.ndarray:
+    def _extract(self, dataset, tmp) -> dict:
+        """The extractor's outputs on `dataset`, written to `tmp` (.npy) as they come: a large split's
+        prefix outputs never sit whole in memory. Outputs beyond a narrower dtype's range are
+        clipped (never an inf) and counted in the entry's json (`clipped`)."""
         loader = torch.utils.data.DataLoader(dataset, batch_size=self.batch_size, num_workers=self.workers,
                                              pin_memory=self.device.type == "cuda",
                                              generator=torch.Generator())  # leave the global RNG alone
+        limit = float(np.finfo(self.dtype).max)
+        state = {"out": None, "row": 0, "clipped": 0}
         chunks = []
+
+        def flush():  # one host sync per ~64 M outputs, not one per batch
+            got = torch.cat(chunks).float()
+            chunks.clear()
+            if self.dtype != np.float32:
+                state["clipped"] += int((got.abs() > limit).sum())
+                got = got.clamp(-limit, limit)
+            got = got.cpu().numpy()
+            if state["out"] is None:
+                state["out"] = np.lib.format.open_memmap(tmp, mode="w+", dtype=self.dtype,
+                                                         shape=(len(dataset), *got.shape[1:]))
+            state["out"][state["row"]:state["row"] + len(got)] = got
+            state["row"] += len(got)
+
         # Phase 1's features in fp32 even on CUDA: a one-off cost, and they must not carry bf16 rounding.
         with torch.inference_mode(), autocast(self.device, self.amp):
             for images, labels in loader:
                 chunks.append(self.extractor(to_device(images, labels, self.device)[0]))
-        out = torch.cat(chunks).float().cpu().numpy()  # one host sync, at the end
-        if self.dtype != np.float32:  # never an inf where a value is beyond the type's range
-            limit = np.finfo(self.dtype).max
-            out = np.clip(out, -limit, limit).astype(self.dtype)
-        return out
+                if sum(c.numel() for c in chunks) >= 2**26:
+                    flush()
+            if chunks:
+                flush()
+        if state["out"] is None:
+            raise ValueError("no images to extract features from")
+        state["out"].flush()
+        del state["out"]  # closes the map before the temp is renamed
+        return {"clipped": state["clipped"]} if state["clipped"] else {}
 
     def _entry(self, name: str, dataset) -> np.ndarray:
         path = D.cache_dir() / "features" / f"{cache_key('features', self.model_key, name)}.npy"
-        return cached(path, self.dtype, lambda tmp: np.save(tmp, self._extract(dataset)))[0]
+        array, meta = cached(path, self.dtype, lambda tmp: self._extract(dataset, tmp))
+        if meta.get("clipped") and str(path) not in _WARNED:
+            _WARNED.add(str(path))
+            log.warning("%d outputs of %s were beyond %s's range and clipped to it (%s)", meta["clipped"], name,
+                        self.dtype, path)
+        return array
 
     def valid(self) -> np.ndarray:
         return self._entry("valid", self.valid_images)
@@ -121,6 +152,9 @@ class Rows(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         return torch.from_numpy(np.asarray(self.array[i], dtype=np.float32)), self.labels[i]
+
+    # Spawned or forkserver DataLoader workers (see StoredImages) reopen the map by its file name.
+    __getstate__, __setstate__ = StoredImages.__getstate__, StoredImages.__setstate__
 
 
 class FeatureEpochs:

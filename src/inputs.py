@@ -50,7 +50,7 @@ def prefix_cache(pipe, unfreeze, amp: torch.dtype | None) -> tuple | None:
     if (unfreeze, amp) in pipe.prefixes:
         return pipe.prefixes[unfreeze, amp]
     cut = P.cut_for(pipe.base, unfreeze) if pipe.features is not None else None
-    halves = P.checked_split(copy.deepcopy(pipe.base), cut, pipe.fixed.image_size) if cut else None
+    halves = P.checked_split(copy.deepcopy(pipe.base), cut, pipe.fixed.image_size, unfreeze) if cut else None
     found = None
     if halves is not None:
         # the trial's batch: at 128 px on the CPU here, batches of 128 ran 1.7-2x slower than 32

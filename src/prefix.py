@@ -4,8 +4,9 @@ With `unfreeze = N` (not "all"), phase 2 trains the backbone's last N stages and
 stages before them stay frozen and in eval mode, so, like the whole backbone in phase 1, they
 are a pure function of the image. Their output per training view is cached on disk
 (src/features.py, entries in float16) and phase 2 trains the suffix (the model after the cut)
-on it: no image is decoded, augmented or run through the frozen stages again in any epoch of
-any trial of the same augmentation level and depth. Results match running the whole model on
+on it: no training image is decoded, augmented or run through the frozen stages again in any
+epoch of any trial of the same augmentation level and depth (the trial's confusion matrix and
+mistakes come from one pass of the whole model over the validation images). Results match running the whole model on
 the same views (up to float16 rounding of the stored activations; tests/test_prefix.py).
 
 The cut is made on the model's torch.fx graph (torchvision's own tracer, as
@@ -35,7 +36,8 @@ log = logging.getLogger("tlsweep")
 # feature extraction does the same).
 LEAVES = [cls for _, cls in inspect.getmembers(torchvision.ops, inspect.isclass) if issubclass(cls, nn.Module)]
 STORED_AS = np.float16  # the cached outputs: half float32's disk; ample for activations (3 significant digits)
-FP16_LIMIT = 60_000.0  # float16's largest value is 65,504: activations near it are not cached
+FP16_LIMIT = 60_000.0  # float16's largest value is 65,504: a prefix with valid outputs near it is not cached
+# (phase 2 runs on images); a train view's outputs beyond it are clipped, counted and warned of (src/features.py)
 
 
 def cut_for(model: nn.Module, unfreeze: str | int) -> str | None:
@@ -96,14 +98,21 @@ def split(model: nn.Module, cut: str) -> tuple[fx.GraphModule, fx.GraphModule] |
     return prefix, suffix
 
 
-def checked_split(model: nn.Module, cut: str, image_size: int) -> tuple[fx.GraphModule, fx.GraphModule] | None:
+def checked_split(model: nn.Module, cut: str, image_size: int,
+                  unfreeze: str | int | None = None) -> tuple[fx.GraphModule, fx.GraphModule] | None:
     """`split`, kept only where the two halves compute what the model does (in eval mode, on a
-    probe batch at `image_size`) and the cut's output is no larger than the image it replaces
-    (else its cache would cost more disk than it saves time)."""
+    probe batch at `image_size`), the cut's output is no larger than the image it replaces (else
+    its cache would cost more disk than it saves time) and, given `unfreeze`, the prefix holds
+    nothing that phase 2 trains (sets `model`'s requires_grad as `M.unfreeze` does)."""
     halves = split(model, cut)
     if halves is None:
         return None
     prefix, suffix = halves
+    if unfreeze is not None:
+        M.unfreeze(model, unfreeze)
+        if any(p.requires_grad for p in prefix.parameters()):
+            log.debug("%s's prefix up to %s holds parameters phase 2 trains: not cut", type(model).__name__, cut)
+            return None
     p = next(model.parameters())
     probe = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0)).to(p.device)
     was_training = model.training

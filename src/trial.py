@@ -24,6 +24,7 @@ import optuna
 import torch
 from tqdm import tqdm
 
+from . import prefix as P
 from . import search_space
 from . import trials as T
 from .config import TrialConfig
@@ -141,6 +142,9 @@ class Objective:
             raise_if_stopped()  # a stop that came while Optuna was starting this trial
             model = pipe.model(cfg.seed)
             data = pipe.loaders(cfg, model, amp=self.ctx.amp)
+            if data.phase2 is not None:  # phase 2 trains the model after this block, on its cached output
+                with writing():
+                    self.ctx.record.tracker.set_tags(run_id, {"phase2.cut": P.cut_for(model, cfg.unfreeze)})
             return self.fit(trial, cfg, run_id, model, data)
         except BaseException as exc:
             # The traceback's frames hold the model, optimizer, batches and best state; Optuna keeps

@@ -3,6 +3,8 @@ whole one does, trains the same stages, matches running the whole model on the s
 its cache is shared by trials."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,7 @@ from src import data as D
 from src import model as M
 from src import prefix as P
 from src.config import Fixed, TrialConfig
+from src.inputs import feature_cache
 from src.pipeline import Pipeline
 from src.train import fit_two_phase
 
@@ -104,3 +107,24 @@ def test_prefix_outputs_are_stored_once_per_view_and_depth_in_float16_and_shared
     assert len(_entries()) == len(first) + 3
     _train(pipe, _cfg(pipe, unfreeze="all", seed=4))  # everything trains: no prefix
     assert len(_entries()) == len(first) + 3
+
+
+def test_no_cut_where_the_prefix_holds_what_phase2_trains():
+    model = M.build_model("resnet18", 4, "none")
+    # cut before layer4 but two stages trained: layer3 would sit in the frozen cache
+    assert P.checked_split(model, P.cut_for(model, 1), 64, unfreeze=2) is None
+    assert P.checked_split(model, P.cut_for(model, 2), 64, unfreeze=2) is not None
+
+
+def test_outputs_beyond_float16_are_clipped_counted_and_said(flat_folder, caplog):
+    pipe = _pipeline(flat_folder, True)
+    loud = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 4))
+    torch.nn.init.constant_(loud[1].weight, 1e3)  # every output is far beyond 65,504
+    cache = feature_cache(pipe, loud, {"test": "loud"}, dtype=np.float16, batch_size=4)
+    with caplog.at_level("WARNING", logger="tlsweep"):
+        out = cache.valid()
+    assert out.dtype == np.float16 and np.isfinite(out.astype(np.float32)).all()
+    assert float(np.abs(out.astype(np.float32)).max()) == float(np.finfo(np.float16).max)
+    meta = json.loads(next((D.cache_dir() / "features").glob("*.json")).read_text())
+    assert meta["clipped"] == out.size and meta["shape"] == [len(pipe.labels("valid")), 4]
+    assert f"{out.size} outputs of valid were beyond" in caplog.text

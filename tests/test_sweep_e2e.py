@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 from conftest import sweep_args as _args
 from src import final_test, sweep
 from src import model as M
+from src import prefix as P
 from src import device
 from src.errors import UserError
 from src.tracking import Tracker
@@ -104,6 +105,7 @@ def test_sweep_logs_every_trial_and_never_decodes_test(in_tmp, flat_folder, monk
     assert {"value", "params_head_lr", "params_aug_strength", "user_attrs_mlflow_run_id"} <= set(table.columns)
     assert "user_attrs_tlsweep.worker" not in table.columns
     runs = _children(client, result.parent_run_id)
+    base = M.build_model("resnet18", 3, "none")  # flat_folder: 3 classes
     assert sorted(r.info.run_name for r in runs) == ["trial-0", "trial-1"]
     assert [r.info.run_name for r in _children(client, result.parent_run_id, "soup")] in ([], ["soup"])
     assert [r.info.run_name for r in _children(client, result.parent_run_id, "ensemble")] == ["ensemble"]
@@ -116,6 +118,11 @@ def test_sweep_logs_every_trial_and_never_decodes_test(in_tmp, flat_folder, monk
         assert m["phase2/best_valid_acc_low"] <= m["phase2/best_valid_acc"] <= m["phase2/best_valid_acc_high"]
         assert 0.0 < m["phase2/best_valid_acc_high"] - m["phase2/best_valid_acc_low"] < 1.0
         assert run.data.params["backbone"] == "resnet18" and "head_lr" in run.data.params
+        # phase 2 on the frozen prefix's cached outputs where the model is cut (src/prefix.py), said by a tag
+        unfreeze = run.data.params["unfreeze"]
+        cut = P.cut_for(base, unfreeze if unfreeze == "all" else int(unfreeze))
+        cut = cut if cut and P.checked_split(base, cut, 32) else None
+        assert run.data.tags.get("phase2.cut") == cut
         assert _artifacts(client, run.info.run_id, "checkpoints") == ["phase1_best.pt", "phase2_best.pt"]
         assert _artifacts(client, run.info.run_id, "confusion") == [
             "valid_phase1.csv", "valid_phase1.png", "valid_phase2.csv", "valid_phase2.png"]
