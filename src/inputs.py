@@ -18,16 +18,9 @@ from .config import TrialConfig
 from .train import PhaseInputs
 
 
-# Images per frozen forward pass on a CPU: at 128 px, batches of 128 ran 1.7-2x slower than 32 here
-# (fp32 and bf16, mobilenet_v2); at 64 px within 1.25x of each other. GPUs: 128.
-CPU_EXTRACT_BATCH = 32
-
-
 def feature_cache(pipe, extractor: nn.Module, key: dict, **how) -> F.FeatureCache:
     """The cache of what `extractor` makes of a pipeline's train views and valid images, under
-    `key`: phase 1's features, or (`how`: `FeatureCache`'s dtype, amp, batch) phase 2's prefix outputs;
-    by default computed under the pipeline's `extract_amp`."""
-    how = {"amp": pipe.extract_amp, "batch_size": CPU_EXTRACT_BATCH if pipe.device.type == "cpu" else 128, **how}
+    `key`: phase 1's features, or (`how`: `FeatureCache`'s dtype, amp, batch) phase 2's prefix outputs."""
     return F.FeatureCache(
         extractor, key, lambda level: pipe._dataset("train", level, True), pipe.labels("train"),
         pipe._dataset("valid", "none", False), pipe.fixed.seed, pipe.device, workers=pipe.workers,
@@ -51,8 +44,7 @@ def head_inputs(pipe, cfg: TrialConfig, model: nn.Module, valid=None, logs: dict
 
 def prefix_cache(pipe, unfreeze, amp: torch.dtype | None) -> tuple | None:
     """(cut, the cache of the frozen prefix's outputs up to block `cut`, the valid outputs as a
-    dataset) for phase 2 with `unfreeze` stages trained, computed under `amp` (as phase 2 would;
-    where that is fp32, under the pipeline's `extract_amp`);
+    dataset) for phase 2 with `unfreeze` stages trained, computed under `amp` (as phase 2 would);
     None where everything trains, caches are off, or the model is not cut there (src/prefix.py).
     Made once per pipeline, depth and precision."""
     if (unfreeze, amp) in pipe.prefixes:
@@ -61,12 +53,10 @@ def prefix_cache(pipe, unfreeze, amp: torch.dtype | None) -> tuple | None:
     halves = P.checked_split(copy.deepcopy(pipe.base), cut, pipe.fixed.image_size, unfreeze) if cut else None
     found = None
     if halves is not None:
-        # the phase's own autocast, else the extraction's (an fp32 phase 2 on a CPU whose bf16
-        # forward is faster: the frozen prefix is inference, its outputs are stored as float16 anyway)
-        computed = amp if amp is not None else pipe.extract_amp
+        # the trial's batch: at 128 px on the CPU here, batches of 128 ran 1.7-2x slower than 32
         cache = feature_cache(pipe, halves[0].eval().requires_grad_(False),
-                              {**pipe.features.model_key, "prefix": cut, "amp": str(computed)}, dtype=P.STORED_AS,
-                              amp=computed)
+                              {**pipe.features.model_key, "prefix": cut, "amp": str(amp)}, dtype=P.STORED_AS,
+                              amp=amp, batch_size=pipe.fixed.batch_size)
         valid = cache.valid()  # memory-mapped: read in chunks
         top = max(float(np.abs(valid[i:i + 256]).max()) for i in range(0, len(valid), 256))
         if top < P.FP16_LIMIT:  # else float16 clipped them: phase 2 runs on images

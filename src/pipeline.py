@@ -90,11 +90,8 @@ class Pipeline:
 
     def __init__(self, *, splits: D.Splits, fixed: Fixed, weights: str, device: torch.device,
                  loader_workers: int | None = None, use_cache: bool = True, base: nn.Module | None = None,
-                 max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION, extract_amp: torch.dtype | None = None):
-        # extract_amp: the autocast of the frozen forward passes whose outputs are cached
-        # (`precision.pick_extraction`; None: fp32), phase 1's features and phase 2's prefix outputs
+                 max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION):
         self.splits, self.fixed, self.weights, self.device = splits, fixed, weights, device
-        self.extract_amp = extract_amp
         self.mean, self.std = M.norm_stats(fixed.backbone)  # the backbone's own statistics
         self.max_bad_fraction = max_bad_fraction
         self.workers = default_loader_workers(device) if loader_workers is None else loader_workers
@@ -147,8 +144,7 @@ class Pipeline:
                 # the square levels (a frame level's transform goes in its entries' names instead,
                 # so adding levels leaves the existing entries' key as it was)
                 "transforms": {lvl: repr(self.transform(lvl)) for lvl in D.AUG_LEVELS if lvl not in D.FRAME_LEVELS},
-                "versions": [torch.__version__, torchvision.__version__], "mean": self.mean, "std": self.std,
-                **({"extract": str(self.extract_amp)} if self.extract_amp is not None else {})}
+                "versions": [torch.__version__, torchvision.__version__], "mean": self.mean, "std": self.std}
 
     def model(self, trial_seed: int) -> nn.Module:
         """A copy of the starting model with a fresh head drawn from the trial's own seed."""
@@ -235,13 +231,13 @@ def refold(pipe: Pipeline, train_rows: list[int], valid_rows: list[int]) -> Pipe
     return fold
 
 
-def resized(pipe: Pipeline, fixed: Fixed, extract_amp: torch.dtype | None = None) -> Pipeline:
+def resized(pipe: Pipeline, fixed: Fixed) -> Pipeline:
     """The same sweep's pipeline at other fixed settings (the full size of a search size): the
-    same splits, starting model, device and loader workers; images decoded (and features cached,
-    their forward passes under `extract_amp`) at its own size."""
+    same splits, starting model, device and loader workers; images decoded (and features cached)
+    at its own size."""
     return Pipeline(splits=pipe.splits, fixed=fixed, weights=pipe.weights, device=pipe.device,
                     loader_workers=pipe.workers, use_cache=pipe.decoded is not None, base=pipe.base,
-                    max_bad_fraction=pipe.max_bad_fraction, extract_amp=extract_amp)
+                    max_bad_fraction=pipe.max_bad_fraction)
 
 
 def pool_frames(fold: Pipeline) -> C.Frames:

@@ -13,9 +13,7 @@ sweep trials ran 1.13x), and either choice costs little; a burst of other work c
 than fp32's), hence the fastest of ROUNDS alternating rounds. The choice is kept in
 `cache_dir()/precision.json`, keyed by the CPU model, torch version, backbone, side, batch and
 validation share, so every later sweep, worker and resumed study on this machine uses the same
-one. GPUs with native bf16 always use it; elsewhere `auto` is fp32. The same rounds time the forward
-pass alone, for the frozen forward passes whose outputs are cached (`pick_extraction`): chosen on
-their own, since bf16 can lose in training and win in inference on the same CPU.
+one. GPUs with native bf16 always use it; elsewhere `auto` is fp32.
 """
 from __future__ import annotations
 
@@ -74,8 +72,7 @@ def measure(backbone: str, side: int, batch: int, eval_share: float = 0.5, n_cla
     """Phase-2 epochs per second, as training images/s, in fp32 and bf16 on this CPU (random init):
     a training step averaged over the two ends of what `unfreeze` trains (every stage; the last
     stage only, the rest forward only), plus `eval_share` validation images (forward only) per
-    training image. bf16's forward is fast here, its backward through depthwise convs slow. Also
-    `fp32_forward` / `bf16_forward`: the forward pass alone, images/s (what feature extraction runs)."""
+    training image. bf16's forward is fast here, its backward through depthwise convs slow."""
     model = M.build_model(backbone, n_classes, weights="none").to(memory_format=torch.channels_last)
     batch = max(2, min(batch, MAX_BATCH))
     speed = {"fp32": 0.0, "bf16": 0.0}
@@ -87,10 +84,8 @@ def measure(backbone: str, side: int, batch: int, eval_share: float = 0.5, n_cla
                 M.train_mode(model)
                 seconds += 0.5 / _images_per_s(model, amp, side, batch, n_classes, train=True)
             model.eval()
-            forward = _images_per_s(model, amp, side, batch, n_classes, train=False)
-            seconds += eval_share / forward
+            seconds += eval_share / _images_per_s(model, amp, side, batch, n_classes, train=False)
             speed[name] = max(speed[name], 1 / seconds)
-            speed[f"{name}_forward"] = max(speed.get(f"{name}_forward", 0.0), forward)
     return speed
 
 
@@ -102,28 +97,6 @@ def pick(device: torch.device, precision: str, backbone: str, side: int, batch: 
         return amp_dtype(device, precision)
     if not native_bf16(device) or device.type != "cpu":
         return torch.bfloat16 if native_bf16(device) else None
-    return torch.bfloat16 if _choice(backbone, side, batch, eval_share)["picked"] == "bf16" else None
-
-
-def pick_extraction(device: torch.device, precision: str, backbone: str, side: int, batch: int,
-                    eval_share: float = 0.5) -> torch.dtype | None:
-    """The autocast dtype (None: fp32) of the frozen forward passes whose outputs are cached (phase
-    1's features, phase 2's frozen-prefix outputs: inference only, then trained on in fp32 or at
-    the phase's precision). On a CPU with native bf16, `auto` keeps bf16 where its forward pass was
-    measured at least `MARGIN` times faster (the same measurement as `pick`: on this project's CPU
-    2.1-2.5x for mobilenet_v2 at 64 px and 2.5-4x at 128 px, where its training steps were slower
-    at 64 px): the extraction is most of a cached sweep's forward work. `bf16` asks for it; `fp32`,
-    GPUs (cheap there: fp32, as before) and CPUs without native bf16 keep fp32."""
-    if device.type != "cpu" or precision == "fp32" or not native_bf16(device):
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    return torch.bfloat16 if _choice(backbone, side, batch, eval_share)["extract"] == "bf16" else None
-
-
-def _choice(backbone: str, side: int, batch: int, eval_share: float) -> dict:
-    """This machine's measured choice for the key (measured now and kept if missing, or kept by an
-    older version without the forward-pass choice)."""
     path = cache_dir() / "precision.json"
     eval_share = round(min(max(eval_share, 0.0), 2.0), 1)
     key = f"{cpu_model()} | torch {torch.__version__} | {backbone} | {side} px | batch {batch} | valid/train {eval_share}"
@@ -131,19 +104,16 @@ def _choice(backbone: str, side: int, batch: int, eval_share: float) -> dict:
         known = json.loads(path.read_text())
     except (OSError, ValueError):
         known = {}
-    if "extract" not in known.get(key, {}):
+    if key not in known:
         speed = measure(backbone, side, batch, eval_share)
         ratio = speed["bf16"] / max(speed["fp32"], 1e-9)
-        forward = speed.get("bf16_forward", 0.0) / max(speed.get("fp32_forward", 0.0), 1e-9)
         known[key] = {**{k: round(v, 1) for k, v in speed.items()}, "bf16_vs_fp32": round(ratio, 3),
-                      "picked": "bf16" if ratio >= MARGIN else "fp32",
-                      "bf16_forward_vs_fp32": round(forward, 3), "extract": "bf16" if forward >= MARGIN else "fp32"}
+                      "picked": "bf16" if ratio >= MARGIN else "fp32"}
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(path, known)
-        log.info("--precision auto: %s for %s at %d px (bf16 ran %.2fx fp32's speed on this CPU), %s for its "
-                 "cached forward passes (%.2fx); measured once, kept in %s", known[key]["picked"], backbone, side,
-                 ratio, known[key]["extract"], forward, path)
-    return known[key]
+        log.info("--precision auto: %s for %s at %d px (bf16 ran %.2fx fp32's speed on this CPU; measured once, "
+                 "kept in %s)", known[key]["picked"], backbone, side, ratio, path)
+    return torch.bfloat16 if known[key]["picked"] == "bf16" else None
 
 
 def name(amp: torch.dtype | None) -> str:

@@ -45,7 +45,6 @@ class Started:
     confirm: tuple[int, int] = (0, DEFAULT_FOLDS)
     full_epochs: int = 0  # --full-epochs (with a search size)
     full_amp: torch.dtype | None = None  # phase 2's autocast at the full size (`ctx.amp`: the trials')
-    full_extract_amp: torch.dtype | None = None  # the full size's cached forward passes (`precision.pick_extraction`)
     _full: Pipeline | None = None
 
     @property
@@ -60,7 +59,7 @@ class Started:
         if not self.searching:
             return None
         if self._full is None:
-            self._full = resized(pipe, self.fixed, self.full_extract_amp)
+            self._full = resized(pipe, self.fixed)
         return self._full
 
     @property
@@ -186,18 +185,14 @@ def start(opts: SweepOptions) -> Started:
     share = len(splits.valid) / max(1, len(splits.train))  # a phase-2 epoch validates too
     amp, full_amp = (precision.pick(device, opts.precision, fixed.backbone, f.image_size, fixed.batch_size, share)
                      for f in (searched, fixed))
-    extract, full_extract = (precision.pick_extraction(device, opts.precision, fixed.backbone, f.image_size,
-                                                       fixed.batch_size, share) for f in (searched, fixed))
     pipeline = Pipeline(splits=splits, fixed=searched, weights=weights, device=device, loader_workers=opts.loader_workers,
-                        use_cache=not opts.no_cache, base=base, max_bad_fraction=opts.max_bad_fraction,
-                        extract_amp=extract)
+                        use_cache=not opts.no_cache, base=base, max_bad_fraction=opts.max_bad_fraction)
     if not opts.no_cache and any(lvl in D.FRAME_LEVELS for lvl in sweep.search["aug_strength"].choices or ()):
         pipeline.train_frames()  # once, here: --workers find it made
     tags = {"optuna.storage": opts.storage, "data.dir": str(splits.root), "data.demo": str(on_demo).lower(),
             "weights.requested": fixed.weights, "weights.effective": weights,
             "weights.unavailable": str(fell_back).lower(), "train.device": str(device),
-            "train.precision": precision.name(amp), "train.extract_precision": precision.name(extract),
-            **({"full.precision": precision.name(full_amp), "full.extract_precision": precision.name(full_extract)} if
+            "train.precision": precision.name(amp), **({"full.precision": precision.name(full_amp)} if
                                                        fixed.search_size else {}), **{f"fixed.{k}": v for k, v in asdict(fixed).items()}}
     settle_s = 0.0 if opts.storage.startswith("sqlite") else PARENT_SETTLE_S
     parent_id = open_parent(tracker, study, experiment, splits, sweep, tags, settle_s)
@@ -219,5 +214,4 @@ def start(opts: SweepOptions) -> Started:
     recover(study, tracker, parent_id)  # what a killed or interrupted earlier run left behind
     record = TrialRecord(tracker, parent_id, pipeline.mean, pipeline.std)
     return Started(Context(pipeline, sweep.search, record, amp, opts.trials, opts.keep_checkpoints), study,
-                   parent.info.experiment_id, fixed, plan, full_epochs=opts.full_epochs, full_amp=full_amp,
-                   full_extract_amp=full_extract)
+                   parent.info.experiment_id, fixed, plan, full_epochs=opts.full_epochs, full_amp=full_amp)
