@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -114,3 +115,13 @@ def test_the_handwired_peer_goes_on_from_its_finished_trials(tmp_path, split_fol
     assert len(study.trials) == 2 and study.trials[0].params != study.trials[1].params
     assert handwired.run(settings)["trials"] == 2  # nothing left to run: no third trial
     assert len(optuna.load_study(study_name="handwired", storage=f"sqlite:///{tmp_path / 'peer' / 'optuna.db'}").trials) == 2
+
+
+def test_bench_extract_precision_fills_both_caches_and_compares_their_heads(flat_folder, capsys):
+    import bench_extract_precision
+    args = ["--data", str(flat_folder), "--weights", "none", "--backbone", "resnet18", "--sizes", "32",
+            "--views", "2", "--epochs", "2"]
+    assert bench_extract_precision.main(args) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"32 px: .*relative error 0\.0*[1-9].*linear head valid acc fp32 [01]\.\d+, bf16 [01]\.\d+", out)
+    assert re.search(r"^ratio bf16_vs_fp32_extract_32 \d+\.\d+$", out, re.M)
