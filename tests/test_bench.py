@@ -120,7 +120,7 @@ def test_the_handwired_peer_goes_on_from_its_finished_trials(tmp_path, split_fol
 def test_bench_extract_precision_fills_both_caches_and_compares_their_heads(flat_folder, capsys):
     import bench_extract_precision
     args = ["--data", str(flat_folder), "--weights", "none", "--backbone", "resnet18", "--sizes", "32",
-            "--views", "2", "--epochs", "2"]
+            "--epochs", "2"]
     assert bench_extract_precision.main(args) == 0
     out = capsys.readouterr().out
     assert re.search(r"32 px: .*relative error 0\.0*[1-9].*linear head valid acc fp32 [01]\.\d+, bf16 [01]\.\d+", out)
