@@ -125,3 +125,15 @@ def test_bench_extract_precision_fills_both_caches_and_compares_their_heads(flat
     out = capsys.readouterr().out
     assert re.search(r"32 px: .*relative error 0\.0*[1-9].*linear head valid acc fp32 [01]\.\d+, bf16 [01]\.\d+", out)
     assert re.search(r"^ratio bf16_vs_fp32_extract_32 \d+\.\d+$", out, re.M)
+
+
+def test_bench_fold_fills_both_caches_and_prints_the_ratios(flat_folder, capsys):
+    import bench_fold
+    args = ["--data", str(flat_folder), "--weights", "none", "--backbone", "resnet18", "--sizes", "32",
+            "--views", "2"]
+    assert bench_fold.main(args) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^32 px features: per view folded \d+\.\d+ s, unfolded \d+\.\d+ s; relative error "
+                     r"\d\.\d\de-0[5-9]$", out, re.M)  # the same function, other rounding
+    assert re.search(r"^ratio folded_vs_unfolded_features_32 \d+\.\d+$", out, re.M)
+    assert re.search(r"^ratio folded_vs_unfolded_prefix_fp32_32 \d+\.\d+$", out, re.M)

@@ -155,7 +155,11 @@ def test_a_trial_does_not_depend_on_the_cache_being_warm_or_on(flat_folder):
     plain, _ = _setup(flat_folder, False)
     uncached = _two_phases(plain, _cfg(splits, "medium"))
     assert warm == pytest.approx(cold, rel=1e-5, abs=1e-6)
-    assert uncached == pytest.approx(cold, rel=1e-4, abs=1e-5)
+    # Cached features come from the backbone with its batch norms folded (features.folded): phase 1
+    # agrees to float rounding; phase 2 then trains this random-init net for an epoch, whose
+    # eval-mode loss amplifies that rounding (0.4% seen), while another view or order moves it by 5-50%.
+    assert uncached[:6] == pytest.approx(cold[:6], rel=1e-5, abs=1e-6)
+    assert uncached[6:] == pytest.approx(cold[6:], rel=1e-2, abs=1e-5)
 
 
 def test_cache_keys_follow_order_and_edits(flat_folder):
@@ -250,3 +254,71 @@ def test_frames_are_decoded_only_when_a_frame_level_is_used(tmp_path):
     assert frames() == []
     result, _ = _phase1(pipeline, _cfg(splits, "frame"), epochs=1)
     assert len(frames()) == 1 and result.epochs == 1
+
+
+def _with_running_stats(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """`model` with batch-norm statistics and affines far from their init, so folding them changes
+    the convolutions' weights (real weights have such; random init's make folding nearly identity)."""
+    g = torch.Generator().manual_seed(seed)
+    for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        n = bn.num_features
+        bn.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
+        bn.running_var.copy_(torch.rand(n, generator=g) * 2 + 0.1)
+        bn.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+        bn.bias.data.copy_(torch.randn(n, generator=g) * 0.2)
+    return model
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "mobilenet_v2"])
+def test_cached_forward_passes_run_with_batch_norms_folded_and_compute_the_same(flat_folder, backbone):
+    splits = D.find_splits(flat_folder)
+    fixed = Fixed(backbone=backbone, weights="none", image_size=32, batch_size=8, max_epochs_phase1=1,
+                  max_epochs_phase2=1, seed=3)
+    base = _with_running_stats(M.build_model(backbone, len(splits.classes), "none"))
+    pipe = Pipeline(splits=splits, fixed=fixed, weights="none", device=torch.device("cpu"), loader_workers=0,
+                    base=base)
+    view = np.array(pipe.features.train_view("light", 1))
+    fast = pipe.features.fast
+    assert fast is not None and not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in pipe.features.extractor.modules())  # left as it was
+    dataset = pipe._dataset("train", "light", True)
+    dataset.epoch = 1
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    with torch.no_grad():
+        want = pipe.features.extractor(images).numpy()
+    assert np.abs(view - want).max() <= 1e-5 * np.abs(want).max()
+    assert np.abs(view - want).max() > 0  # it did run the folded copy: other rounding
+
+
+def test_a_fold_that_computes_otherwise_is_dropped_with_a_warning(flat_folder, monkeypatch, caplog):
+    class Wrong(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return self.net(x) * 1.01
+
+    monkeypatch.setattr(F, "folded", lambda net: Wrong(net))
+    pipeline, splits = _setup(flat_folder, True)
+    view = np.array(pipeline.features.train_view("light", 0))
+    assert pipeline.features.fast is None
+    assert "computes otherwise" in caplog.text and "unfolded" in caplog.text
+    dataset = pipeline._dataset("train", "light", True)
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    with torch.no_grad():
+        assert np.allclose(view, pipeline.features.extractor(images).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_model_that_cannot_be_traced_is_run_unfolded():
+    class Branchy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.bn(self.conv(x))
+            return y if y.sum() > 0 else -y  # data-dependent control flow: fx cannot trace it
+
+    assert F.folded(Branchy().eval()) is None
+    assert F.folded(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()) is not None

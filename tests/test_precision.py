@@ -59,3 +59,17 @@ def test_a_damaged_choice_file_is_measured_again_not_a_crash(native, monkeypatch
 def test_the_measurement_times_both_precisions_on_the_real_backbone():
     speed = precision.measure("resnet18", 32, 4)  # random init, every stage trainable, a few steps
     assert set(speed) == {"fp32", "bf16"} and min(speed.values()) > 0
+
+
+@pytest.mark.parametrize("bf16_vs_fp32,rounds", [(2.0, 2), (0.5, 2), (1.1, 3), (1.15, 3)])
+def test_two_clear_rounds_end_the_measurement_and_near_the_margin_all_rounds_run(monkeypatch, bf16_vs_fp32, rounds):
+    calls = []
+
+    def images_per_s(model, amp, side, batch, n_classes, train):  # the timer alone is replaced
+        calls.append(amp)
+        return 100.0 * (bf16_vs_fp32 if amp is not None else 1.0)
+
+    monkeypatch.setattr(precision, "_images_per_s", images_per_s)
+    speed = precision.measure("resnet18", 32, 4)
+    assert len(calls) == rounds * 2 * 3  # per round: fp32 and bf16, each two training kinds and validation
+    assert speed["bf16"] / speed["fp32"] == pytest.approx(bf16_vs_fp32)
