@@ -7,7 +7,8 @@
 For each side, the product's own caches (`inputs.feature_cache` on the pipeline's decoded images
 and seeded views of level `light`) are filled twice, once folded and once not, in alternating
 order: phase 1's features (the whole backbone, fp32) and phase 2's prefix outputs for
-`unfreeze = 1` (fp32 and bf16 autocast, where the CPU has native bf16). Prints each's seconds per
+`unfreeze = 1` (fp32 and bf16 autocast, where the CPU has native bf16): first one untimed view each
+(the fold is made and checked, both warm up), then `--views` views in ABBA order. Prints each's seconds per
 view, the relative error of folded against unfolded outputs (in bf16 also each against fp32's
 unfolded outputs: bf16's own error), and
     ratio folded_vs_unfolded_<what>_<side> <x>   (seconds, <1: folding is faster)
@@ -38,7 +39,7 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
     p.add_argument("--views", type=int, default=3)
     args = p.parse_args(argv)
-    os.environ.setdefault("TLSWEEP_CACHE", tempfile.mkdtemp(prefix="bench-fold-"))  # cold, of its own
+    os.environ["TLSWEEP_CACHE"] = tempfile.mkdtemp(prefix="bench-fold-")  # cold, of its own, whatever is set
     from src import data as D
     from src import features as F
     from src import prefix as P
@@ -68,18 +69,19 @@ def main(argv=None) -> int:
             seconds, outputs = {"folded": 0.0, "unfolded": 0.0}, {}
             caches = {arm: feature_cache(pipe, net, {**pipe.model_key(), "bench": f"{what}-{arm}"}, amp=amp, **how)
                       for arm in seconds}
-            for view in range(args.views):
-                order = ("folded", "unfolded") if view % 2 == 0 else ("unfolded", "folded")
+            for view in range(-1, args.views):  # view -1: untimed, makes and checks the fold, warms both
+                order = ("folded", "unfolded") if view % 4 in (0, 3) else ("unfolded", "folded")  # ABBA
                 for arm in order:  # alternating: the machine's noise hits both
                     F.folded = fold if arm == "folded" else (lambda net: None)  # read by the cache's first pass
                     try:
-                        cache = caches[arm]
                         start = time.perf_counter()
-                        got = cache.train_view("light", view)
-                        seconds[arm] += time.perf_counter() - start
+                        got = caches[arm].train_view("light", view + 1 if view >= 0 else 10_000)
+                        if view >= 0:
+                            seconds[arm] += time.perf_counter() - start
                     finally:
                         F.folded = fold
-                    outputs.setdefault(arm, np.array(got[:256], dtype=np.float32))
+                    if view >= 0:
+                        outputs.setdefault(arm, np.array(got[:256], dtype=np.float32))
             a, b = outputs["folded"], outputs["unfolded"]
             rel = lambda x, y: float(np.linalg.norm(x - y) / max(np.linalg.norm(y), 1e-12))  # noqa: E731
             fp32 = references.setdefault(what.split("_")[0], b)  # the first kind of each: fp32, unfolded

@@ -6,7 +6,9 @@ input. Each augmentation level has views: view e of image i is the level's trans
 (study seed, level, e, i), so every trial that reaches epoch e sees the same view, and the
 features of a view are computed once and shared by all trials and later sweeps. Level "none"
 has a single view. Validation features are computed once. Entries are kept like every cache
-entry (src/cache.py: atomic, with a json holding shape and CRC-32 written last).
+entry (src/cache.py: atomic, with a json holding shape and CRC-32 written last). The passes run
+the network with its batch norms folded into its convolutions (`folded`): the same function up
+to float rounding, faster.
 """
 from __future__ import annotations
 
@@ -69,13 +71,16 @@ def feature_extractor(model: nn.Module, head: str) -> nn.Module:
 
 def folded(net: nn.Module) -> nn.Module | None:
     """A copy of frozen, eval-mode `net` with each batch norm folded into the convolution (or linear
-    layer) before it (torch.fx's `fuse`): the same function up to float rounding (relative error
-    ~1e-6 in fp32), and 1.5-2.3x as fast for MobileNetV2 on this CPU, whose eval-mode batch norms
-    are a memory-bound pass of their own (`benchmarks/bench_fold.py`). What every cached frozen
-    forward pass runs (phase 1's features, phase 2's prefix outputs; `FeatureCache` checks it on
-    its first batch). None where `net` cannot be traced."""
+    layer) before it (torch.fx's `fuse`, re-tracing through torchvision's blocks, so their eval-mode
+    behaviour is baked in: the copy only ever runs frozen): the same function up to float rounding
+    (relative error ~1e-6 in fp32), without the batch norms' own memory-bound pass. For MobileNetV2
+    on this CPU a cached view takes 0.66-0.88x the time (`benchmarks/bench_fold.py`). What every
+    cached frozen forward pass runs (phase 1's features, phase 2's prefix outputs; `FeatureCache`
+    checks it on its first batch). Made on the CPU, outside inference mode. None where `net` cannot
+    be traced."""
     try:
-        return fuse(net).eval().requires_grad_(False)
+        with torch.inference_mode(False):
+            return fuse(copy.deepcopy(net).cpu(), inplace=True).eval().requires_grad_(False)
     except Exception as exc:  # fx cannot trace some models (data-dependent control flow): run them as they are
         log.debug("%s cannot be traced to fold its batch norms (%s: %s): run unfolded", type(net).__name__,
                   type(exc).__name__, exc)
@@ -103,22 +108,33 @@ class FeatureCache:
 
     def _forward(self, images: torch.Tensor) -> torch.Tensor:
         """The extractor's output, by its folded copy where that computes the same on the first
-        two images it is given, in fp32 (in bf16 any two orders of the same arithmetic differ by
-        percents); else, warned once, the extractor itself from then on."""
+        two images it is given (on the CPU in fp32: bf16's rounding, or TF32's on a GPU, differs
+        by more between any two orders of the same arithmetic); else, warned once per cache, the
+        extractor itself from then on."""
         if not self.checked:
-            self.checked, fast = True, folded(self.extractor)
-            if fast is not None:
-                fast = fast.to(self.device, memory_format=torch.channels_last)
-                with autocast(self.device, None):
-                    want, got = self.extractor(images[:2]).float(), fast(images[:2]).float()
-                error = float((got - want).norm() / want.norm().clamp_min(1e-12))
-                if error <= FOLD_TOLERANCE:
-                    self.fast = fast
-                else:
-                    log.warning("%s with its batch norms folded computes otherwise (relative error %.2g on two "
-                                "images): its cached outputs are computed unfolded (slower)",
-                                type(self.extractor).__name__, error)
+            self.checked, self.fast = True, self._checked_fold(images[:2])
         return (self.fast if self.fast is not None else self.extractor)(images)
+
+    def _checked_fold(self, probe: torch.Tensor) -> nn.Module | None:
+        with torch.inference_mode(False):
+            net = self.extractor if self.device.type == "cpu" else copy.deepcopy(self.extractor).cpu()
+        fast = folded(net)
+        if fast is None:
+            return None
+        try:
+            with torch.inference_mode(False), torch.no_grad(), autocast(torch.device("cpu"), None):
+                x = probe.detach().float().cpu().clone()
+                want, got = net(x), fast(x)
+            error = float((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-12))
+        except Exception as exc:  # the copy traced but does not run: the extractor as it is
+            error, why = float("nan"), f"{type(exc).__name__}: {exc}"
+        else:
+            why = f"relative error {error:.2g} on two images"
+        if error <= FOLD_TOLERANCE:
+            return fast.to(self.device, memory_format=torch.channels_last)
+        log.warning("%s with its batch norms folded computes otherwise (%s): its cached outputs are computed "
+                    "unfolded (slower)", type(self.extractor).__name__, why)
+        return None
 
     def _extract(self, dataset, tmp) -> dict:
         """The extractor's outputs on `dataset`, written to `tmp` (.npy) as they come: a large split's

@@ -3,7 +3,8 @@
 With caches on (the default), images are decoded once per sweep (`cache.decode_split`) and
 phase 1 trains the head on cached backbone features (`features.FeatureCache`). With caches off,
 every epoch decodes files and runs the frozen backbone again; both paths serve the same
-phase-1 views, so they give the same phase-1 metrics (tests/test_cache.py checks this).
+phase-1 views, so they give the same phase-1 metrics, up to float rounding (the cached passes fold
+the batch norms, `features.folded`; tests/test_cache.py checks this).
 """
 from __future__ import annotations
 
@@ -228,6 +229,7 @@ def refold(pipe: Pipeline, train_rows: list[int], valid_rows: list[int]) -> Pipe
     fold.frames, fold.valid_features, fold.whole, fold.prefixes = None, None, pipe, {}
     rows = hashlib.sha256(repr((fold.rows["train"], fold.rows["valid"])).encode()).hexdigest()[:16]
     fold.features = feature_cache(fold, pipe.features.extractor, {**fold.model_key(), "rows": rows})
+    fold.features.fast, fold.features.checked = pipe.features.fast, pipe.features.checked  # folded and checked once
     return fold
 
 
