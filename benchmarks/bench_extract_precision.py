@@ -20,41 +20,22 @@ hand-written fit (5 views in turn, the last epoch kept) had shown bf16 1.1-1.4 p
 """
 from __future__ import annotations
 
-import argparse
-import os
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from cached_passes import parse, pipelines
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, required=True)
-    p.add_argument("--backbone", default="mobilenet_v2")
-    p.add_argument("--weights", default="imagenet")
-    p.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
-    p.add_argument("--epochs", type=int, default=15)
-    args = p.parse_args(argv)
-    os.environ.setdefault("TLSWEEP_CACHE", tempfile.mkdtemp(prefix="bench-extract-"))  # cold, of its own
-    from src import data as D
+    args = parse(__doc__, argv, "epochs", 15)
     from src import features as F
-    from src.config import Fixed
     from src.inputs import feature_cache
-    from src.pipeline import Pipeline
     from src.train import fit_phase, make_optimizer
 
-    splits = D.find_splits(args.data)
-    for side in args.sizes:
-        fixed = Fixed(backbone=args.backbone, weights=args.weights, image_size=side, batch_size=32,
-                      max_epochs_phase1=args.epochs, max_epochs_phase2=args.epochs, seed=0)
-        pipe = Pipeline(splits=splits, fixed=fixed, weights=args.weights, device=torch.device("cpu"),
-                        loader_workers=0)
+    for side, pipe in pipelines(args, args.epochs, "bench-extract-"):
         extractor = F.feature_extractor(pipe.base, pipe.head)
         y_valid = torch.as_tensor(pipe.labels("valid"))
         got = {}
@@ -66,7 +47,7 @@ def main(argv=None) -> int:
             valid = torch.from_numpy(np.array(cache.valid()))
             seconds = time.perf_counter() - start
             torch.manual_seed(0)  # the same head init for both
-            head = torch.nn.Linear(valid.shape[1], len(splits.classes))
+            head = torch.nn.Linear(valid.shape[1], len(pipe.splits.classes))
             optimizer = make_optimizer([{"params": list(head.parameters()), "lr": 1e-3, "weight_decay": 1e-2,
                                          "name": "head"}])
             result = fit_phase(head, F.FeatureEpochs(cache, "light", 32, torch.Generator().manual_seed(0)),

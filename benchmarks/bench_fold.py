@@ -17,71 +17,47 @@ clip-art, 3 views: see docs/speed.md.
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import os
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from cached_passes import parse, pipelines
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, required=True)
-    p.add_argument("--backbone", default="mobilenet_v2")
-    p.add_argument("--weights", default="imagenet")
-    p.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
-    p.add_argument("--views", type=int, default=3)
-    args = p.parse_args(argv)
-    os.environ["TLSWEEP_CACHE"] = tempfile.mkdtemp(prefix="bench-fold-")  # cold, of its own, whatever is set
-    from src import data as D
+    args = parse(__doc__, argv, "views", 3)
     from src import features as F
     from src import prefix as P
-    from src.config import Fixed
     from src.device import native_bf16
     from src.inputs import feature_cache
-    from src.pipeline import Pipeline
 
-    splits = D.find_splits(args.data)
-    cpu = torch.device("cpu")
-    fold = F.folded
-    for side in args.sizes:
-        fixed = Fixed(backbone=args.backbone, weights=args.weights, image_size=side, batch_size=32,
-                      max_epochs_phase1=args.views, max_epochs_phase2=args.views, seed=0)
-        pipe = Pipeline(splits=splits, fixed=fixed, weights=args.weights, device=cpu, loader_workers=0)
+    for side, pipe in pipelines(args, args.views, "bench-fold-"):
         kinds = [("features", F.feature_extractor(pipe.base, pipe.head), None, {})]
         cut = P.cut_for(pipe.base, 1)
         halves = P.checked_split(copy.deepcopy(pipe.base), cut, side, 1) if cut else None
         if halves is not None:
             prefix = halves[0].eval().requires_grad_(False)
-            how = {"dtype": P.STORED_AS, "batch_size": fixed.batch_size}
+            how = {"dtype": P.STORED_AS, "batch_size": pipe.fixed.batch_size}
             kinds.append(("prefix_fp32", prefix, None, how))
-            if native_bf16(cpu):
+            if native_bf16(pipe.device):
                 kinds.append(("prefix_bf16", prefix, torch.bfloat16, how))
         references = {}
         for what, net, amp, how in kinds:
             seconds, outputs = {"folded": 0.0, "unfolded": 0.0}, {}
             caches = {arm: feature_cache(pipe, net, {**pipe.model_key(), "bench": f"{what}-{arm}"}, amp=amp, **how)
                       for arm in seconds}
-            for view in range(-1, args.views):  # view -1: untimed, makes and checks the fold, warms both
-                order = ("folded", "unfolded") if view % 4 in (0, 3) else ("unfolded", "folded")  # ABBA
-                for arm in order:  # alternating: the machine's noise hits both
-                    F.folded = fold if arm == "folded" else (lambda net: None)  # read by the cache's first pass
-                    try:
-                        start = time.perf_counter()
-                        got = caches[arm].train_view("light", view + 1 if view >= 0 else 10_000)
-                        if view >= 0:
-                            seconds[arm] += time.perf_counter() - start
-                    finally:
-                        F.folded = fold
-                    if view >= 0:
-                        outputs.setdefault(arm, np.array(got[:256], dtype=np.float32))
+            caches["unfolded"].fast = None  # checked, nothing folded: the network as it is
+            for cache in caches.values():  # untimed: makes and checks the fold, warms both up
+                cache.train_view("light", 10_000)
+            for view in range(args.views):
+                for arm in ("folded", "unfolded") if view % 4 in (0, 3) else ("unfolded", "folded"):  # ABBA
+                    start = time.perf_counter()
+                    got = caches[arm].train_view("light", view)
+                    seconds[arm] += time.perf_counter() - start
+                    outputs.setdefault(arm, np.array(got[:256], dtype=np.float32))
             a, b = outputs["folded"], outputs["unfolded"]
             rel = lambda x, y: float(np.linalg.norm(x - y) / max(np.linalg.norm(y), 1e-12))  # noqa: E731
             fp32 = references.setdefault(what.split("_")[0], b)  # the first kind of each: fp32, unfolded

@@ -30,6 +30,7 @@ log = logging.getLogger("tlsweep")
 _WARNED: set[str] = set()  # entries whose clipping was said once per process
 PHASE2_FIRST_VIEW = 10_000  # phase-2 epoch e serves view PHASE2_FIRST_VIEW + e: other draws than phase 1's
 FOLD_TOLERANCE = 1e-4  # relative error a folded copy may show on two images in fp32 (folding itself: ~1e-6)
+UNCHECKED = object()  # a `FeatureCache.fast` not yet made: its first pass makes and checks it
 
 
 def _view_seed(base: int, single_view: bool, epoch: int, i: int) -> int:
@@ -74,7 +75,7 @@ def folded(net: nn.Module) -> nn.Module | None:
     layer) before it (torch.fx's `fuse`, re-tracing through torchvision's blocks, so their eval-mode
     behaviour is baked in: the copy only ever runs frozen): the same function up to float rounding
     (relative error ~1e-6 in fp32), without the batch norms' own memory-bound pass. For MobileNetV2
-    on this CPU a cached view takes 0.66-0.88x the time (`benchmarks/bench_fold.py`). What every
+    on this CPU a cached view takes 0.56-0.91x the time (`benchmarks/bench_fold.py`). What every
     cached frozen forward pass runs (phase 1's features, phase 2's prefix outputs; `FeatureCache`
     checks it on its first batch). Made on the CPU, outside inference mode. None where `net` cannot
     be traced."""
@@ -93,13 +94,15 @@ class FeatureCache:
     def __init__(self, extractor: nn.Module, model_key: dict, train_views, train_labels,
                  valid: StoredImages, study_seed: int, device: torch.device,
                  batch_size: int = 128, workers: int = 0, level_tags: dict | None = None, dtype=np.float32,
-                 amp: torch.dtype | None = None):
+                 amp: torch.dtype | None = None, fold_from: FeatureCache | None = None):
         # train_views(level): the train images under the level's transform with seeded views;
         # train_labels: theirs; level_tags: extra entry-name parts of levels outside `model_key`;
         # dtype: how entries are stored, amp: the autocast they are computed in (phase 2's prefix
-        # outputs: float16, in the phase's own precision; phase 1's features: float32, in fp32)
+        # outputs: float16, in the phase's own precision; phase 1's features: float32, in fp32);
+        # fold_from: a cache of the same extractor whose folded copy this one shares
         self.extractor = extractor.to(device, memory_format=torch.channels_last)
-        self.fast, self.checked = None, False  # `extractor` folded, made and checked by the first `_forward`
+        # `extractor` folded (None: run as it is), made and checked by the first `_forward`
+        self.fast = fold_from.fast if fold_from is not None else UNCHECKED
         self.dtype, self.amp = np.dtype(dtype), amp
         self.model_key, self.device = model_key, device
         self.train_views, self.train_labels, self.level_tags = train_views, list(train_labels), level_tags or {}
@@ -112,8 +115,12 @@ class FeatureCache:
         by more between any two orders of the same arithmetic); else, warned once per cache, the
         extractor itself from then on."""
         if not self.checked:
-            self.checked, self.fast = True, self._checked_fold(images[:2])
+            self.fast = self._checked_fold(images[:2])
         return (self.fast if self.fast is not None else self.extractor)(images)
+
+    @property
+    def checked(self) -> bool:
+        return self.fast is not UNCHECKED
 
     def _checked_fold(self, probe: torch.Tensor) -> nn.Module | None:
         with torch.inference_mode(False):

@@ -20,7 +20,7 @@ from .train import PhaseInputs
 
 def feature_cache(pipe, extractor: nn.Module, key: dict, **how) -> F.FeatureCache:
     """The cache of what `extractor` makes of a pipeline's train views and valid images, under
-    `key`: phase 1's features, or (`how`: `FeatureCache`'s dtype, amp, batch) phase 2's prefix outputs."""
+    `key`: phase 1's features, or (`how`: `FeatureCache`'s dtype, amp, batch, fold_from) phase 2's prefix outputs."""
     return F.FeatureCache(
         extractor, key, lambda level: pipe._dataset("train", level, True), pipe.labels("train"),
         pipe._dataset("valid", "none", False), pipe.fixed.seed, pipe.device, workers=pipe.workers,

@@ -228,8 +228,8 @@ def refold(pipe: Pipeline, train_rows: list[int], valid_rows: list[int]) -> Pipe
                     for name in ("train", "valid")}
     fold.frames, fold.valid_features, fold.whole, fold.prefixes = None, None, pipe, {}
     rows = hashlib.sha256(repr((fold.rows["train"], fold.rows["valid"])).encode()).hexdigest()[:16]
-    fold.features = feature_cache(fold, pipe.features.extractor, {**fold.model_key(), "rows": rows})
-    fold.features.fast, fold.features.checked = pipe.features.fast, pipe.features.checked  # folded and checked once
+    fold.features = feature_cache(fold, pipe.features.extractor, {**fold.model_key(), "rows": rows},
+                                  fold_from=pipe.features)  # folded and checked once
     return fold
 
 
