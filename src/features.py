@@ -211,7 +211,8 @@ class Rows(torch.utils.data.Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int):
-        return torch.from_numpy(np.asarray(self.array[i], dtype=np.float32)), self.labels[i]
+        # a copy: a read-only map's row would make torch warn that the tensor is not writable
+        return torch.from_numpy(np.array(self.array[i], dtype=np.float32)), self.labels[i]
 
     # Spawned or forkserver DataLoader workers (see StoredImages) reopen the map by its file name.
     __getstate__, __setstate__ = StoredImages.__getstate__, StoredImages.__setstate__

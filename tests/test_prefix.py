@@ -4,6 +4,7 @@ its cache is shared by trials."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -132,3 +133,16 @@ def test_outputs_beyond_float16_are_clipped_counted_and_said(flat_folder, caplog
     meta = json.loads(next((D.cache_dir() / "features").glob("*.json")).read_text())
     assert meta["clipped"] == out.size and meta["shape"] == [len(pipe.labels("valid")), 4]
     assert f"{out.size} outputs of valid were beyond" in caplog.text
+
+
+def test_rows_of_a_read_only_map_are_writable_copies(tmp_path):
+    # a cached float32 view is a read-only memory map: each row must come out as a copy (torch
+    # warns on a non-writable array, and a write through the tensor must never reach the cache)
+    np.save(tmp_path / "view.npy", np.ones((3, 4), np.float32))
+    cached = np.load(tmp_path / "view.npy", mmap_mode="r")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        row, label = F.Rows(cached, [0, 1, 2])[1]
+    row += 1
+    assert (row.dtype, int(label), row.tolist()) == (torch.float32, 1, [2.0] * 4)
+    assert cached[1].tolist() == [1.0] * 4
