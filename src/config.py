@@ -6,7 +6,9 @@ A sweep file (TOML, see `sweeps/default.toml`) has these tables:
   [search]  one entry per sampled parameter: {low, high[, log]} for a range,
             {choices = [...]} for levels, or a plain value to pin it. SEARCHED must all be
             there; OPTIONAL may be, and a parameter left out takes its value in OPTIONAL;
-  [prune]   how trials are pruned (fields of `PruneSettings`; optional).
+  [prune]   how trials are pruned (fields of `PruneSettings`; optional);
+  [start]   the first trial's values of some sampled parameters (optional; the others are
+            sampled): `study.enqueue_trial` once, when the study is new (a resume ignores it).
 CLI flags override [fixed] (and [demo]); nothing else reads the file.
 """
 from __future__ import annotations
@@ -92,6 +94,7 @@ class SweepFile:
     demo: dict[str, Any]
     search: dict[str, ParamSpec]
     prune: PruneSettings = PruneSettings()
+    start: dict[str, Any] = field(default_factory=dict)  # [start]: the first trial's values
 
 
 @dataclass(frozen=True)
@@ -208,6 +211,29 @@ def _check_values(spec: ParamSpec, path: Path) -> None:
         raise UserError(f"{where} = {values} must be numbers {floor}{f' and < {ceiling:g}' if ceiling else ''}")
 
 
+def _start_values(raw: Any, search: dict[str, ParamSpec], path: Path) -> dict[str, Any]:
+    """[start]: each value must be one the parameter's [search] entry can sample."""
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: start must be a table ([start]), got {raw!r}")
+    values = {}
+    for name, value in raw.items():
+        spec = search.get(name)
+        if spec is None or (spec.choices is not None and len(spec.choices) == 1):
+            why = "pinned in [search]" if spec is not None else "not sampled by [search]"
+            raise UserError(f"{path}: [start] {name} = {value!r}: {name} is {why}; [start] gives the first trial's "
+                            f"value of a sampled parameter, so drop the key or sample {name} in [search]")
+        if spec.choices is not None:
+            if value not in spec.choices or isinstance(value, bool):
+                raise UserError(f"{path}: [start] {name} = {value!r} is not one of its [search] choices "
+                                f"{list(spec.choices)}; give one of them")
+        elif (not isinstance(value, (int, float)) or isinstance(value, bool) or not spec.low <= value <= spec.high
+              or (isinstance(spec.low, int) and isinstance(spec.high, int) and not float(value).is_integer())):
+            raise UserError(f"{path}: [start] {name} = {value!r} is outside its [search] range "
+                            f"{spec.low!r}-{spec.high!r}; give a value in it")
+        values[name] = value
+    return values
+
+
 def _prune_settings(raw: Any, path: Path) -> PruneSettings:
     if not isinstance(raw, dict):
         raise UserError(f"{path}: prune must be a table ([prune]), got {raw!r}")
@@ -238,7 +264,7 @@ def load_sweep(path: str | Path) -> SweepFile:
         doc = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"{path} is not valid TOML: {exc}") from exc
-    _check_keys(doc, {"fixed", "demo", "search", "prune"}, "top level", path)
+    _check_keys(doc, {"fixed", "demo", "search", "prune", "start"}, "top level", path)
     for table in ("fixed", "demo", "search"):
         if not isinstance(doc.get(table, {}), dict):
             raise UserError(f"{path}: {table} must be a table ([{table}]), got {doc[table]!r}")
@@ -257,7 +283,8 @@ def load_sweep(path: str | Path) -> SweepFile:
     for spec in search.values():
         _check_values(spec, path)
     return SweepFile(path=path, fixed=fixed, demo=demo, search=search,
-                     prune=_prune_settings(doc.get("prune", {}), path))
+                     prune=_prune_settings(doc.get("prune", {}), path),
+                     start=_start_values(doc.get("start", {}), search, path))
 
 
 def resolve_fixed(sweep: SweepFile, on_demo: bool, overrides: dict[str, Any]) -> Fixed:

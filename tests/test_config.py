@@ -323,3 +323,47 @@ def test_a_bad_optional_parameter_names_its_key_and_the_fix(tmp_path, line, word
 ])
 def test_a_bad_prune_table_names_its_key(tmp_path, table, words):
     _raises_naming(_write(tmp_path, GOOD + "\n" + table + "\n"), *words)
+
+
+# --- [start]: the first trial's values -----------------------------------------------------
+
+def test_shipped_sweeps_have_no_start_and_the_recipes_values_make_a_valid_one_for_the_default(tmp_path):
+    """The shipped files start from a sampled trial; the seed recipe's values (docs/sweep-files.md's
+    example, the start measured in docs/quality-and-cost.md) are a valid [start] for the default."""
+    assert all(load_sweep(SWEEPS / n).start == {} for n in ("default.toml", "four.toml", "seed-recipe.toml"))
+    recipe = load_sweep(SWEEPS / "seed-recipe.toml")
+    start = {n: recipe.search[n].choices[0] for n in SEARCHED}
+    text = (SWEEPS / "default.toml").read_text() + "\n[start]\n" + "\n".join(
+        f"{k} = {v!r}".replace("'", '"') for k, v in start.items()) + "\n"
+    assert load_sweep(_write(tmp_path, text)).start == start
+
+
+@pytest.mark.parametrize("table, words", [
+    ("start = 3", ["start must be a table"]),
+    ("[start]\nmomentum = 0.9", ["momentum", "not sampled by [search]", "drop the key"]),
+    ("[start]\nhead_lr = 0.5", ["head_lr = 0.5", "outside its [search] range", "0.0001-0.01"]),
+    ("[start]\npatience = 2.5", ["patience = 2.5", "outside its [search] range"]),
+    ("[start]\npatience = true", ["patience = True", "outside"]),
+    ('[start]\naug_strength = "strong"', ["aug_strength = 'strong'", "not one of its [search] choices",
+                                           "['none', 'light']"]),
+])
+def test_a_bad_start_value_names_the_key_the_value_and_the_fix(tmp_path, table, words):
+    text = table + "\n" + GOOD if table.startswith("start") else GOOD + "\n" + table + "\n"  # a top-level key
+    _raises_naming(_write(tmp_path, text), *words)
+
+
+def test_a_start_value_for_a_pinned_parameter_is_refused(tmp_path):
+    pinned = GOOD.replace("patience = { low = 2, high = 6 }", "patience = 4")
+    _raises_naming(_write(tmp_path, pinned + "\n[start]\npatience = 4\n"), "patience", "pinned in [search]")
+
+
+def test_start_values_are_the_first_trials_params_in_a_live_study(tmp_path):
+    sweep = load_sweep(_write(tmp_path, GOOD + '\n[start]\nhead_lr = 1e-3\naug_strength = "light"\n'))
+    assert sweep.start == {"head_lr": 1e-3, "aug_strength": "light"}
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0))
+    study.enqueue_trial(sweep.start)  # what src/start.py does for a new study
+    seen = []
+    study.optimize(lambda t: seen.append(search_space.sample(t, sweep.search)) or 0.0, n_trials=2)
+    assert {k: seen[0][k] for k in sweep.start} == sweep.start  # the rest is sampled
+    assert seen[1]["head_lr"] != 1e-3

@@ -18,6 +18,7 @@ from src import final_test, sweep
 from src import model as M
 from src import prefix as P
 from src import device
+from src.config import load_sweep
 from src.errors import UserError
 from src.tracking import Tracker
 
@@ -148,17 +149,26 @@ def test_sweep_logs_every_trial_and_never_decodes_test(in_tmp, flat_folder, monk
 
 
 def test_resume_by_name_and_final_test_once(in_tmp, split_folder, capsys):
+    # the default with a [start] table (docs/sweep-files.md): a new study's first trial, never again
+    start = {"head_lr": 1e-3, "backbone_lr_ratio": 0.1, "patience": 5, "aug_strength": "seed", "unfreeze": "all"}
+    started = in_tmp / "started.toml"
+    started.write_text((Path(sweep.__file__).resolve().parents[1] / "sweeps" / "default.toml").read_text()
+                       + '[start]\nhead_lr = 1e-3\nbackbone_lr_ratio = 0.1\npatience = 5\naug_strength = "seed"\n'
+                       + 'unfreeze = "all"\n')
+    assert load_sweep(started).start == start
     first = sweep.run_sweep(sweep.parse_args(_args(in_tmp, split_folder, 2, "--backbone", "mobilenet_v2",
-                                                   "--image-size", "32", "--precision", "fp32")))
+                                                   "--image-size", "32", "--precision", "fp32", "--sweep", str(started))))
     again = sweep.run_sweep(sweep.parse_args(_args(in_tmp, split_folder, 3, "--backbone", "mobilenet_v2",
-                                                   "--image-size", "32")))
+                                                   "--image-size", "32", "--sweep", str(started))))
     assert again.parent_run_id == first.parent_run_id  # parent reused, not duplicated
     study = optuna.load_study(study_name="s", storage=f"sqlite:///{in_tmp}/optuna.db")
     assert [t.number for t in study.trials] == [0, 1, 2]  # 3 in total, not 2 + 3
     assert study.trials[2].params not in (study.trials[0].params, study.trials[1].params)  # no replay
+    assert {k: study.trials[0].params[k] for k in start} == start  # the first trial: [start], the rest sampled
+    assert all(t.params["head_lr"] != 1e-3 for t in study.trials[1:])  # a resume does not start again
     with pytest.raises(UserError, match="max_epochs_phase1: 2 -> 1"):  # other settings: refused
         sweep.run_sweep(sweep.parse_args(_args(in_tmp, split_folder, 4, "--backbone", "mobilenet_v2",
-                                               "--image-size", "32", "--max-epochs", "1")))
+                                               "--image-size", "32", "--max-epochs", "1", "--sweep", str(started))))
     client = MlflowClient(f"sqlite:///{in_tmp}/mlflow.db")
     assert len(_children(client, first.parent_run_id)) == 3
     assert client.get_run(first.parent_run_id).data.tags["train.precision"] == "fp32"
