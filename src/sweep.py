@@ -209,6 +209,7 @@ def run_sweep(opts: SweepOptions) -> SweepResult:
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # not its INFO notes on the report's category axes
     # ERROR: Optuna would log every failed trial with a traceback; the sweep prints one line instead.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     opts = parse_args(argv)
