@@ -222,14 +222,18 @@ def _start_values(raw: Any, search: dict[str, ParamSpec], path: Path) -> dict[st
             why = "pinned in [search]" if spec is not None else "not sampled by [search]"
             raise UserError(f"{path}: [start] {name} = {value!r}: {name} is {why}; [start] gives the first trial's "
                             f"value of a sampled parameter, so drop the key or sample {name} in [search]")
+        whole = isinstance(spec.low, int) and isinstance(spec.high, int)
         if spec.choices is not None:
             if value not in spec.choices or isinstance(value, bool):
                 raise UserError(f"{path}: [start] {name} = {value!r} is not one of its [search] choices "
                                 f"{list(spec.choices)}; give one of them")
+            value = spec.choices[list(spec.choices).index(value)]  # the choice itself: 2.0 given, 2 kept
         elif (not isinstance(value, (int, float)) or isinstance(value, bool) or not spec.low <= value <= spec.high
-              or (isinstance(spec.low, int) and isinstance(spec.high, int) and not float(value).is_integer())):
+              or (whole and not float(value).is_integer())):
             raise UserError(f"{path}: [start] {name} = {value!r} is outside its [search] range "
                             f"{spec.low!r}-{spec.high!r}; give a value in it")
+        else:
+            value = int(value) if whole else float(value)  # the type the parameter is sampled as
         values[name] = value
     return values
 

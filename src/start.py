@@ -181,8 +181,10 @@ def start(opts: SweepOptions) -> Started:
     settings = {k: v for k, v in asdict(fixed).items() if k not in F.SEARCH_KEYS or v}  # 0: as before they existed
     check_same_settings(study, {**settings, "weights": weights, "search": {
         n: asdict(spec) for n, spec in sweep.search.items()}, **_prune_setting(sweep)})
-    if sweep.start and not study.trials:  # a new study: its first trial starts from [start] (a resume ignores it)
-        study.enqueue_trial(sweep.start)
+    if sweep.start and not study.trials:  # a study with no trial yet: its first starts from [start]
+        # (the --workers launcher does this before its workers start; processes started together
+        # on a new study by hand may each find it empty: skip_if_exists narrows that to a rare repeat)
+        study.enqueue_trial(sweep.start, skip_if_exists=True)
     # Decoding every image once happens here: after the cheap checks, before any training.
     share = len(splits.valid) / max(1, len(splits.train))  # a phase-2 epoch validates too
     amp, full_amp = (precision.pick(device, opts.precision, fixed.backbone, f.image_size, fixed.batch_size, share)

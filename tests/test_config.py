@@ -352,6 +352,14 @@ def test_a_bad_start_value_names_the_key_the_value_and_the_fix(tmp_path, table, 
     _raises_naming(_write(tmp_path, text), *words)
 
 
+def test_start_values_take_the_type_their_parameter_is_sampled_as(tmp_path):
+    text = GOOD + 'unfreeze = { choices = ["all", 1, 2] }\n\n[start]\nunfreeze = 2.0\nhead_lr = 1\npatience = 3.0\n'
+    text = text.replace("high = 1e-2", "high = 2")  # head_lr's range up to 2, so 1 (an int) is in it
+    start = load_sweep(_write(tmp_path, text)).start
+    assert start == {"unfreeze": 2, "head_lr": 1.0, "patience": 3}
+    assert [type(start[k]) for k in ("unfreeze", "head_lr", "patience")] == [int, float, int]
+
+
 def test_a_start_value_for_a_pinned_parameter_is_refused(tmp_path):
     pinned = GOOD.replace("patience = { low = 2, high = 6 }", "patience = 4")
     _raises_naming(_write(tmp_path, pinned + "\n[start]\npatience = 4\n"), "patience", "pinned in [search]")
