@@ -7,8 +7,7 @@ A sweep file (TOML, see `sweeps/default.toml`) has these tables:
             {choices = [...]} for levels, or a plain value to pin it. SEARCHED must all be
             there; OPTIONAL may be, and a parameter left out takes its value in OPTIONAL;
   [prune]   how trials are pruned (fields of `PruneSettings`; optional);
-  [start]   the first trial's values of some sampled parameters (optional; the others are
-            sampled): `study.enqueue_trial` once, when the study is new (a resume ignores it).
+  [start]   some sampled parameters' values for a new study's first trial (optional; src/start.py).
 CLI flags override [fixed] (and [demo]); nothing else reads the file.
 """
 from __future__ import annotations
@@ -211,31 +210,23 @@ def _check_values(spec: ParamSpec, path: Path) -> None:
         raise UserError(f"{where} = {values} must be numbers {floor}{f' and < {ceiling:g}' if ceiling else ''}")
 
 
-def _start_values(raw: Any, search: dict[str, ParamSpec], path: Path) -> dict[str, Any]:
-    """[start]: each value must be one the parameter's [search] entry can sample."""
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: start must be a table ([start]), got {raw!r}")
-    values = {}
-    for name, value in raw.items():
-        spec = search.get(name)
-        if spec is None or (spec.choices is not None and len(spec.choices) == 1):
-            why = "pinned in [search]" if spec is not None else "not sampled by [search]"
-            raise UserError(f"{path}: [start] {name} = {value!r}: {name} is {why}; [start] gives the first trial's "
-                            f"value of a sampled parameter, so drop the key or sample {name} in [search]")
-        whole = isinstance(spec.low, int) and isinstance(spec.high, int)
-        if spec.choices is not None:
-            if value not in spec.choices or isinstance(value, bool):
-                raise UserError(f"{path}: [start] {name} = {value!r} is not one of its [search] choices "
-                                f"{list(spec.choices)}; give one of them")
-            value = spec.choices[list(spec.choices).index(value)]  # the choice itself: 2.0 given, 2 kept
-        elif (not isinstance(value, (int, float)) or isinstance(value, bool) or not spec.low <= value <= spec.high
-              or (whole and not float(value).is_integer())):
-            raise UserError(f"{path}: [start] {name} = {value!r} is outside its [search] range "
-                            f"{spec.low!r}-{spec.high!r}; give a value in it")
-        else:
-            value = int(value) if whole else float(value)  # the type the parameter is sampled as
-        values[name] = value
-    return values
+def _start_value(name: str, value: Any, spec: ParamSpec | None, path: Path) -> Any:
+    """A [start] value: one its [search] entry can draw, as the type it is sampled as."""
+    if spec is None or (spec.choices is not None and len(spec.choices) == 1):
+        raise UserError(f"{path}: [start] {name} = {value!r}: {name} is "
+                        f"{'pinned in [search]' if spec else 'not sampled by [search]'}; [start] gives the first "
+                        f"trial's value of a sampled parameter, so drop the key or sample {name} in [search]")
+    whole = isinstance(spec.low, int) and isinstance(spec.high, int)
+    if spec.choices is not None:
+        if value not in spec.choices or isinstance(value, bool):
+            raise UserError(f"{path}: [start] {name} = {value!r} is not one of its [search] choices "
+                            f"{list(spec.choices)}; give one of them")
+        return spec.choices[list(spec.choices).index(value)]  # the choice itself: 2.0 given, 2 kept
+    if (isinstance(value, (int, float)) and not isinstance(value, bool) and spec.low <= value <= spec.high
+            and (not whole or float(value).is_integer())):
+        return int(value) if whole else float(value)
+    raise UserError(f"{path}: [start] {name} = {value!r} is outside its [search] range "
+                    f"{spec.low!r}-{spec.high!r}; give a value in it")
 
 
 def _prune_settings(raw: Any, path: Path) -> PruneSettings:
@@ -269,7 +260,7 @@ def load_sweep(path: str | Path) -> SweepFile:
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"{path} is not valid TOML: {exc}") from exc
     _check_keys(doc, {"fixed", "demo", "search", "prune", "start"}, "top level", path)
-    for table in ("fixed", "demo", "search"):
+    for table in ("fixed", "demo", "search", "start"):
         if not isinstance(doc.get(table, {}), dict):
             raise UserError(f"{path}: {table} must be a table ([{table}]), got {doc[table]!r}")
     fixed_names = {f.name for f in dataclasses.fields(Fixed)}
@@ -288,7 +279,7 @@ def load_sweep(path: str | Path) -> SweepFile:
         _check_values(spec, path)
     return SweepFile(path=path, fixed=fixed, demo=demo, search=search,
                      prune=_prune_settings(doc.get("prune", {}), path),
-                     start=_start_values(doc.get("start", {}), search, path))
+                     start={n: _start_value(n, v, search.get(n), path) for n, v in doc.get("start", {}).items()})
 
 
 def resolve_fixed(sweep: SweepFile, on_demo: bool, overrides: dict[str, Any]) -> Fixed:
