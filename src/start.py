@@ -181,7 +181,7 @@ def start(opts: SweepOptions) -> Started:
     settings = {k: v for k, v in asdict(fixed).items() if k not in F.SEARCH_KEYS or v}  # 0: as before they existed
     check_same_settings(study, {**settings, "weights": weights, "search": {
         n: asdict(spec) for n, spec in sweep.search.items()}, **_prune_setting(sweep)})
-    if sweep.start and not study.trials:  # a study with no trial yet: its first starts from [start]
+    if sweep.start and not study.get_trials(deepcopy=False):  # a study with no trial yet: its first starts from [start]
         # (the --workers launcher does this before its workers start; processes started together
         # on a new study by hand may each find it empty: skip_if_exists narrows that to a rare repeat)
         study.enqueue_trial(sweep.start, skip_if_exists=True)

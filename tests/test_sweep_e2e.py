@@ -153,8 +153,7 @@ def test_resume_by_name_and_final_test_once(in_tmp, split_folder, capsys):
     start = {"head_lr": 1e-3, "backbone_lr_ratio": 0.1, "patience": 5, "aug_strength": "seed", "unfreeze": "all"}
     started = in_tmp / "started.toml"
     started.write_text((Path(sweep.__file__).resolve().parents[1] / "sweeps" / "default.toml").read_text()
-                       + '[start]\nhead_lr = 1e-3\nbackbone_lr_ratio = 0.1\npatience = 5\naug_strength = "seed"\n'
-                       + 'unfreeze = "all"\n')
+                       + "[start]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in start.items()))
     assert load_sweep(started).start == start
     first = sweep.run_sweep(sweep.parse_args(_args(in_tmp, split_folder, 2, "--backbone", "mobilenet_v2",
                                                    "--image-size", "32", "--precision", "fp32", "--sweep", str(started))))
