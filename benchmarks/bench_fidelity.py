@@ -93,7 +93,7 @@ def main(argv=None) -> int:
         if size not in pipes:  # one starting model for every size
             base = next(iter(pipes.values())).base if pipes else None
             pipes[size] = Pipeline(splits=splits, fixed=replace(fixed, image_size=size), weights=args.weights,
-                                   device=device, base=base)
+                                   device=device, base=base, aug_side=sizes[-1])  # as a sweep's trials
         return pipes[size]
 
     def add(row: dict) -> None:

@@ -2,6 +2,7 @@
 Splits (finding, sealing, fingerprinting them) live in `src/splits.py`, re-exported here."""
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,8 +63,34 @@ class CapAspect(torch.nn.Module):
         return f"CapAspect(ratio={self.ratio})"
 
 
-def build_transform(level: str, image_size: int, mean, std, train: bool) -> T.Compose:
-    """Train transform for an augmentation level, or the (never augmented) eval transform."""
+def _scaled_shift(magnitudes, scale: float, bins: int, height: int, width: int):
+    return magnitudes(bins, height, width) * scale
+
+
+class ScaledTrivialAugmentWide(T.TrivialAugmentWide):
+    """TrivialAugmentWide with its translations (up to 32 px) scaled by `scale`: a search-size
+    model's share of the full-size model's shift, not a shift twice as large relative to its image."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale = scale  # the only state: picklable for a loader's worker processes
+
+    @property
+    def _AUGMENTATION_SPACE(self):  # name -> (magnitudes(bins, height, width), signed), read by forward
+        space = dict(T.TrivialAugmentWide._AUGMENTATION_SPACE)
+        for name in ("TranslateX", "TranslateY"):
+            space[name] = (functools.partial(_scaled_shift, space[name][0], self.scale), space[name][1])
+        return space
+
+
+def build_transform(level: str, image_size: int, mean, std, train: bool, aug_side: int | None = None) -> T.Compose:
+    """Train transform for an augmentation level, or the (never augmented) eval transform.
+
+    The levels' pixel amounts (seed's padding of 8 px, strong's translations of up to 32 px) are
+    set for a model at `aug_side` px (default: `image_size`). A search-size trial passes the full
+    size, so its shifts are the full-size model's scaled by image_size / aug_side, the same share
+    of the image (a 64 px trial for 128 px: padding 4, translations up to 16 px). Every other
+    amount is a share of the image already, or a size-free angle or colour."""
     if level not in AUG_LEVELS:
         raise UserError(f"aug_strength {level!r} is not one of {list(AUG_LEVELS)}")
     side = stored_side(image_size)
@@ -75,12 +102,15 @@ def build_transform(level: str, image_size: int, mean, std, train: bool) -> T.Co
              else [T.Resize(side, antialias=True), T.CenterCrop(side)])
     flip = T.RandomHorizontalFlip()
     rrc = lambda lo, **kw: T.RandomResizedCrop(image_size, scale=(lo, 1.0), antialias=True, **kw)  # noqa: E731
+    scale = image_size / (aug_side or image_size)
+    pad = max(1, round(8 * scale))  # the full size's own amounts when scale is 1: its caches' keys are unchanged
+    augment = T.TrivialAugmentWide() if scale == 1 else ScaledTrivialAugmentWide(scale)
     steps = {
         "none": [T.CenterCrop(image_size)],
         "light": [rrc(0.6), flip],
-        "seed": [T.CenterCrop(image_size), flip, T.RandomCrop(image_size, padding=8)],
+        "seed": [T.CenterCrop(image_size), flip, T.RandomCrop(image_size, padding=pad)],
         "medium": [rrc(0.35), flip, T.ColorJitter(0.2, 0.2, 0.2)],
-        "strong": [rrc(0.2), flip, T.TrivialAugmentWide()],
+        "strong": [rrc(0.2), flip, augment],
         "frame_light": [rrc(0.35, ratio=(3 / 4, 4 / 3)), flip],
         "frame": [rrc(0.08, ratio=(3 / 4, 4 / 3)), flip],
     }[level]

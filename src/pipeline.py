@@ -91,8 +91,9 @@ class Pipeline:
 
     def __init__(self, *, splits: D.Splits, fixed: Fixed, weights: str, device: torch.device,
                  loader_workers: int | None = None, use_cache: bool = True, base: nn.Module | None = None,
-                 max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION):
+                 max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION, aug_side: int | None = None):
         self.splits, self.fixed, self.weights, self.device = splits, fixed, weights, device
+        self.aug_side = aug_side or fixed.image_size  # a search size's full size: `data.build_transform`
         self.mean, self.std = M.norm_stats(fixed.backbone)  # the backbone's own statistics
         self.max_bad_fraction = max_bad_fraction
         self.workers = default_loader_workers(device) if loader_workers is None else loader_workers
@@ -156,7 +157,8 @@ class Pipeline:
 
     def transform(self, level: str):
         """The train transform of a level ("none" is the evaluation transform)."""
-        return D.build_transform(level, self.fixed.image_size, self.mean, self.std, train=level != "none")
+        return D.build_transform(level, self.fixed.image_size, self.mean, self.std, train=level != "none",
+                                 aug_side=self.aug_side)
 
     def _dataset(self, split: str, level: str, views: bool):
         """The split's images from the decoded store (cache on) or decoded each time from files."""

@@ -190,7 +190,8 @@ def start(opts: SweepOptions) -> Started:
     amp, full_amp = (precision.pick(device, opts.precision, fixed.backbone, f.image_size, fixed.batch_size, share)
                      for f in (searched, fixed))
     pipeline = Pipeline(splits=splits, fixed=searched, weights=weights, device=device, loader_workers=opts.loader_workers,
-                        use_cache=not opts.no_cache, base=base, max_bad_fraction=opts.max_bad_fraction)
+                        use_cache=not opts.no_cache, base=base, max_bad_fraction=opts.max_bad_fraction,
+                        aug_side=fixed.image_size)  # trials' pixel shifts: the full size's, scaled
     if not opts.no_cache and any(lvl in D.FRAME_LEVELS for lvl in sweep.search["aug_strength"].choices or ()):
         pipeline.train_frames()  # once, here: --workers find it made
     tags = {"optuna.storage": opts.storage, "data.dir": str(splits.root), "data.demo": str(on_demo).lower(),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import v2 as T
 
 from conftest import write_images
 from src import splits as S
@@ -338,6 +340,62 @@ def test_every_level_yields_the_crop_size(level, size):
         torch.manual_seed(seed)
         out = tf(img)
         assert out.shape == (3, size, size) and out.dtype == torch.float32, (level, img.size)
+
+
+def _first_bright_column(image: torch.Tensor, row: int) -> int | None:
+    cols = (image[0, row] > 128).nonzero()
+    return int(cols[0]) if len(cols) else None
+
+
+def test_a_search_size_trials_translations_are_the_full_sizes_scaled():
+    """strong's TrivialAugmentWide translates up to 32 px at the full size; a trial at half the
+    side (aug_side = twice its size) draws the same operation and bin, shifted half as far."""
+    from src.data import ScaledTrivialAugmentWide
+    edge = torch.zeros(3, 32, 32, dtype=torch.uint8)
+    edge[:, :, 16:] = 255
+    full, half = T.TrivialAugmentWide(), ScaledTrivialAugmentWide(0.5)
+    shifts = []
+    for seed in range(600):
+        torch.manual_seed(seed)
+        a = full(edge)
+        torch.manual_seed(seed)
+        b = half(edge)
+        if torch.equal(a, b):
+            continue  # not a translation: every other operation is the full size's own
+        ca, cb = _first_bright_column(a, 16), _first_bright_column(b, 16)
+        if ca not in (None, 0, 16) and cb is not None:  # the edge moved and stayed inside (0: pushed past)
+            shifts.append((ca - 16, cb - 16))
+    assert len(shifts) > 10
+    assert all(abs(h) == abs(f) // 2 and (h == 0 or (h > 0) == (f > 0)) for f, h in shifts), shifts
+    assert max(abs(f) for f, _ in shifts) > 8  # the full size's shifts reach past the half's largest ones
+    # picklable for a loader's worker processes, and still scaled after
+    assert pickle.loads(pickle.dumps(half))._AUGMENTATION_SPACE["TranslateX"][0](31, 32, 32).max() == 16
+
+
+def _stripe_starts(tf, draws=300) -> set[int]:
+    img = np.zeros((18, 18, 3), dtype=np.uint8)
+    img[:, 8:10] = 255  # a centred stripe: a flip leaves it where it is, a crop's shift moves it
+    starts = set()
+    for seed in range(draws):
+        torch.manual_seed(seed)
+        out = tf(Image.fromarray(img, "RGB"))
+        cols = (out[0, 8] > 0).nonzero()
+        starts.add(int(cols[0]) if len(cols) else None)
+    return starts
+
+
+def test_the_seed_levels_padding_is_the_full_sizes_share_of_the_image():
+    """seed's RandomCrop pads 8 px at the full size; at half the side (aug_side = 32 for a 16 px
+    trial) 4 px, so the stripe lands at the centre's column +-4, not +-8."""
+    full = build_transform("seed", 16, [0.5] * 3, [0.5] * 3, train=True)
+    half = build_transform("seed", 16, [0.5] * 3, [0.5] * 3, train=True, aug_side=32)
+    assert _stripe_starts(half) == set(range(7 - 4, 7 + 4 + 1))
+    assert min(_stripe_starts(full) - {None}) < 3 and max(_stripe_starts(full) - {None}) > 11
+    # at its own size (no aug_side) every level's transform is the one it was: the caches' keys hold
+    for level in AUG_LEVELS:
+        assert repr(build_transform(level, 16, [0.5] * 3, [0.5] * 3, True, aug_side=16)) == repr(
+            build_transform(level, 16, [0.5] * 3, [0.5] * 3, True))
+    assert "\n      TrivialAugmentWide(" in repr(build_transform("strong", 16, [0.5] * 3, [0.5] * 3, True))
 
 
 @pytest.mark.parametrize("level", [lv for lv in AUG_LEVELS if lv != "none"])

@@ -24,6 +24,7 @@ from src.config import Fixed, TrialConfig
 from src.confirm import decide
 from src.confirm_jobs import FULL, fine_tuned
 from src.pipeline import Pipeline, resized
+from src.start import start
 from src.data import stored_side
 from src.errors import UserError
 from src.tracking import Tracker
@@ -145,6 +146,22 @@ def test_a_study_keeps_its_search_size():
     check_same_settings(before, {"image_size": 16})
     with pytest.raises(UserError, match="search_size: None -> 8"):
         check_same_settings(before, {"image_size": 16, "search_size": 8})
+
+
+def test_trials_shift_their_images_by_the_full_sizes_share(in_tmp, flat_folder):
+    """The trials' augmentation is the full-size models' scaled to the search size (seed's
+    padding 8 px at 16 px is 4 px at 8 px; strong's translations half as far), and the full-size
+    pipeline keeps its own (src/data.py build_transform)."""
+    started = start(sweep.parse_args(sweep_args(in_tmp, flat_folder, 1, *SEARCH)))
+    trials, full = started.ctx.pipeline, started.full_pipeline()
+    assert (trials.fixed.image_size, full.fixed.image_size) == (8, 16)
+
+    def step(pipe, level, kind):
+        return next(t for t in pipe.transform(level).transforms if type(t).__name__ == kind)
+    assert step(trials, "seed", "RandomCrop").padding == [4, 4, 4, 4]
+    assert step(full, "seed", "RandomCrop").padding == [8, 8, 8, 8]
+    assert step(trials, "strong", "ScaledTrivialAugmentWide").scale == 0.5
+    assert step(full, "strong", "TrivialAugmentWide")  # torchvision's own: the full size's cache keys as before
 
 
 def test_a_full_size_model_is_its_trials_model_fine_tuned_at_full_size(in_tmp, flat_folder):
