@@ -8,8 +8,10 @@ The measurement behind the default `search_size` (docs/sweep-files.md, Search si
 each is trained at every size of `--sizes` through the product's own code (the pipeline, its
 caches and the recipe a trial runs: `confirm.train_on_fold`, unpruned), with the same seed at
 every size, on the folder's train split, judged on its valid split (the test split is never
-read). Rows go to `--out/results.jsonl` as each training ends; a rerun with the same settings
-(more sizes may be added) skips those, one with other settings is refused. Prints per
+read); the smaller sizes augment as a sweep's trials do, with the largest size's pixel shifts
+scaled (`Pipeline(aug_side=)`). Rows go to `--out/results.jsonl` as each training ends; a rerun
+with the same settings (more sizes below the largest may be added) skips those, one with other
+settings or another largest size is refused. Prints per
 size the mean wall time of a training and the valid accuracy of each configuration, then per
 smaller size S against the largest F:
     fidelity spearman_<S>_vs_<F> <rho>   rank agreement of the configurations' valid accuracies
@@ -72,6 +74,7 @@ def main(argv=None) -> int:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     args.out.mkdir(parents=True, exist_ok=True)
     setup = {k: str(v) for k, v in vars(args).items() if k not in ("sizes", "out", "warm_epochs")}  # what the rows depend on
+    setup["aug_side"] = str(max(args.sizes))  # the smaller sizes' pixel shifts are this size's, scaled
     recorded = args.out / "setup.json"
     if recorded.is_file() and json.loads(recorded.read_text()) != setup:
         raise SystemExit(f"{args.out} holds rows of another setup ({recorded}); pass another --out")

@@ -32,7 +32,8 @@ OPTIONAL = {"weight_decay": 0.0, "label_smoothing": 0.0, "lr_schedule": "constan
 LR_SCHEDULES = ("constant", "cosine")
 PRUNERS = ("median", "percentile", "halving", "none")
 
-# Augmentation levels (built by `data.build_transform`); all end at size x size. The first five
+# Augmentation levels (`data.build_transform`: its pixel amounts are the full size's, scaled at a
+# search size); all end at size x size. The first five
 # start from the image resized (shorter side S = size / 0.875) and center-cropped to S x S:
 # "none" is exactly the evaluation transform; "seed" is the seed recipe's flip + RandomCrop(pad
 # 8). The FRAME_LEVELS start from the whole frame instead (shorter side S, the longer side

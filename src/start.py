@@ -24,7 +24,7 @@ from .record import TrialRecord
 from .recovery import LostTrials, recover
 from .pruning import make_pruner
 from .naming import names
-from .study import check_same_settings, check_steps, open_parent, open_study
+from .study import check_same_settings, check_search_augmentation, check_steps, open_parent, open_study
 from .tracking import Tracker, log_params
 from .trial import Context
 
@@ -178,6 +178,7 @@ def start(opts: SweepOptions) -> Started:
     name, experiment = names(opts, fixed)  # src/naming.py
     study = open_study(name, opts.storage, fixed.seed, pruner, on_lost=LostTrials(tracker))
     check_steps(study)
+    check_search_augmentation(study, fixed.search_size)
     settings = {k: v for k, v in asdict(fixed).items() if k not in F.SEARCH_KEYS or v}  # 0: as before they existed
     check_same_settings(study, {**settings, "weights": weights, "search": {
         n: asdict(spec) for n, spec in sweep.search.items()}, **_prune_setting(sweep)})

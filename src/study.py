@@ -171,6 +171,24 @@ def check_steps(study: optuna.Study) -> None:
     study.set_user_attr(STEPS_ATTR, STEPS)
 
 
+SEARCH_AUG_ATTR, SEARCH_AUG = "search_augmentation", "scaled"  # `data.build_transform`'s aug_side
+
+
+def check_search_augmentation(study: optuna.Study, search_size: int) -> None:
+    """A search-size study's trials shift their images by the full size's share (seed's padding,
+    strong's translations scaled by search_size / image_size); a search-size study whose trials
+    were made before that (the full size's pixel amounts at the search size) is refused, never mixed."""
+    if not search_size or study.user_attrs.get(SEARCH_AUG_ATTR) == SEARCH_AUG:
+        return
+    if study.get_trials(deepcopy=False):
+        raise UserError(
+            f"study {study.study_name!r} was made by an older version whose trials at the search size "
+            f"({search_size} px) shifted their images by the full size's pixel amounts; they cannot be ranked "
+            f"with trials whose shifts are scaled to the search size. Start a new --study-name; the old "
+            f"study, its runs and checkpoints stay as they are, and python -m src.final_test still scores it")
+    study.set_user_attr(SEARCH_AUG_ATTR, SEARCH_AUG)
+
+
 OMITTED_AT_DEFAULT = (*SEARCH_KEYS, "prune")  # not in a study's settings while at their defaults
 
 

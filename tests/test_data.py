@@ -369,7 +369,8 @@ def test_a_search_size_trials_translations_are_the_full_sizes_scaled():
     assert all(abs(h) == abs(f) // 2 and (h == 0 or (h > 0) == (f > 0)) for f, h in shifts), shifts
     assert max(abs(f) for f, _ in shifts) > 8  # the full size's shifts reach past the half's largest ones
     # picklable for a loader's worker processes, and still scaled after
-    assert pickle.loads(pickle.dumps(half))._AUGMENTATION_SPACE["TranslateX"][0](31, 32, 32).max() == 16
+    space = pickle.loads(pickle.dumps(half))._AUGMENTATION_SPACE
+    assert [space[name][0](31, 32, 32).max() for name in ("TranslateX", "TranslateY")] == [16, 16]
 
 
 def _stripe_starts(tf, draws=300) -> set[int]:
@@ -391,11 +392,13 @@ def test_the_seed_levels_padding_is_the_full_sizes_share_of_the_image():
     half = build_transform("seed", 16, [0.5] * 3, [0.5] * 3, train=True, aug_side=32)
     assert _stripe_starts(half) == set(range(7 - 4, 7 + 4 + 1))
     assert min(_stripe_starts(full) - {None}) < 3 and max(_stripe_starts(full) - {None}) > 11
-    # at its own size (no aug_side) every level's transform is the one it was: the caches' keys hold
+    # at its own size every level's transform is the one it was (the caches' keys hold): torchvision's own
     for level in AUG_LEVELS:
         assert repr(build_transform(level, 16, [0.5] * 3, [0.5] * 3, True, aug_side=16)) == repr(
             build_transform(level, 16, [0.5] * 3, [0.5] * 3, True))
-    assert "\n      TrivialAugmentWide(" in repr(build_transform("strong", 16, [0.5] * 3, [0.5] * 3, True))
+    assert "RandomCrop(size=(16, 16), padding=[8, 8, 8, 8]" in repr(full)
+    assert "\n      TrivialAugmentWide(interpolation=nearest, num_magnitude_bins=31)\n" in repr(
+        build_transform("strong", 16, [0.5] * 3, [0.5] * 3, True))
 
 
 @pytest.mark.parametrize("level", [lv for lv in AUG_LEVELS if lv != "none"])

@@ -11,7 +11,7 @@ from optuna.trial import TrialState, create_trial
 from src.config import PruneSettings
 from src.errors import UserError
 from src.pruning import PhaseAligned, make_pruner
-from src.study import check_steps
+from src.study import SEARCH_AUG, SEARCH_AUG_ATTR, check_search_augmentation, check_steps
 from src.trials import STEPS, STEPS_ATTR
 
 P1 = 10  # max_epochs_phase1: phase-2 epoch e is step 10 + e
@@ -82,6 +82,20 @@ def test_successive_halving_and_percentile_see_the_aligned_view():
     assert not _judge(study, {1: 0.01, 11: 0.95})
     assert isinstance(make_pruner(PruneSettings(pruner="none"), P1, P2), optuna.pruners.NopPruner)
     assert isinstance(make_pruner(PruneSettings(), P1, P2, enabled=False), optuna.pruners.NopPruner)
+
+
+def test_a_search_size_study_with_unscaled_trial_augmentation_is_refused_a_new_one_is_marked():
+    old = optuna.create_study(study_name="old", direction="maximize")
+    old.add_trial(create_trial(state=TrialState.COMPLETE, value=0.5, intermediate_values={1: 0.4, 12: 0.5}))
+    check_search_augmentation(old, 0)  # no search size: nothing to scale, resumes unmarked
+    assert SEARCH_AUG_ATTR not in old.user_attrs
+    with pytest.raises(UserError, match="'old'.*search size \\(64 px\\).*new --study-name"):
+        check_search_augmentation(old, 64)
+    new = optuna.create_study(direction="maximize")
+    check_search_augmentation(new, 64)
+    assert new.user_attrs[SEARCH_AUG_ATTR] == SEARCH_AUG
+    new.add_trial(create_trial(state=TrialState.COMPLETE, value=0.5, intermediate_values={1: 0.4, 12: 0.5}))
+    check_search_augmentation(new, 64)  # its own trials: resumes
 
 
 def test_a_study_with_the_old_global_steps_is_refused_a_new_one_is_marked():
