@@ -178,10 +178,10 @@ def start(opts: SweepOptions) -> Started:
     name, experiment = names(opts, fixed)  # src/naming.py
     study = open_study(name, opts.storage, fixed.seed, pruner, on_lost=LostTrials(tracker))
     check_steps(study)
-    check_search_augmentation(study, fixed.search_size)
     settings = {k: v for k, v in asdict(fixed).items() if k not in F.SEARCH_KEYS or v}  # 0: as before they existed
     check_same_settings(study, {**settings, "weights": weights, "search": {
         n: asdict(spec) for n, spec in sweep.search.items()}, **_prune_setting(sweep)})
+    check_search_augmentation(study, fixed.search_size)  # after: a changed search size is named as such
     if sweep.start and not study.get_trials(deepcopy=False):  # a study with no trial yet: its first starts from [start]
         # (the --workers launcher does this before its workers start; processes started together
         # on a new study by hand may each find it empty: skip_if_exists narrows that to a rare repeat)
