@@ -59,8 +59,9 @@ def to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device):
 
 
 def default_loader_workers(device: torch.device) -> int:
-    """DataLoader workers: none on CPU (compute needs the cores), most of this process's cores on
-    a GPU box."""
+    """DataLoader workers: none on CPU (compute needs the cores: one worker made the cached passes
+    and whole-backbone steps 1.2-1.6x slower on 2 cores, `benchmarks/bench_loader_workers.py`), most
+    of this process's cores on a GPU box."""
     return 0 if device.type != "cuda" else max(1, min(8, my_cores() - 1))
 
 

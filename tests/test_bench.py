@@ -137,3 +137,14 @@ def test_bench_fold_fills_both_caches_and_prints_the_ratios(flat_folder, capsys)
                      r"\d\.\d\de-0[5-9]$", out, re.M)  # the same function, other rounding
     assert re.search(r"^ratio folded_vs_unfolded_features_32 \d+\.\d+$", out, re.M)
     assert re.search(r"^ratio folded_vs_unfolded_prefix_fp32_32 \d+\.\d+$", out, re.M)
+
+
+def test_bench_loader_workers_times_both_arms_and_prints_the_ratios(flat_folder, capsys):
+    import bench_loader_workers
+    args = ["--data", str(flat_folder), "--weights", "none", "--backbone", "resnet18", "--sizes", "32",
+            "--levels", "light", "--repeats", "1", "--steps", "2"]
+    assert bench_loader_workers.main(args) == 0
+    out = capsys.readouterr().out
+    for what in ("prefix", "steps"):
+        assert re.search(rf"^32 px light {what}: 0 workers \d+\.\d+ s, 1 worker\(s\) \d+\.\d+ s$", out, re.M)
+        assert re.search(rf"^ratio workers1_vs_0_{what}_light_32 \d+\.\d+$", out, re.M)
