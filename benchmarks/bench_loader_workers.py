@@ -36,6 +36,8 @@ def main(argv=None) -> int:
     extra.add_argument("--steps", type=int, default=20)
     mine, rest = extra.parse_known_args(argv)
     args = parse(__doc__, rest, "repeats", 3)
+    if mine.workers < 1:
+        raise SystemExit(f"--workers {mine.workers}: give 1 or more (the arm timed against none)")
     from cached_passes import pipelines
     from src import prefix as P
     from src.config import TrialConfig

@@ -48,6 +48,7 @@ AUG_LEVELS = {
     "frame":  "from the whole frame: RandomResizedCrop(scale 0.08-1, ratio 3/4-4/3) + flip (the standard recipe)",
 }
 FRAME_LEVELS = ("frame_light", "frame")
+SIZED_LEVELS = ("seed", "strong")  # pixel amounts (padding, translations): scaled at a search size
 MAX_ASPECT = 1.5  # a frame's longer side is at most this times its shorter one (the rest is cut evenly)
 
 

@@ -89,7 +89,8 @@ def build_transform(level: str, image_size: int, mean, std, train: bool, aug_sid
     The levels' pixel amounts (seed's padding of 8 px, strong's translations of up to 32 px) are
     set for a model at `aug_side` px (default: `image_size`). A search-size trial passes the full
     size, so its shifts are the full-size model's scaled by image_size / aug_side, the same share
-    of the image (a 64 px trial for 128 px: padding 4, translations up to 16 px). Every other
+    of the image (a 64 px trial for 128 px: padding 4, translations up to 16 px; padding at least
+    1 px, rounded half to even). Every other
     amount is a share of the image already, or a size-free angle or colour."""
     if level not in AUG_LEVELS:
         raise UserError(f"aug_strength {level!r} is not one of {list(AUG_LEVELS)}")

@@ -18,7 +18,7 @@ import sqlalchemy.exc
 
 from . import splits as S
 from . import trials as T
-from .config import Fixed, SweepFile
+from .config import SIZED_LEVELS, Fixed, SweepFile
 from .errors import UserError
 from .fidelity import SEARCH_KEYS
 from .stats import wilson
@@ -176,16 +176,22 @@ SEARCH_AUG_ATTR, SEARCH_AUG = "search_augmentation", "scaled"  # `data.build_tra
 
 def check_search_augmentation(study: optuna.Study, search_size: int) -> None:
     """A search-size study's trials shift their images by the full size's share (seed's padding,
-    strong's translations scaled by search_size / image_size); a search-size study whose trials
-    were made before that (the full size's pixel amounts at the search size) is refused, never mixed."""
+    strong's translations scaled by search_size / image_size); a search-size study with trials that
+    trained at those levels before that (the full size's pixel amounts at the search size) is
+    refused, never mixed. Queued trials, trials that never reported an epoch and trials of other
+    levels train the same either way: a study with only those is marked and goes on."""
     if not search_size or study.user_attrs.get(SEARCH_AUG_ATTR) == SEARCH_AUG:
         return
-    if study.get_trials(deepcopy=False):
+    old = [t.number for t in study.get_trials(deepcopy=False)
+           if t.intermediate_values and t.params.get("aug_strength") in SIZED_LEVELS]
+    if old:
+        shown = ", ".join(map(str, old[:10])) + (", ..." if len(old) > 10 else "")
         raise UserError(
             f"study {study.study_name!r} was made by an older version whose trials at the search size "
-            f"({search_size} px) shifted their images by the full size's pixel amounts; they cannot be ranked "
-            f"with trials whose shifts are scaled to the search size. Start a new --study-name; the old "
-            f"study, its runs and checkpoints stay as they are, and python -m src.final_test still scores it")
+            f"({search_size} px) at levels {' and '.join(SIZED_LEVELS)} (trials {shown}) shifted their images by "
+            f"the full size's pixel amounts; they cannot be ranked with trials whose shifts are scaled to the "
+            f"search size. Start a new --study-name; the old study, its runs and checkpoints stay as they "
+            f"are, and python -m src.final_test still scores its winner if its full-size models were trained")
     study.set_user_attr(SEARCH_AUG_ATTR, SEARCH_AUG)
 
 

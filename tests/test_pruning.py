@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import optuna
 import pytest
-from optuna.distributions import FloatDistribution
+from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 from src.config import PruneSettings
@@ -84,18 +84,36 @@ def test_successive_halving_and_percentile_see_the_aligned_view():
     assert isinstance(make_pruner(PruneSettings(), P1, P2, enabled=False), optuna.pruners.NopPruner)
 
 
+def _trained_at(level: str, **kw):
+    return create_trial(params={"aug_strength": level},
+                        distributions={"aug_strength": CategoricalDistribution(["light", "seed", "strong"])}, **kw)
+
+
 def test_a_search_size_study_with_unscaled_trial_augmentation_is_refused_a_new_one_is_marked():
     old = optuna.create_study(study_name="old", direction="maximize")
-    old.add_trial(create_trial(state=TrialState.COMPLETE, value=0.5, intermediate_values={1: 0.4, 12: 0.5}))
+    old.add_trial(_trained_at("light", state=TrialState.COMPLETE, value=0.5, intermediate_values={1: 0.4, 12: 0.5}))
+    old.add_trial(_trained_at("strong", state=TrialState.PRUNED, intermediate_values={1: 0.4, 11: 0.3}))
     check_search_augmentation(old, 0)  # no search size: nothing to scale, resumes unmarked
     assert SEARCH_AUG_ATTR not in old.user_attrs
-    with pytest.raises(UserError, match="'old'.*search size \\(64 px\\).*new --study-name"):
+    with pytest.raises(UserError, match="'old'.*search size \\(64 px\\).*seed and strong \\(trials 1\\).*new --study-name"):
         check_search_augmentation(old, 64)
+    assert SEARCH_AUG_ATTR not in old.user_attrs
     new = optuna.create_study(direction="maximize")
     check_search_augmentation(new, 64)
     assert new.user_attrs[SEARCH_AUG_ATTR] == SEARCH_AUG
-    new.add_trial(create_trial(state=TrialState.COMPLETE, value=0.5, intermediate_values={1: 0.4, 12: 0.5}))
+    new.add_trial(_trained_at("seed", state=TrialState.COMPLETE, value=0.5, intermediate_values={1: 0.4, 12: 0.5}))
     check_search_augmentation(new, 64)  # its own trials: resumes
+
+
+def test_an_unmarked_study_whose_trials_train_the_same_either_way_is_marked_not_refused():
+    # trials of levels without pixel amounts, a queued [start] trial (workers started together on a
+    # new study), one that failed before its first epoch: all train now as they would have
+    study = optuna.create_study(direction="maximize")
+    study.add_trial(_trained_at("light", state=TrialState.COMPLETE, value=0.5, intermediate_values={1: 0.4, 12: 0.5}))
+    study.add_trial(_trained_at("seed", state=TrialState.FAIL))
+    study.enqueue_trial({"aug_strength": "strong"})
+    check_search_augmentation(study, 64)
+    assert study.user_attrs[SEARCH_AUG_ATTR] == SEARCH_AUG
 
 
 def test_a_study_with_the_old_global_steps_is_refused_a_new_one_is_marked():

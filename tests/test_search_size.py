@@ -162,7 +162,7 @@ def test_trials_shift_their_images_by_the_full_sizes_share(in_tmp, flat_folder):
     assert step(full, "seed", "RandomCrop").padding == [8, 8, 8, 8]
     assert step(trials, "strong", "ScaledTrivialAugmentWide").scale == 0.5
     assert step(full, "strong", "TrivialAugmentWide")  # torchvision's own: the full size's cache keys as before
-    assert started.study.user_attrs["search_augmentation"] == "scaled"  # a resume of an unmarked study is refused
+    assert started.study.user_attrs["search_augmentation"] == "scaled"  # marked: src/study.py check_search_augmentation
 
 
 def test_a_full_size_model_is_its_trials_model_fine_tuned_at_full_size(in_tmp, flat_folder):
