@@ -184,7 +184,7 @@ def check_search_augmentation(study: optuna.Study, search_size: int) -> None:
         return
     old = [t.number for t in study.get_trials(deepcopy=False)
            if t.intermediate_values and t.params.get("aug_strength") in SIZED_LEVELS]
-    if old:
+    if old and study.user_attrs.get(SEARCH_AUG_ATTR) != SEARCH_AUG:  # read again: a worker beside may mark it
         shown = ", ".join(map(str, old[:10])) + (", ..." if len(old) > 10 else "")
         raise UserError(
             f"study {study.study_name!r} was made by an older version whose trials at the search size "
