@@ -8,50 +8,48 @@ For each side and augmentation level, through the product's own pipeline and cac
 - `prefix`: one seeded view of the train images through the frozen prefix of `unfreeze = 1` (what
   a trial's phase 2 spends its cached passes on: decoding, augmenting, the frozen forward pass),
   each into a cache of its own;
-- `steps`: `--steps` fine-tuning steps of the whole backbone on augmented train images (phase 2 of
-  `unfreeze = "all"`: the loader feeds a forward and backward pass).
+- `steps`: `--steps` of the product's fine-tuning steps (`train.train_epoch`, every stage trained:
+  phase 2 of `unfreeze = "all"`) on augmented train images.
 First one untimed round each (warm-up), then `--repeats` rounds in ABBA order. Prints seconds per
 round and
     ratio workers<N>_vs_0_<what>_<level>_<side> <x>   (seconds, > 1: the workers are slower)
-Measured 2026-12-07 on this 2-core CPU (MobileNetV2, real weights, clip-art, 1 worker, 3 repeats):
-1.20-1.60x slower in every case (docs/speed.md): the worker's augmentation takes a core from the
+Measured 2026-12-07 on this 2-core CPU (MobileNetV2, real weights, clip-art, 1 worker, 3 repeats,
+two runs): 1.20-1.60x slower in every case (this version's run: 1.26-1.48x) (docs/speed.md): the worker's augmentation takes a core from the
 compute's two intra-op threads, and a loader's workers start again every epoch.
 """
 from __future__ import annotations
 
 import copy
+import itertools
 import sys
 import time
 
-import torch
-
-from cached_passes import parse
+from cached_passes import parse, pipelines
 
 
 def main(argv=None) -> int:
-    import argparse
-    extra = argparse.ArgumentParser(add_help=False)
-    extra.add_argument("--levels", nargs="+", default=["light", "strong"])
-    extra.add_argument("--workers", type=int, default=1)
-    extra.add_argument("--steps", type=int, default=20)
-    mine, rest = extra.parse_known_args(argv)
-    args = parse(__doc__, rest, "repeats", 3)
-    if mine.workers < 1:
-        raise SystemExit(f"--workers {mine.workers}: give 1 or more (the arm timed against none)")
-    from cached_passes import pipelines
+    args = parse(__doc__, argv, "repeats", 3, more={
+        "--levels": {"nargs": "+", "default": ["light", "strong"]},
+        "--workers": {"type": int, "default": 1},
+        "--steps": {"type": int, "default": 20}})
+    if args.workers < 1:
+        raise SystemExit(f"--workers {args.workers}: give 1 or more (the arm timed against none)")
+    from src import model as M
     from src import prefix as P
     from src.config import TrialConfig
     from src.inputs import feature_cache
+    from src.train import make_optimizer, train_epoch
 
-    arms = (0, mine.workers)
+    arms = (0, args.workers)
     for side, pipe in pipelines(args, args.repeats + 1, "bench-loader-workers-"):
         prefix_net = P.checked_split(copy.deepcopy(pipe.base), P.cut_for(pipe.base, 1), side, 1)[0]
         prefix_net = prefix_net.eval().requires_grad_(False)
-        for level in mine.levels:
-            caches = {w: feature_cache(pipe, prefix_net, {**pipe.model_key(), "bench": f"workers{w}"},
-                                       dtype=P.STORED_AS, batch_size=pipe.fixed.batch_size) for w in arms}
-            for w in arms:
-                caches[w].workers = w
+        for level in args.levels:
+            caches = {}
+            for w in arms:  # a cache's loader takes the pipeline's workers
+                pipe.workers = w
+                caches[w] = feature_cache(pipe, prefix_net, {**pipe.model_key(), "bench": f"workers{w}"},
+                                          dtype=P.STORED_AS, batch_size=pipe.fixed.batch_size)
             cfg = TrialConfig.build(pipe.fixed, {"aug_strength": level, "head_lr": 1e-3, "backbone_lr_ratio": 0.1,
                                                  "patience": 3}, weights=pipe.weights, seed=1,
                                     classes=pipe.splits.classes)
@@ -59,19 +57,12 @@ def main(argv=None) -> int:
             def prefix(w, view):
                 caches[w].train_view(level, view)
 
-            def steps(w, view):
+            def steps(w, view):  # the product's phase-2 step (every stage trained) on the loader's first batches
                 pipe.workers = w
                 train, _ = pipe.image_loaders(cfg)
-                model = pipe.model(cfg.seed).to(memory_format=torch.channels_last).train()
-                opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-                for n, (images, labels) in enumerate(train.loader, 1):
-                    loss = torch.nn.functional.cross_entropy(model(images.contiguous(memory_format=torch.channels_last)),
-                                                             labels)
-                    opt.zero_grad()
-                    loss.backward()
-                    opt.step()
-                    if n == mine.steps:
-                        break
+                model = pipe.model(cfg.seed).requires_grad_(True)
+                train_epoch(model, itertools.islice(train.loader, args.steps),
+                            make_optimizer(M.param_groups(model, 1e-3, 1e-4)), pipe.device)
 
             for what, run in (("prefix", prefix), ("steps", steps)):
                 seconds = dict.fromkeys(arms, 0.0)
@@ -83,8 +74,8 @@ def main(argv=None) -> int:
                         run(w, r)
                         seconds[w] += time.perf_counter() - start
                 a, b = (seconds[w] / args.repeats for w in arms)
-                print(f"{side} px {level} {what}: 0 workers {a:.2f} s, {mine.workers} worker(s) {b:.2f} s", flush=True)
-                print(f"ratio workers{mine.workers}_vs_0_{what}_{level}_{side} {b / max(a, 1e-9):.3f}", flush=True)
+                print(f"{side} px {level} {what}: 0 workers {a:.2f} s, {args.workers} worker(s) {b:.2f} s", flush=True)
+                print(f"ratio workers{args.workers}_vs_0_{what}_{level}_{side} {b / max(a, 1e-9):.3f}", flush=True)
     return 0
 
 

@@ -14,14 +14,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def parse(doc: str, argv, count: str, default: int) -> argparse.Namespace:
-    """--data, --backbone, --weights, --sizes, and `--<count>` (views or epochs per side)."""
+def parse(doc: str, argv, count: str, default: int, more: dict | None = None) -> argparse.Namespace:
+    """--data, --backbone, --weights, --sizes, `--<count>` (views or epochs per side), and a
+    benchmark's own flags (`more`: flag -> add_argument's keywords)."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--backbone", default="mobilenet_v2")
     p.add_argument("--weights", default="imagenet")
     p.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
     p.add_argument(f"--{count}", type=int, default=default)
+    for flag, kw in (more or {}).items():
+        p.add_argument(flag, **kw)
     return p.parse_args(argv)
 
 
