@@ -23,6 +23,7 @@ import optuna
 
 from . import trials as T
 from .config import Fixed
+from .stats import LEAD_P
 from .tracking import Tracker
 
 log = logging.getLogger("tlsweep")
@@ -208,8 +209,15 @@ def winner_text(tags: dict) -> str | None:
     won = T.winner(tags)
     if won is None or won[0] not in WHAT:
         return None
-    return (f"{WHAT[won[0]]}, valid_acc {float(tags['winner.valid_acc']):.4f} (the best single model's "
+    text = (f"{WHAT[won[0]]}, valid_acc {float(tags['winner.valid_acc']):.4f} (the best single model's "
             f"{float(tags.get('winner.trial_valid_acc', 'nan')):.4f}, both fp32; run {won[1]})")
+    lead = tags.get("winner.lead_p", "none")
+    ahead = [k for k in ("trial", "soup") if tags.get(f"winner.{k}_valid_acc", "none") not in ("none", "")
+             and float(tags[f"winner.{k}_valid_acc"]) > float(tags["winner.valid_acc"])]
+    if won[0] == "ensemble" and lead != "none" and ahead:
+        text += (f"; the {' and the '.join({'trial': 'single model', 'soup': 'soup'}[k] for k in ahead)} led it "
+                 f"within noise (McNemar p {float(lead):.2g}: a one-model candidate wins only below {LEAD_P})")
+    return text
 
 
 def summary(study: optuna.Study, fixed: Fixed, experiment_id: str, commands: dict,

@@ -23,7 +23,7 @@ import torch
 from . import model as M
 from . import trials as T
 from .tracking import Tracker
-from .train import evaluate
+from .train import Evaluation, evaluate
 
 SOUP_TOP = 5  # --soup-top: how many of the best trials a soup may draw on
 FULL_LABEL = "full:"  # marks full-size candidates (a search size, src/confirm.py) in `winner.from`, `<kind>.trials`
@@ -47,16 +47,16 @@ def load(tracker: Tracker, run_id: str, tmp: Path):
 
 
 def greedy(candidates: list[tuple[str, dict]], model: torch.nn.Module, valid, device,
-           single: float) -> tuple[list[int], float, dict]:
-    """(indexes of the members, the soup's valid accuracy, its state): candidates best first, the
-    first's valid accuracy `single` measured as the soup's is (src/winner.py)."""
+           single: Evaluation) -> tuple[list[int], Evaluation, dict]:
+    """(indexes of the members, the soup's validation `Evaluation`, its state): candidates best
+    first, `single` the first's evaluation, made as the soup's are (src/winner.py)."""
     members, state, best = [0], candidates[0][1], single
     for i in range(1, len(candidates)):
         trial_state = average([candidates[j][1] for j in (*members, i)])
         model.load_state_dict(trial_state)
-        acc = evaluate(model, valid, device).acc
-        if acc >= best:
-            members, best, state = [*members, i], acc, trial_state
+        got = evaluate(model, valid, device)
+        if got.acc >= best.acc:
+            members, best, state = [*members, i], got, trial_state
     return members, best, state
 
 

@@ -1,10 +1,12 @@
-"""How sure an accuracy is: Wilson score intervals for a validation accuracy of n images; how
+"""How sure an accuracy is: Wilson score intervals for a validation accuracy of n images; whether
+one model's lead over another on the same images is more than noise (McNemar's exact test); how
 well two measurements rank the same configurations (Spearman)."""
 from __future__ import annotations
 
 import math
 
 Z95 = 1.959964  # two-sided 95%
+LEAD_P = 0.05  # src/winner.py: a one-model candidate beats the ensemble only with a lead less likely than this by chance
 
 
 def wilson(acc: float, n: int, z: float = Z95) -> tuple[float, float]:
@@ -22,6 +24,22 @@ def within_noise(best: float, others: dict[int, float], n: int) -> list[int]:
     validation set their order against the best is noise, not evidence."""
     low, _ = wilson(best, n)
     return [k for k, acc in others.items() if acc >= low]
+
+
+def lead_p(right: list[bool], other_right: list[bool]) -> float:
+    """How likely a lead at least this large is by chance: McNemar's exact test, one-sided, of the
+    model whose per-image correctness is `right` against `other_right` on the same images. Only the
+    images where one is right and the other wrong count; were neither better, each such image would
+    go either way with even odds. 1.0 when they never disagree or `right` does not lead."""
+    from scipy.stats import binomtest  # scipy comes with scikit-learn
+
+    if len(right) != len(other_right):
+        raise ValueError(f"lead_p compares the same images: {len(right)} against {len(other_right)} results")
+    wins = sum(1 for a, b in zip(right, other_right) if a and not b)
+    losses = sum(1 for a, b in zip(right, other_right) if b and not a)
+    if wins <= losses:
+        return 1.0
+    return float(binomtest(wins, wins + losses, 0.5, alternative="greater").pvalue)
 
 
 def spearman(xs: list[float], ys: list[float]) -> float | None:

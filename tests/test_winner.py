@@ -1,12 +1,13 @@
 """The ensemble candidate and the winner rule (src/winner.py): an ensemble's output is the log of
 its members' mean class probabilities and survives its checkpoint, the rule prefers it unless one
-model is better on validation, a sweep makes it once, and the final test scores exactly it."""
+model leads it on validation beyond noise, a sweep makes it once, and the final test scores exactly it."""
 from __future__ import annotations
 
 import json
 import math
 
 import optuna
+import pytest
 import torch
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
@@ -16,6 +17,7 @@ from src import final_test, sweep
 from src import model as M
 from src.data import ImageList, build_transform, loader
 from src.tracking import Tracker
+from src.stats import lead_p
 from src.winner import pick, record
 
 
@@ -37,13 +39,33 @@ def test_an_ensemble_outputs_the_log_of_its_members_mean_probabilities_and_survi
         assert torch.equal(rebuilt.eval()(x), out)
 
 
-def test_the_ensemble_wins_unless_one_model_beats_it_on_validation():
+def test_the_ensemble_wins_unless_one_model_beats_it_on_validation_beyond_noise():
     assert pick({"trial": 0.80}) == "trial"
-    assert pick({"trial": 0.80, "ensemble": 0.80}) == "ensemble"  # a tie: the ensemble
-    assert pick({"trial": 0.80, "soup": 0.81, "ensemble": 0.81}) == "ensemble"
-    assert pick({"trial": 0.80, "ensemble": 0.79}) == "trial"
-    assert pick({"trial": 0.80, "soup": 0.82, "ensemble": 0.81}) == "soup"
-    assert pick({"trial": 0.80, "soup": 0.80, "ensemble": 0.79}) == "trial"  # a soup must beat the single
+    assert pick({"trial": 0.80, "soup": 0.81}) == "soup" and pick({"trial": 0.80, "soup": 0.80}) == "trial"
+    assert pick({"trial": 0.80, "ensemble": 0.80}, lead=0.001) == "ensemble"  # a tie: the ensemble
+    assert pick({"trial": 0.80, "soup": 0.81, "ensemble": 0.81}, lead=0.001) == "ensemble"
+    assert pick({"trial": 0.80, "ensemble": 0.79}, lead=0.01) == "trial"
+    assert pick({"trial": 0.80, "ensemble": 0.79}, lead=0.5) == "ensemble"  # ahead, within noise
+    assert pick({"trial": 0.80, "ensemble": 0.79}) == "ensemble"  # no lead measured: none assumed
+    assert pick({"trial": 0.80, "soup": 0.82, "ensemble": 0.81}, lead=0.01) == "soup"
+    assert pick({"trial": 0.80, "soup": 0.80, "ensemble": 0.79}, lead=0.01) == "trial"  # a soup must beat the single
+
+
+def test_a_lead_counts_only_the_images_where_the_two_disagree():
+    # 283 images, the single right on one more than the ensemble: 12 images it alone got right,
+    # 11 the ensemble alone; a coin gives that lead or more half the time.
+    same, single, ens = [True] * 200 + [False] * 60, [True] * 12 + [False] * 11, [False] * 12 + [True] * 11
+    assert lead_p(same + single, same + ens) == 0.5
+    assert lead_p(same + ens, same + single) == 1.0  # behind: no lead
+    assert lead_p(same, same) == 1.0  # never disagree
+    # 20 images only it got right, none the other way: 0.5 ** 20
+    assert math.isclose(lead_p(same + [True] * 20, same + [False] * 20), 0.5 ** 20)
+    # the same accuracies with more agreement decide nothing more: only disagreements count
+    assert lead_p([True] * 8 + [False] * 2, [True] * 6 + [False] * 4) == lead_p([True] * 2, [False] * 2)
+    assert pick({"trial": 0.8, "ensemble": 0.75}, lead_p([True] * 8 + [False] * 2, [True] * 6 + [False] * 4)) \
+        == "ensemble"  # 2 of 10 ahead: p 0.25
+    with pytest.raises(ValueError, match="the same images: 3 against 2"):
+        lead_p([True] * 3, [True] * 2)
 
 
 def _ckpt(client, run_id, dst):
@@ -74,7 +96,10 @@ def test_a_sweep_makes_the_ensemble_of_its_best_trials_once_and_the_final_test_s
     tags = client.get_run(parent).data.tags
     assert tags["winner.kind"] in ("ensemble", "trial") and tags["winner.soup_valid_acc"] == "none"
     assert math.isclose(float(tags["winner.ensemble_valid_acc"]), run.data.metrics["ensemble/valid_acc"], abs_tol=1e-6)
-    expected_kind = pick({"trial": float(tags["winner.trial_valid_acc"]), "ensemble": float(tags["winner.ensemble_valid_acc"])})
+    lead = float(tags["winner.lead_p"])
+    assert 0.0 < lead <= 1.0
+    expected_kind = pick({"trial": float(tags["winner.trial_valid_acc"]), "ensemble": float(tags["winner.ensemble_valid_acc"])},
+                         lead)
     assert tags["winner.kind"] == expected_kind
 
     assert sweep.main(args) == 0  # nothing new: not chosen again, nothing made (and deleted) again
