@@ -211,12 +211,18 @@ def winner_text(tags: dict) -> str | None:
         return None
     text = (f"{WHAT[won[0]]}, valid_acc {float(tags['winner.valid_acc']):.4f} (the best single model's "
             f"{float(tags.get('winner.trial_valid_acc', 'nan')):.4f}, both fp32; run {won[1]})")
-    lead = tags.get("winner.lead_p", "none")
-    ahead = [k for k in ("trial", "soup") if tags.get(f"winner.{k}_valid_acc", "none") not in ("none", "")
-             and float(tags[f"winner.{k}_valid_acc"]) > float(tags["winner.valid_acc"])]
-    if won[0] == "ensemble" and lead != "none" and ahead:
-        text += (f"; the {' and the '.join({'trial': 'single model', 'soup': 'soup'}[k] for k in ahead)} led it "
-                 f"within noise (McNemar p {float(lead):.2g}: a one-model candidate wins only below {LEAD_P})")
+    lead, ensemble = tags.get("winner.lead_p", "none"), tags.get("winner.ensemble_valid_acc", "none")
+    if lead == "none" or ensemble == "none":
+        return text
+    accs = {k: float(tags[f"winner.{k}_valid_acc"]) for k in ("trial", "soup")
+            if tags.get(f"winner.{k}_valid_acc", "none") != "none"}
+    one = "soup" if accs.get("soup", -1.0) > accs["trial"] else "trial"  # as src/winner.py's one_model
+    name = {"trial": "single model", "soup": "soup"}[one]
+    if won[0] == "ensemble" and accs[one] > float(ensemble):
+        text += (f"; the {name} led it within noise (McNemar p {float(lead):.2g}: a one-model candidate wins "
+                 f"only below {LEAD_P})")
+    elif won[0] == "soup":
+        text += f"; it led the ensemble beyond noise (McNemar p {float(lead):.2g})"
     return text
 
 

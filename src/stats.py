@@ -31,15 +31,14 @@ def lead_p(right: list[bool], other_right: list[bool]) -> float:
     model whose per-image correctness is `right` against `other_right` on the same images. Only the
     images where one is right and the other wrong count; were neither better, each such image would
     go either way with even odds. 1.0 when they never disagree or `right` does not lead."""
-    from scipy.stats import binomtest  # scipy comes with scikit-learn
-
     if len(right) != len(other_right):
         raise ValueError(f"lead_p compares the same images: {len(right)} against {len(other_right)} results")
     wins = sum(1 for a, b in zip(right, other_right) if a and not b)
     losses = sum(1 for a, b in zip(right, other_right) if b and not a)
     if wins <= losses:
         return 1.0
-    return float(binomtest(wins, wins + losses, 0.5, alternative="greater").pvalue)
+    n = wins + losses
+    return sum(math.comb(n, k) for k in range(wins, n + 1)) / 2 ** n  # exact binomial tail, P(X >= wins)
 
 
 def spearman(xs: list[float], ys: list[float]) -> float | None:

@@ -114,8 +114,9 @@ def _end_flags(p: argparse.ArgumentParser) -> None:
                    help=f"at the end, a greedy weight-averaged soup of the K best trials competes with the best "
                         f"one on validation (0 or 1: no soup; default {SOUP_TOP})")
     p.add_argument("--ensemble-top", type=int, default=ENSEMBLE_TOP,
-                   help=f"at the end, the K best models' averaged predictions compete too, and win unless one "
-                        f"model beats them on validation (K times the inference cost; 0 or 1: no ensemble; "
+                   help=f"at the end, the K best models' averaged predictions compete too, and win unless the "
+                        f"single or the soup leads them on validation beyond noise (McNemar p < 0.05; K times "
+                        f"the inference cost; 0 or 1: no ensemble; "
                         f"default {ENSEMBLE_TOP}; see src/winner.py)")
     p.add_argument("--confirm-top", type=int, default=0, metavar="K",
                    help="after the trials, re-train the K best configurations on --confirm-folds re-drawn "

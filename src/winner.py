@@ -40,7 +40,7 @@ from . import model as M
 from .soup import MATCH, Candidate, greedy, load
 from .stats import LEAD_P, lead_p, wilson
 from .tracking import MLFLOW_PARENT_RUN_ID, ROLE, Tracker
-from .train import evaluate
+from .train import Evaluation, evaluate
 
 log = logging.getLogger("tlsweep")
 ENSEMBLE_TOP = 3  # --ensemble-top: how many of the best models the ensemble averages
@@ -59,6 +59,19 @@ def pick(accs: dict[str, float], lead: float = 1.0) -> str:
     if "ensemble" in accs and (accs["ensemble"] >= accs[one] or lead >= LEAD_P):
         return "ensemble"
     return one
+
+
+def lead_over_ensemble(got: dict[str, Evaluation]) -> float | None:
+    """`stats.lead_p` of the one-model candidate against the ensemble, from their evaluations on
+    the same validation images (None without an ensemble; 1.0, no lead, if their images differ)."""
+    if "ensemble" not in got:
+        return None
+    one = got[one_model({kind: e.acc for kind, e in got.items()})]
+    if one.targets != got["ensemble"].targets:  # a file skipped in one pass only: not paired
+        log.warning("the candidates were evaluated on different validation images: no lead is measured")
+        return 1.0
+    right = lambda e: [p == t for p, t in zip(e.preds, e.targets)]  # noqa: E731
+    return lead_p(right(one), right(got["ensemble"]))
 
 
 def record(tracker: Tracker, parent_id: str, kind: str, model: torch.nn.Module, config: dict,
@@ -110,9 +123,7 @@ def candidates_made(tracker: Tracker, parent_id: str, ranked: list[Candidate], v
         got["ensemble"] = evaluate(ensemble, valid, device)
         runs["ensemble"] = record(tracker, parent_id, "ensemble", ensemble, {**first, "ensemble_size": len(group)},
                                   [c.run_id for c, _ in group], seen(group), got["ensemble"].acc, n_valid)
-    accs = {kind: e.acc for kind, e in got.items()}
-    right = {kind: [p == t for p, t in zip(e.preds, e.targets)] for kind, e in got.items()}
-    lead = lead_p(right[one_model(accs)], right["ensemble"]) if "ensemble" in got else None
+    accs, lead = {kind: e.acc for kind, e in got.items()}, lead_over_ensemble(got)
     log.info("the winner's candidates on validation (fp32, %d images): %s%s", n_valid,
              ", ".join(f"{k} {v:.4f}" for k, v in accs.items()),
              "" if lead is None else f"; the {one_model(accs).replace('trial', 'single model')}'s lead over the "

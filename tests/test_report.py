@@ -76,10 +76,18 @@ def test_summary_links_the_best_trial_run_and_lists_params_and_commands():
     won, _ = report.summary(_study(), FIXED, "7", COMMANDS, winner=report.winner_text(tags))
     assert ("| winner (the final test scores it) | an ensemble of the best models (their class probabilities "
             "averaged), valid_acc 0.9500 (the best single model's 0.9000, both fp32; run ens) |") in won
-    led = report.winner_text({**tags, "winner.valid_acc": "0.88", "winner.lead_p": "0.25", "winner.soup_valid_acc": "none"})
+    led = report.winner_text({**tags, "winner.valid_acc": "0.88", "winner.ensemble_valid_acc": "0.88",
+                              "winner.lead_p": "0.25", "winner.soup_valid_acc": "none"})
     assert led.endswith("; the single model led it within noise (McNemar p 0.25: a one-model candidate wins only "
                         "below 0.05)")
     assert "noise" not in report.winner_text({**tags, "winner.lead_p": "1"})  # the ensemble ahead: nothing to say
+    both = report.winner_text({**tags, "winner.valid_acc": "0.88", "winner.ensemble_valid_acc": "0.88",
+                               "winner.lead_p": "0.25", "winner.soup_valid_acc": "0.91"})
+    assert both.endswith("; the soup led it within noise (McNemar p 0.25: a one-model candidate wins only below 0.05)")
+    soup = report.winner_text({**tags, "winner.kind": "soup", "winner.valid_acc": "0.97", "winner.soup_valid_acc": "0.97",
+                               "winner.ensemble_valid_acc": "0.9", "winner.lead_p": "0.001"})
+    assert soup.startswith("a soup of the best models' weights, valid_acc 0.9700") and \
+        soup.endswith("; it led the ensemble beyond noise (McNemar p 0.001)")
     assert report.winner_text({**tags, "winner.best_trial": "0"}) is None  # chosen beside an older best: stale
     assert report.winner_text({**tags, "winner.kind": "trial"}) is None
     empty_md, _ = report.summary(optuna.create_study(study_name="e"), FIXED, "7", COMMANDS)

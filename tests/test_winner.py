@@ -18,7 +18,8 @@ from src import model as M
 from src.data import ImageList, build_transform, loader
 from src.tracking import Tracker
 from src.stats import lead_p
-from src.winner import pick, record
+from src.train import Evaluation
+from src.winner import lead_over_ensemble, pick, record
 
 
 def test_an_ensemble_outputs_the_log_of_its_members_mean_probabilities_and_survives_its_checkpoint(tmp_path):
@@ -66,6 +67,28 @@ def test_a_lead_counts_only_the_images_where_the_two_disagree():
         == "ensemble"  # 2 of 10 ahead: p 0.25
     with pytest.raises(ValueError, match="the same images: 3 against 2"):
         lead_p([True] * 3, [True] * 2)
+
+
+def _evaluation(right: list[bool], targets=None) -> Evaluation:
+    targets = targets or [i % 3 for i in range(len(right))]
+    return Evaluation(0.0, sum(right) / len(right), [t if r else t + 1 for t, r in zip(targets, right)], targets)
+
+
+def test_the_lead_measured_is_the_one_model_candidates_the_soup_only_where_it_beats_the_single():
+    base = [True] * 20 + [False] * 10
+    ensemble = _evaluation(base + [False] * 10)
+    single = _evaluation(base + [True] * 6 + [False] * 4)  # 6 images ahead, none behind: p 1/64
+    soup = _evaluation(base + [True] * 3 + [False] * 7)  # 3 ahead: p 1/8, below the single
+    assert lead_over_ensemble({"trial": single, "ensemble": ensemble}) == 0.5 ** 6
+    assert lead_over_ensemble({"trial": single, "soup": soup, "ensemble": ensemble}) == 0.5 ** 6  # the single's
+    soup = _evaluation(base + [True] * 7 + [False] * 3)  # now above the single: the soup's lead counts
+    assert lead_over_ensemble({"trial": single, "soup": soup, "ensemble": ensemble}) == 0.5 ** 7
+    single = _evaluation(base + [True] * 2 + [False] * 8)  # a soup 2 ahead of the ensemble, the single 7
+    soup, ensemble = _evaluation(base + [True] * 4 + [False] * 6), _evaluation(base + [False] * 2 + [True] * 2 + [False] * 6)
+    assert lead_over_ensemble({"trial": single, "soup": soup, "ensemble": ensemble}) == 0.25  # 2 of 2: 1/4
+    assert lead_over_ensemble({"trial": single}) is None
+    other_images = _evaluation(base + [False] * 10, targets=[i % 2 for i in range(40)])
+    assert lead_over_ensemble({"trial": single, "ensemble": other_images}) == 1.0  # not paired: no lead
 
 
 def _ckpt(client, run_id, dst):
