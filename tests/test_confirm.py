@@ -133,7 +133,8 @@ def test_the_best_mean_over_re_drawn_splits_wins_once_per_study(in_tmp, flat_fol
 
 
 def test_the_final_test_takes_the_confirmed_winner_not_the_best_trial(in_tmp, flat_folder):
-    assert sweep.main(sweep_args(in_tmp, flat_folder, 2, "--soup-top", "0")) == 0
+    # no soup, no ensemble: the winner is a trial (the ensemble wins unless a trial leads it beyond noise)
+    assert sweep.main(sweep_args(in_tmp, flat_folder, 2, "--soup-top", "0", "--ensemble-top", "0")) == 0
     uri = f"sqlite:///{in_tmp}/mlflow.db"
     client, tracker = MlflowClient(uri), Tracker(uri)
     study = optuna.load_study(study_name="s", storage=f"sqlite:///{in_tmp}/optuna.db")
