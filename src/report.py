@@ -216,7 +216,7 @@ def winner_text(tags: dict) -> str | None:
         return text
     accs = {k: float(tags[f"winner.{k}_valid_acc"]) for k in ("trial", "soup")
             if tags.get(f"winner.{k}_valid_acc", "none") != "none"}
-    one = "soup" if accs.get("soup", -1.0) > accs["trial"] else "trial"  # as src/winner.py's one_model
+    one = T.one_model(accs)
     name = {"trial": "single model", "soup": "soup"}[one]
     if won[0] == "ensemble" and accs[one] > float(ensemble):
         text += (f"; the {name} led it within noise (McNemar p {float(lead):.2g}: a one-model candidate wins "

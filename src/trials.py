@@ -83,6 +83,12 @@ def winner(tags: dict) -> tuple[str, str, str] | None:
     return "trial", run_id, number
 
 
+def one_model(accs: dict[str, float]) -> str:
+    """The one-model candidate the ensemble competes with (src/winner.py), from the candidates'
+    validation accuracies (`trial` always among them): the soup if it beats the single."""
+    return "soup" if accs.get("soup", -1.0) > accs["trial"] else "trial"
+
+
 # -- Optuna's private API, used here only ---------------------------------------------------------
 def original_number(trial: optuna.Trial) -> int:
     """The number of the trial a live trial stands in for: the lost trial it retries, or its own."""

@@ -15,8 +15,9 @@ best of many noisy figures and the soup's a greedy pick on the same images, so b
 they do on new images; the ensemble's members are fixed by rank alone, and averaging their
 predictions cancels part of each member's seed noise. A lead of a few images on a few hundred is
 what that overstatement alone can give; a lead of many (a member that drags the ensemble down, or a
-one-model candidate better on a large validation split) still wins. Measured on the 24-class clip-art folder, see docs/quality-and-cost.md;
-`--ensemble-top 0` (or 1) leaves the ensemble out, for a model that costs one network at inference.
+one-model candidate better on a large validation split) still wins. Measured on the 24-class
+clip-art folder, see docs/quality-and-cost.md; `--ensemble-top 0` (or 1) leaves the ensemble out,
+for a model that costs one network at inference.
 
 Each candidate of two or more members is a run under the parent (role and run name `soup` or
 `ensemble`) with its checkpoint `checkpoints/phase2_best.pt` (its first member's config plus
@@ -40,6 +41,7 @@ from . import model as M
 from .soup import MATCH, Candidate, greedy, load
 from .stats import LEAD_P, lead_p, wilson
 from .tracking import MLFLOW_PARENT_RUN_ID, ROLE, Tracker
+from .trials import one_model
 from .train import Evaluation, evaluate
 
 log = logging.getLogger("tlsweep")
@@ -47,16 +49,12 @@ ENSEMBLE_TOP = 3  # --ensemble-top: how many of the best models the ensemble ave
 KINDS = ("trial", "soup", "ensemble")
 
 
-def one_model(accs: dict[str, float]) -> str:
-    """The one-model candidate the ensemble competes with: the soup if it beats the single."""
-    return "soup" if accs.get("soup", -1.0) > accs["trial"] else "trial"
-
-
-def pick(accs: dict[str, float], lead: float = 1.0) -> str:
+def pick(accs: dict[str, float], lead: float | None = None) -> str:
     """The winning kind from the validation accuracies measured (`trial` always among them) and
-    `lead`, the `stats.lead_p` of the one-model candidate against the ensemble on those images."""
+    `lead`, the `stats.lead_p` of the one-model candidate against the ensemble on those images
+    (None: not measured, so no lead)."""
     one = one_model(accs)
-    if "ensemble" in accs and (accs["ensemble"] >= accs[one] or lead >= LEAD_P):
+    if "ensemble" in accs and (accs["ensemble"] >= accs[one] or lead is None or lead >= LEAD_P):
         return "ensemble"
     return one
 
@@ -145,7 +143,7 @@ def choose_winner(tracker: Tracker, parent_id: str, candidates: list[Candidate],
         return tags["winner.run_id"]
     accs, runs, lead = ({"trial": ranked[0].value}, {"trial": ranked[0].run_id}, None) if len(ranked) < 2 else \
         candidates_made(tracker, parent_id, ranked, valid, device, soup_top, ensemble_top, label)
-    kind = pick(accs, 1.0 if lead is None else lead)
+    kind = pick(accs, lead)
     log.info("the winner is the %s (run %s)", {"trial": "single model"}.get(kind, kind), runs[kind])
     scored = tags.get("final_test.trial_run_id")
     if int(tags.get("final_test.count", "0")) and scored != runs[kind]:
