@@ -50,6 +50,14 @@ AUG_LEVELS = {
 FRAME_LEVELS = ("frame_light", "frame")
 SIZED_LEVELS = ("seed", "strong")  # pixel amounts (padding, translations): scaled at a search size
 MAX_ASPECT = 1.5  # a frame's longer side is at most this times its shorter one (the rest is cut evenly)
+# What phase 1 (the head on the frozen backbone) trains on: a new view of the trial's augmentation
+# level each epoch, or the single un-augmented view (the evaluation transform, level "none") that
+# every trial shares, its level then applying to phase 2 alone. Why "clean" in sweeps/default.toml:
+# docs/quality-and-cost.md.
+PHASE1_VIEWS = {
+    "augmented": "a new view of the trial's aug_strength each epoch (as phase 2)",
+    "clean": "the one un-augmented view (the evaluation transform), shared by every trial; aug_strength in phase 2 only",
+}
 
 
 @dataclass(frozen=True)
@@ -66,6 +74,7 @@ class Fixed:
                                         # "half" in a sweep file or flag: `half_size`, resolved by resolve_fixed)
     search_epochs: int = 0              # phase-2 epochs of a trial at the search size (0: max_epochs_phase2;
                                         # "half": half of it, rounded up; 0 without a search size): `searched`
+    phase1_views: str = "augmented"     # PHASE1_VIEWS: what phase 1 trains on
 
 
 @dataclass(frozen=True)
@@ -119,6 +128,7 @@ class TrialConfig:
     unfreeze: str | int = "all"
     search_size: int = 0                # the study's (Fixed); image_size == search_size: a search-size model
     search_epochs: int = 0              # the study's (Fixed)
+    phase1_views: str = "augmented"     # the study's (Fixed); a checkpoint from before it: "augmented"
     classes: tuple[str, ...] = field(default_factory=tuple)
 
     @classmethod
@@ -159,6 +169,8 @@ def _fixed_value(name: str, value: Any, path: Path, where: str) -> Any:
         raise UserError(f"{path}: [{where}] {name} = {value!r} must be > 0")
     if name in ("seed", *SEARCH_KEYS) and value < 0:
         raise UserError(f"{path}: [{where}] {name} = {value!r} must be >= 0")
+    if name == "phase1_views" and value not in PHASE1_VIEWS:
+        raise UserError(f"{path}: [{where}] phase1_views = {value!r} must be one of {list(PHASE1_VIEWS)}")
     return float(value) if expected == "float" else value
 
 

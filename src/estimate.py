@@ -157,9 +157,9 @@ class Cost:
     worst: float
 
 
-def _training(p2: float, sp: Speed, ntr: int, e1: int, e2: float, extra: float) -> float:
-    """One training outside the trials (a full-size model, a fold): its level's phase-1 views, E2 epochs."""
-    return e1 * ntr * sp.forward + e2 * p2 + extra
+def _training(p2: float, sp: Speed, ntr: int, v1: int, e2: float, extra: float) -> float:
+    """One training outside the trials (a fold): its V1 phase-1 views, E2 epochs."""
+    return v1 * ntr * sp.forward + e2 * p2 + extra
 
 
 def costs(opts: SweepOptions, sweep, fixed, plan, n: tuple[int, int], speeds: dict, decode: float,
@@ -174,10 +174,12 @@ def costs(opts: SweepOptions, sweep, fixed, plan, n: tuple[int, int], speeds: di
     frames = any(lvl in FRAME_LEVELS for lvl in levels) and not opts.no_cache
     p2 = {sp.side: ntr * sp.train + nva * sp.valid + (ntr + nva) * decode * opts.no_cache for sp in (s, f)}
     exp2, completes = _expected_phase2_epochs(sweep.prune, es, trials, not opts.no_prune)
+    clean = fixed.phase1_views == "clean"  # phase 1 on the one un-augmented view (src/config.py PHASE1_VIEWS)
+    views1 = (1, 1) if clean else (touched * e1, len(levels) * e1)  # phase-1 views cached: expected, worst
     if opts.no_cache:  # the frozen backbone runs every phase-1 epoch of every trial
         p1 = (trials * EARLY_STOP * e1 * (ntr + nva) * s.forward, trials * e1 * (ntr + nva) * s.forward)
-    else:  # each level's view of each epoch once, shared by all trials
-        p1 = ((touched * e1 * ntr + nva) * s.forward, (len(levels) * e1 * ntr + nva) * s.forward)
+    else:  # each view once (each level's, each epoch: or the one clean view), shared by all trials
+        p1 = ((views1[0] * ntr + nva) * s.forward, (views1[1] * ntr + nva) * s.forward)
     startup = STARTUP_S + (0 if opts.no_cache else (ntr + nva) * decode * sizes + ntr * decode * frames)
     keep = opts.keep_checkpoints
     saves = (1 + completes, 2) if not keep else (completes, 1)
@@ -186,7 +188,7 @@ def costs(opts: SweepOptions, sweep, fixed, plan, n: tuple[int, int], speeds: di
     full = [top * (x * p2[f.side] + PER_TRIAL_S + 2 * save_s) if fixed.search_size else 0
             for x in (EARLY_STOP * e2, e2)]
     fold_sp = f if fixed.search_size else s
-    redrawn = [top * folds * _training(p2[fold_sp.side], fold_sp, ntr + nva, e1, x, PER_TRIAL_S)
+    redrawn = [top * folds * _training(p2[fold_sp.side], fold_sp, ntr + nva, 1 if clean else e1, x, PER_TRIAL_S)
                for x in (EARLY_STOP * e2, e2)]
     judged = (min(opts.soup_top, trials) * (opts.soup_top > 1) + opts.ensemble_top * (opts.ensemble_top > 1) + 1)
     end = END_S + judged * nva * f.valid
@@ -197,7 +199,7 @@ def costs(opts: SweepOptions, sweep, fixed, plan, n: tuple[int, int], speeds: di
     if folds and top:
         time_terms.append(Cost(f"confirmation: {top} x {folds} re-drawn splits", *redrawn))
     time_terms.append(Cost("the winner's candidates, the report", end, end))
-    disk = _disk(opts, fixed, (ntr, nva), speeds, (touched, len(levels)), frames, ckpt_bytes, completes, top)
+    disk = _disk(opts, fixed, (ntr, nva), speeds, views1, frames, ckpt_bytes, completes, top)
     return time_terms, disk + _prefix_disk(fixed, (ntr, nva), speeds, (touched, len(levels)), top, es) * (not opts.no_cache)
 
 
@@ -219,8 +221,9 @@ def _prefix_disk(fixed, n, speeds, levels, top, searched_epochs) -> list[Cost]:
     return [Cost("caches: phase 2's frozen-prefix outputs", *out)] if any(out) else []
 
 
-def _disk(opts, fixed, n, speeds, levels, frames, ckpt_bytes, completes, top) -> list[Cost]:
-    (ntr, nva), trials, keep, e1 = n, opts.trials, opts.keep_checkpoints, fixed.max_epochs_phase1
+def _disk(opts, fixed, n, speeds, views1, frames, ckpt_bytes, completes, top) -> list[Cost]:
+    """views1: phase-1 views cached (expected, worst)."""
+    (ntr, nva), trials, keep = n, opts.trials, opts.keep_checkpoints
     if keep:  # a trial keeps its model while among the K best: K + K ln(T/K) in a random order
         kept = (min(trials * completes + keep, keep * (1 + math.log(max(1.0, trials / keep)))), trials)
     else:
@@ -235,8 +238,8 @@ def _disk(opts, fixed, n, speeds, levels, frames, ckpt_bytes, completes, top) ->
         side = D.stored_side(sp.side)
         images = (ntr + nva) * 3 * side * side + (1.5 * ntr * 3 * side * side if frames else 0)
         full_only = fixed.search_size and sp.side == fixed.image_size  # no features: phase 1 at the search size
-        for i, views in enumerate(levels):
-            cache[i] += images + (0 if full_only else (views * e1 * ntr + nva) * sp.features * 4)
+        for i, views in enumerate(views1):
+            cache[i] += images + (0 if full_only else (views * ntr + nva) * sp.features * 4)
     disk.append(Cost(f"caches (decoded images, phase-1 features; under {D.cache_dir()})", *cache))
     return disk
 

@@ -30,15 +30,18 @@ def feature_cache(pipe, extractor: nn.Module, key: dict, **how) -> F.FeatureCach
 
 def head_inputs(pipe, cfg: TrialConfig, model: nn.Module, valid=None, logs: dict | None = None) -> PhaseInputs:
     """What phase 1 fits on `pipe`: the head on cached features (caches on), or the model on the
-    same views decoded every epoch, judged on `valid` (default: `pipe`'s validation loader)."""
+    same views decoded every epoch, judged on `valid` (default: `pipe`'s validation loader). The
+    views are the trial's augmentation level's, or with `phase1_views = "clean"` the one view of
+    level "none" (src/config.py PHASE1_VIEWS)."""
     bs, logs = cfg.batch_size, logs or pipe._logs()
+    level = "none" if cfg.phase1_views == "clean" else cfg.aug_strength
     if pipe.features is None:
-        views = pipe._loader(pipe._dataset("train", cfg.aug_strength, True), bs, True, cfg.seed, logs["train"])
+        views = pipe._loader(pipe._dataset("train", level, True), bs, True, cfg.seed, logs["train"])
         return PhaseInputs(model, F.ViewEpochs(views), valid if valid is not None else pipe.valid_loader(bs * 2))
     if pipe.valid_features is None:
         pipe.valid_features = torch.from_numpy(np.array(pipe.features.valid()))
     valid_features = torch.utils.data.TensorDataset(pipe.valid_features, torch.as_tensor(pipe.labels("valid")))
-    phase1_train = F.FeatureEpochs(pipe.features, cfg.aug_strength, bs, torch.Generator().manual_seed(cfg.seed))
+    phase1_train = F.FeatureEpochs(pipe.features, level, bs, torch.Generator().manual_seed(cfg.seed))
     return PhaseInputs(model.get_submodule(pipe.head), phase1_train, pipe._loader(valid_features, bs * 2, False))
 
 

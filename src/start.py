@@ -178,7 +178,9 @@ def start(opts: SweepOptions) -> Started:
     name, experiment = names(opts, fixed)  # src/naming.py
     study = open_study(name, opts.storage, fixed.seed, pruner, on_lost=LostTrials(tracker))
     check_steps(study)
-    settings = {k: v for k, v in asdict(fixed).items() if k not in F.SEARCH_KEYS or v}  # 0: as before they existed
+    # keys that came later are left out at their defaults, so studies from before them resume
+    settings = {k: v for k, v in asdict(fixed).items() if (k not in F.SEARCH_KEYS or v)
+                and (k != "phase1_views" or v != Fixed.phase1_views)}
     check_same_settings(study, {**settings, "weights": weights, "search": {
         n: asdict(spec) for n, spec in sweep.search.items()}, **_prune_setting(sweep)})
     check_search_augmentation(study, fixed.search_size)  # after: a changed search size is named as such

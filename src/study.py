@@ -195,7 +195,7 @@ def check_search_augmentation(study: optuna.Study, search_size: int) -> None:
     study.set_user_attr(SEARCH_AUG_ATTR, SEARCH_AUG)
 
 
-OMITTED_AT_DEFAULT = (*SEARCH_KEYS, "prune")  # not in a study's settings while at their defaults
+OMITTED_AT_DEFAULT = (*SEARCH_KEYS, "phase1_views", "prune")  # not in a study's settings while at their defaults
 
 
 def check_same_settings(study: optuna.Study, settings: dict) -> None:
