@@ -52,8 +52,8 @@ SIZED_LEVELS = ("seed", "strong")  # pixel amounts (padding, translations): scal
 MAX_ASPECT = 1.5  # a frame's longer side is at most this times its shorter one (the rest is cut evenly)
 # What phase 1 (the head on the frozen backbone) trains on: a new view of the trial's augmentation
 # level each epoch, or the single un-augmented view (the evaluation transform, level "none") that
-# every trial shares, its level then applying to phase 2 alone. Why "clean" in sweeps/default.toml:
-# docs/quality-and-cost.md.
+# every trial shares, its level then applying to phase 2 alone. Why "augmented" stays the default
+# (clean: 25% less wall, lower winners): docs/quality-and-cost.md.
 PHASE1_VIEWS = {
     "augmented": "a new view of the trial's aug_strength each epoch (as phase 2)",
     "clean": "the one un-augmented view (the evaluation transform), shared by every trial; aug_strength in phase 2 only",

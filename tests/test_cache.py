@@ -1,6 +1,7 @@
 """Decode-once images and the phase-1 feature cache: same results as no cache, shared, self-healing."""
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
@@ -251,6 +252,26 @@ def test_frames_are_decoded_only_when_a_frame_level_is_used(tmp_path):
     assert frames() == []
     result, _ = _phase1(pipeline, _cfg(splits, "frame"), epochs=1)
     assert len(frames()) == 1 and result.epochs == 1
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_clean_phase1_trains_on_the_one_unaugmented_view_whatever_the_level(flat_folder, use_cache):
+    """phase1_views = "clean": phase 1 of a trial at any level trains on the evaluation transform's
+    one view (level "none"), so it gives what a level-"none" trial gives, and extracts no view of its
+    own level; with "augmented" the level's views are what it trains on."""
+    pipeline, splits = _setup(flat_folder, use_cache)
+    entries = lambda: sorted((D.cache_dir() / "features").glob("*.npy"))  # noqa: E731
+    clean, _ = _phase1(pipeline, dataclasses.replace(_cfg(splits, "strong"), phase1_views="clean"))
+    made = entries()
+    plain, _ = _phase1(pipeline, _cfg(splits, "none"))
+    for a, b in zip(clean.history, plain.history, strict=True):
+        assert (a.train_loss, a.valid_loss) == (b.train_loss, b.valid_loss)
+    assert entries() == made  # the clean run had made the none trial's entries, and no others
+    if use_cache:
+        assert len(made) == 2  # the one train view and the validation features
+    augmented, _ = _phase1(pipeline, _cfg(splits, "strong"))
+    assert augmented.history[0].train_loss != plain.history[0].train_loss  # other inputs
+    assert len(entries()) == len(made) + 3 * use_cache  # its level's 3 views (3 phase-1 epochs)
 
 
 def _with_running_stats(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

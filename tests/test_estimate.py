@@ -95,6 +95,25 @@ def test_the_estimate_costs_trials_at_the_search_epochs_and_full_size_models_at_
     assert every[trials] - half[trials] == pytest.approx(4 * phase2)
 
 
+def test_the_estimate_of_clean_phase1_extracts_one_view_not_each_levels_views():
+    from src.config import load_sweep, resolve_fixed
+    from src.estimate import Speed, costs
+    opts = sweep.parse_args(["--trials", "10", "--no-prune"])
+    sweep_file = load_sweep("sweeps/default.toml")  # 7 levels
+    speeds = {s: Speed(s, forward=1e-4, train=1e-3, valid=1e-4, features=1280, prefix={}) for s in (64, 128)}
+
+    def worst(views: str) -> dict[str, float]:
+        fixed = resolve_fixed(sweep_file, False, {"image_size": 128, "max_epochs_phase1": 8, "phase1_views": views})
+        times, disk = costs(opts, sweep_file, fixed, (3, 0), (1000, 200), speeds, 0.0, 0.0, 1)
+        return {c.what: c.worst for c in times + disk}
+
+    augmented, clean = worst("augmented"), worst("clean")
+    trials, cache = "10 trials at 64 px", next(k for k in clean if k.startswith("caches (decoded"))
+    # worst case: 7 levels x 8 views of 1000 train images through the backbone, against 1 view
+    assert augmented[trials] - clean[trials] == pytest.approx((7 * 8 - 1) * 1000 * 1e-4)
+    assert augmented[cache] - clean[cache] == pytest.approx((7 * 8 - 1) * 1000 * 1280 * 4)
+
+
 def test_the_estimate_counts_phase2_prefix_caches_on_disk_per_depth_level_and_view():
     from src.config import load_sweep, resolve_fixed
     from src.estimate import Speed, costs

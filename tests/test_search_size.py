@@ -148,6 +148,26 @@ def test_a_study_keeps_its_search_size():
         check_same_settings(before, {"image_size": 16, "search_size": 8})
 
 
+def test_a_study_keeps_its_phase1_views(in_tmp, flat_folder):
+    """phase1_views is one of a study's settings: another on resume is refused, naming it. At
+    "augmented" (the default of a sweep file without the key) it is left out of the recorded
+    settings, as studies made before it existed recorded them: those resume as they trained."""
+    default = (Path(sweep.__file__).resolve().parents[1] / "sweeps" / "default.toml").read_text()
+    assert 'phase1_views = "augmented"' in default
+    clean = in_tmp / "clean.toml"
+    clean.write_text(default.replace('phase1_views = "augmented"', 'phase1_views = "clean"'))
+    start(sweep.parse_args(sweep_args(in_tmp, flat_folder, 1, "--sweep", str(clean))))
+    with pytest.raises(UserError, match="phase1_views: 'clean' -> None"):
+        start(sweep.parse_args(sweep_args(in_tmp, flat_folder, 1)))  # default.toml: augmented
+    old = ("--study-name", "old")  # argparse: the last --study-name wins
+    start(sweep.parse_args(sweep_args(in_tmp, flat_folder, 1, *old)))
+    study = optuna.load_study(study_name="old", storage=f"sqlite:///{in_tmp}/optuna.db")
+    assert "phase1_views" not in study.user_attrs[T.SETTINGS_ATTR]  # as studies from before the key
+    start(sweep.parse_args(sweep_args(in_tmp, flat_folder, 1, *old)))  # resumes
+    with pytest.raises(UserError, match="phase1_views: None -> 'clean'"):
+        start(sweep.parse_args(sweep_args(in_tmp, flat_folder, 1, *old, "--sweep", str(clean))))
+
+
 def test_trials_shift_their_images_by_the_full_sizes_share(in_tmp, flat_folder):
     """The trials' augmentation is the full-size models' scaled to the search size (seed's
     padding 8 px at 16 px is 4 px at 8 px; strong's translations half as far), and the full-size
