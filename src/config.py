@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
-from .fidelity import HALF, SEARCH_KEYS, resolve_search
+from .fidelity import HALF, PHASE1_VIEWS, SEARCH_KEYS, resolve_search
 
 SEARCHED = ("head_lr", "backbone_lr_ratio", "patience", "aug_strength")
 # Optional searched parameters and what a sweep file without them trains with (as before them):
@@ -50,14 +50,6 @@ AUG_LEVELS = {
 FRAME_LEVELS = ("frame_light", "frame")
 SIZED_LEVELS = ("seed", "strong")  # pixel amounts (padding, translations): scaled at a search size
 MAX_ASPECT = 1.5  # a frame's longer side is at most this times its shorter one (the rest is cut evenly)
-# What phase 1 (the head on the frozen backbone) trains on: a new view of the trial's augmentation
-# level each epoch, or the single un-augmented view (the evaluation transform, level "none") that
-# every trial shares, its level then applying to phase 2 alone. Why "augmented" stays the default
-# (clean: 25% less wall, lower winners): docs/quality-and-cost.md.
-PHASE1_VIEWS = {
-    "augmented": "a new view of the trial's aug_strength each epoch (as phase 2)",
-    "clean": "the one un-augmented view (the evaluation transform), shared by every trial; aug_strength in phase 2 only",
-}
 
 
 @dataclass(frozen=True)
@@ -72,9 +64,8 @@ class Fixed:
     seed: int = 0                       # study seed
     search_size: int = 0                # trials train at this side, the best again at image_size (0: off;
                                         # "half" in a sweep file or flag: `half_size`, resolved by resolve_fixed)
-    search_epochs: int = 0              # phase-2 epochs of a trial at the search size (0: max_epochs_phase2;
-                                        # "half": half of it, rounded up; 0 without a search size): `searched`
-    phase1_views: str = "augmented"     # PHASE1_VIEWS: what phase 1 trains on
+    search_epochs: int = 0              # a search-size trial's phase-2 epochs (0: all; "half"): fidelity.searched
+    phase1_views: str = "augmented"     # what phase 1 trains on: fidelity.PHASE1_VIEWS
 
 
 @dataclass(frozen=True)
@@ -160,17 +151,16 @@ def _fixed_value(name: str, value: Any, path: Path, where: str) -> Any:
     if name in SEARCH_KEYS and value == HALF:
         return value
     expected = {f.name: f.type for f in dataclasses.fields(Fixed)}[name]
-    ok = {"str": isinstance(value, str), "int": isinstance(value, int) and not isinstance(value, bool),
-          "float": isinstance(value, (int, float)) and not isinstance(value, bool)}[expected]
+    choices = {"phase1_views": list(PHASE1_VIEWS)}.get(name)  # a str field with named values
+    ok = {"str": isinstance(value, str) and value in (choices or [value]), "float": isinstance(value, (int, float))
+          and not isinstance(value, bool), "int": isinstance(value, int) and not isinstance(value, bool)}[expected]
     if not ok:
-        raise UserError(f"{path}: [{where}] {name} = {value!r} should be a {expected}"
-                        + (f' or "{HALF}"' if name in SEARCH_KEYS else ""))
+        raise UserError(f"{path}: [{where}] {name} = {value!r} should be " + (f"one of {choices}" if choices else
+                        f"a {expected}") + (f' or "{HALF}"' if name in SEARCH_KEYS else ""))
     if expected in ("int", "float") and name not in ("seed", *SEARCH_KEYS) and value <= 0:
         raise UserError(f"{path}: [{where}] {name} = {value!r} must be > 0")
     if name in ("seed", *SEARCH_KEYS) and value < 0:
         raise UserError(f"{path}: [{where}] {name} = {value!r} must be >= 0")
-    if name == "phase1_views" and value not in PHASE1_VIEWS:
-        raise UserError(f"{path}: [{where}] phase1_views = {value!r} must be one of {list(PHASE1_VIEWS)}")
     return float(value) if expected == "float" else value
 
 

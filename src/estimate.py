@@ -174,7 +174,7 @@ def costs(opts: SweepOptions, sweep, fixed, plan, n: tuple[int, int], speeds: di
     frames = any(lvl in FRAME_LEVELS for lvl in levels) and not opts.no_cache
     p2 = {sp.side: ntr * sp.train + nva * sp.valid + (ntr + nva) * decode * opts.no_cache for sp in (s, f)}
     exp2, completes = _expected_phase2_epochs(sweep.prune, es, trials, not opts.no_prune)
-    clean = fixed.phase1_views == "clean"  # phase 1 on the one un-augmented view (src/config.py PHASE1_VIEWS)
+    clean = fixed.phase1_views == "clean"  # phase 1 on the one un-augmented view (src/fidelity.py PHASE1_VIEWS)
     views1 = (1, 1) if clean else (touched * e1, len(levels) * e1)  # phase-1 views cached: expected, worst
     if opts.no_cache:  # the frozen backbone runs every phase-1 epoch of every trial
         p1 = (trials * EARLY_STOP * e1 * (ntr + nva) * s.forward, trials * e1 * (ntr + nva) * s.forward)

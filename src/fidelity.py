@@ -5,7 +5,8 @@ again at `image_size` (src/confirm.py). `search_epochs` (`--search-epochs`): a t
 size trains phase 2 for at most this many epochs (its lr schedule spans them), while the models
 trained again at full size get every one of `max_epochs_phase2`. Both take "half" (HALF); both
 are 0 (off) where not set, and `search_epochs` is 0 without a search size. Why these defaults:
-docs/quality-and-cost.md.
+docs/quality-and-cost.md. `phase1_views` (PHASE1_VIEWS), a cost lever measured with them: what
+phase 1 trains on, in the trials and the full-size models alike.
 """
 from __future__ import annotations
 
@@ -19,6 +20,11 @@ FixedT = TypeVar("FixedT")  # config.Fixed (not imported: config imports this mo
 HALF = "half"     # search_size = "half": `half_size` of image_size; search_epochs = "half": of max_epochs_phase2
 SEARCH_KEYS = ("search_size", "search_epochs")
 MIN_SEARCH = 64   # "half" never searches below this side (measured down to it: docs/quality-and-cost.md)
+# phase1_views: phase 1 (the head alone) on a new view of the trial's aug_strength each epoch, or on the
+# one un-augmented view (level "none", the evaluation transform) that every trial shares, its level then
+# shaping phase 2 alone. "clean" took 27% less wall and found lower winners: "augmented" is the default
+# (docs/sweep-files.md "Phase-1 views", docs/quality-and-cost.md).
+PHASE1_VIEWS = ("augmented", "clean")
 
 
 def half_size(image_size: int) -> int:

@@ -32,7 +32,7 @@ def head_inputs(pipe, cfg: TrialConfig, model: nn.Module, valid=None, logs: dict
     """What phase 1 fits on `pipe`: the head on cached features (caches on), or the model on the
     same views decoded every epoch, judged on `valid` (default: `pipe`'s validation loader). The
     views are the trial's augmentation level's, or with `phase1_views = "clean"` the one view of
-    level "none" (src/config.py PHASE1_VIEWS)."""
+    level "none" (src/fidelity.py PHASE1_VIEWS)."""
     bs, logs = cfg.batch_size, logs or pipe._logs()
     level = "none" if cfg.phase1_views == "clean" else cfg.aug_strength
     if pipe.features is None:

@@ -158,8 +158,8 @@ def test_log_range_with_low_at_or_below_zero_is_the_only_log_restriction(tmp_pat
     ("head_lr = { low = 1e-4, high = 1e-2, log = true }", 'head_lr = { low = 1, high = "x" }', "head_lr"),
     ("head_lr = { low = 1e-4, high = 1e-2, log = true }", 'head_lr = "abc"', "head_lr"),
     ("head_lr = { low = 1e-4, high = 1e-2, log = true }", 'head_lr = { low = 1e-4, high = 1e-2, log = "false" }', "log"),
-    ("seed = 3", 'seed = 3\nphase1_views = "blurry"', "'blurry' must be one of ['augmented', 'clean']"),
-    ("seed = 3", "seed = 3\nphase1_views = 1", "phase1_views = 1 should be a str"),
+    ("seed = 3", 'seed = 3\nphase1_views = "blurry"', "'blurry' should be one of ['augmented', 'clean']"),
+    ("seed = 3", "seed = 3\nphase1_views = 1", "phase1_views = 1 should be one of ['augmented', 'clean']"),
 ])
 def test_bad_values_name_the_key(tmp_path, good, bad, word):
     _raises_naming(_write(tmp_path, GOOD.replace(good, bad, 1)), word)
