@@ -24,7 +24,8 @@ from .record import TrialRecord
 from .recovery import LostTrials, recover
 from .pruning import make_pruner
 from .naming import names
-from .study import check_same_settings, check_search_augmentation, check_steps, open_parent, open_study
+from .study import (OMITTED_AT_DEFAULT, check_same_settings, check_search_augmentation, check_steps, open_parent,
+                    open_study)
 from .tracking import Tracker, log_params
 from .trial import Context
 
@@ -179,8 +180,7 @@ def start(opts: SweepOptions) -> Started:
     study = open_study(name, opts.storage, fixed.seed, pruner, on_lost=LostTrials(tracker))
     check_steps(study)
     # keys that came later are left out at their defaults, so studies from before them resume
-    settings = {k: v for k, v in asdict(fixed).items() if (k not in F.SEARCH_KEYS or v)
-                and (k != "phase1_views" or v != Fixed.phase1_views)}
+    settings = {k: v for k, v in asdict(fixed).items() if k not in OMITTED_AT_DEFAULT or v != getattr(Fixed, k)}
     check_same_settings(study, {**settings, "weights": weights, "search": {
         n: asdict(spec) for n, spec in sweep.search.items()}, **_prune_setting(sweep)})
     check_search_augmentation(study, fixed.search_size)  # after: a changed search size is named as such
