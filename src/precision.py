@@ -2,20 +2,22 @@
 
 On this project's CPU (AVX512-BF16, no AMX) bf16 autocast made resnet18's phase 2 1.7-2.0x faster,
 but mobilenet_v2's 0.6-0.8x at 64 px, and efficientnet_b0's 0.6-0.85x up to 128 px
-(`benchmarks/bench_precision.py`): bf16's forward is fast (1.6-2.3x for mobilenet_v2), its
-backward through depthwise convolutions slow. So where the CPU could do either, `auto` times a
-few phase-2 steps of the sweep's own backbone, image side and batch in both (`measure`: training
-steps with every stage and with the last stage trainable, plus the validation forward passes of
-an epoch), once, and keeps bf16 only if it is at least `MARGIN` times faster (fp32 is the safer
-arithmetic). Near 1x the steps are noisy (mobilenet_v2 at 128 px: 0.86-1.15x here, where whole
-sweep trials ran 1.13x), and either choice costs little; a burst of other work can mislead a round
-(at 64 px one run read bf16 at 1.10x where others read 0.60-0.80x, and its trials then ran slower
-than fp32's), hence the fastest of up to ROUNDS alternating rounds (two that each read bf16 beyond MARGIN by
-a factor CLEAR, on the same side, end it early: the start-up of a sweep at two sizes spent 33 s here
-on six rounds). The choice is kept in
+(`benchmarks/bench_precision.py`): bf16's forward is fast (1.6-2.3x for mobilenet_v2), its backward
+through depthwise convolutions slow. So where the CPU could do either, `auto` times a few phase-2
+steps of the sweep's own backbone, image side and batch in both (`measure`: training steps with
+every stage and with the last stage trainable, plus the validation forward passes of an epoch),
+once, and keeps bf16 only if it is at least `MARGIN` times faster. fp32 is the safer arithmetic, and
+near 1x the steps are noisy: mobilenet_v2 at 128 px read 0.88-1.43x here over 18 runs (each pick 9
+times under the old margin of 1.05x), a coin toss that moved whole sweeps' results and bought no
+time (three paired study seeds of 2026-12-07: at the two where auto took bf16 the sweeps ran
+0.99-1.08x as long as in fp32 and scored equal or lower; docs/quality-and-cost.md). A burst of other
+work can mislead a round (at 64 px one run read bf16 at 1.10x where others read 0.60-0.80x, and its
+trials then ran slower than fp32's), hence the fastest of up to ROUNDS alternating rounds (two that
+each read bf16 beyond MARGIN by a factor CLEAR, on the same side, end it early: the start-up of a
+sweep at two sizes spent 33 s here on six rounds). The choice is kept in
 `cache_dir()/precision.json`, keyed by the CPU model, torch version, backbone, side, batch and
-validation share, so every later sweep, worker and resumed study on this machine uses the same
-one. GPUs with native bf16 always use it; elsewhere `auto` is fp32.
+validation share, so every later sweep, worker and resumed study on this machine uses the same one.
+GPUs with native bf16 always use it; elsewhere `auto` is fp32.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from .files import write_json_atomic
 from .splits import cache_dir
 
 log = logging.getLogger("tlsweep")
-MARGIN = 1.05     # bf16 must be this much faster than fp32 to be picked
+MARGIN = 1.25     # bf16 must be this much faster than fp32 to be picked (beyond the steps' noise near 1x)
 WARMUP, STEPS = 2, 3  # steps per precision: untimed (oneDNN picks its kernels), then timed; ROUNDS times, the fastest kept
 ROUNDS = 3        # alternating fp32 / bf16: a burst of other work on the machine must hit every round to mislead
 CLEAR = 1.15      # ... but two rounds that each read bf16 this far from MARGIN, on the same side, decide it
@@ -123,7 +125,8 @@ def pick(device: torch.device, precision: str, backbone: str, side: int, batch: 
         write_json_atomic(path, known)
         log.info("--precision auto: %s for %s at %d px (bf16 ran %.2fx fp32's speed on this CPU; measured once, "
                  "kept in %s)", known[key]["picked"], backbone, side, ratio, path)
-    return torch.bfloat16 if known[key]["picked"] == "bf16" else None
+    # by the kept ratio, not the kept pick: an entry measured under another MARGIN follows this one
+    return torch.bfloat16 if known[key].get("bf16_vs_fp32", 0) >= MARGIN else None
 
 
 def name(amp: torch.dtype | None) -> str:
