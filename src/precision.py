@@ -118,8 +118,8 @@ def pick(device: torch.device, precision: str, backbone: str, side: int, batch: 
         known = {}
     if key not in known:
         speed = measure(backbone, side, batch, eval_share)
-        ratio = speed["bf16"] / max(speed["fp32"], 1e-9)
-        known[key] = {**{k: round(v, 1) for k, v in speed.items()}, "bf16_vs_fp32": round(ratio, 3),
+        ratio = round(speed["bf16"] / max(speed["fp32"], 1e-9), 3)  # as kept: the pick and the read below agree
+        known[key] = {**{k: round(v, 1) for k, v in speed.items()}, "bf16_vs_fp32": ratio,
                       "picked": "bf16" if ratio >= MARGIN else "fp32"}
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(path, known)
