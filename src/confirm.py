@@ -4,9 +4,9 @@ train/valid splits; the best mean wins (docs/sweep-files.md, Confirmation).
 Why: the best of many trials on one validation split is partly the luckiest (the top trials are
 often within noise of each other, src/stats.py). Each re-training has another validation set (of
 which about valid / (train + valid) are original validation images) and another seed.
-Once per study, by whoever sums the sweep up (a lone sweep, or the --workers launcher, which runs
-the jobs alone; a sweep that ends while others still run trials leaves it to the last; never after
-a --timeout or a stop):
+Once per study, by whoever sums the sweep up (a lone sweep, or the --workers launcher after its
+workers have each taken jobs while any waited, on their share of the cores; a sweep that ends while
+others still run trials leaves it to the last; never after a --timeout or a stop):
 1. Plan: the K best complete trials; fold f re-draws the pool of every readable train and valid
    image (never a test image), per class as many validation images as the original valid split
    has, seed `derive_seed(study seed, FOLD_SEED + f)`. Recorded: the parent's `confirm/folds.json`.
@@ -132,9 +132,10 @@ class Confirmation:
         self._fold_pipes: dict[int, Pipeline] = {FULL: self.pipe}
         self.record = TrialRecord(tracker, parent_id, self.pipe.mean, self.pipe.std)
 
-    def run(self) -> None:
+    def run(self, decide_after: bool = True) -> None:
         """Queue the plan's missing jobs and run jobs until every one of them is over (waiting for
-        other workers', and taking up any whose worker dies), then decide."""
+        other workers', and taking up any whose worker dies), then decide. `decide_after` False (a
+        `--workers` child): take jobs while any waits, then leave the rest to the launcher."""
         if len(self.plan) < (1 if self.full else 2):
             log.info("confirmation: %d complete trial(s), nothing to %s", len(self.plan),
                      "train at full size" if self.full else "compare")
@@ -154,6 +155,8 @@ class Confirmation:
             raise_if_stopped()
             if side.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
                 self._take_one(side)
+            elif not decide_after:
+                return
             elif all(outcomes(side).get(k) is not None for k in plan):
                 break
             elif STOP.wait(POLL_S):  # other workers' jobs still run
@@ -183,6 +186,7 @@ class Confirmation:
             self.parent_id, f"full-{number}" if fold == FULL else f"confirm-{number}-fold{fold}",
             FULL_ROLE if fold == FULL else ROLE,
             {"confirm.trial": number, "confirm.fold": fold, "confirm.job": trial.number, "optuna.state": "RUNNING",
+             "train.threads": torch.get_num_threads(),  # CPU threads (a --workers child: its share)
              **full_start(fold, self.full_epochs, self.head_at.fixed.image_size if self.full else 0)},
             params={k: v for k, v in cfg.to_dict().items() if k != "classes"})
         trial.set_user_attr(T.RUN_ID_ATTR, run_id)

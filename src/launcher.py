@@ -74,8 +74,8 @@ def launch(opts: SweepOptions, argv: list[str]) -> int:
         return 130
     study = open_study(started.study.study_name, opts.storage, started.ctx.pipeline.fixed.seed,
                        on_lost=LostTrials(started.tracker))
-    # Every worker finished: the confirmation (not after a --timeout) and the winner, once for the
-    # study (src/confirm.py, src/winner.py); the launcher runs the confirmation's jobs alone.
+    # Every worker finished: the confirmation (not after a --timeout; the workers took its jobs while
+    # any waited, this runs what is left) and the winner, once for the study (src/confirm.py, src/winner.py).
     full = len(T.finished(study)) >= opts.trials
     if not any(codes) and (not full or try_confirm(started, study)):
         try_winner(started, study, opts.soup_top, opts.ensemble_top)

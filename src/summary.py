@@ -47,11 +47,12 @@ def commands(started: Started, tracking_uri: str | None, storage: str) -> dict:
     return next_commands(started.parent_id, tracking_uri, storage, started.experiment_id)
 
 
-def try_confirm(started: Started, study: optuna.Study) -> bool:
+def try_confirm(started: Started, study: optuna.Study, decide: bool = True) -> bool:
     """The confirmation (src/confirm.py; `started.confirm`: K, F), when asked (or a search size
     needs it) and no trial runs any more; False while trials still run elsewhere (the worker that
-    ends last confirms), else True. A failure that is not a training fault is a warning: the jobs
-    done are kept and the same command takes it up again."""
+    ends last confirms), else True. `decide` False (a `--workers` child): only its share of the
+    jobs. A failure that is not a training fault is a warning: the jobs done are kept and the same
+    command takes it up again."""
     top, folds = started.confirm
     if top < (1 if started.searching else 2):
         return True
@@ -61,7 +62,7 @@ def try_confirm(started: Started, study: optuna.Study) -> bool:
     try:
         Confirmation(started.tracker, started.parent_id, study, started.ctx.pipeline, started.ctx.search, top, folds,
                      started.full_amp if started.searching else started.ctx.amp, full=started.full_pipeline(),
-                     full_epochs=started.full_epochs).run()
+                     full_epochs=started.full_epochs).run(decide_after=decide)
         return True
     except (KeyboardInterrupt, UserError):
         raise

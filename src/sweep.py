@@ -182,9 +182,11 @@ def run_sweep(opts: SweepOptions) -> SweepResult:
     try:
         if remaining:
             stopped_reason = optimize(study, Objective(started.ctx), opts.trials, opts.timeout)
-        if not os.environ.get("TLSWEEP_WORKER"):  # once, by who sums up; not after a --timeout or a stop
-            full = stopped_reason is None and len(T.finished(study)) >= opts.trials
-            settled = try_confirm(started, study) if full else True
+        # Not after a --timeout or a stop. A --workers child takes its share of the confirmation's
+        # jobs; who sums up (a lone sweep, the launcher) decides it and the winner, once.
+        worker = bool(os.environ.get("TLSWEEP_WORKER"))
+        full = stopped_reason is None and len(T.finished(study)) >= opts.trials
+        settled = (try_confirm(started, study, decide=not worker) if full else True) and not worker
     except KeyboardInterrupt:
         status, interrupted = "KILLED", True
         log.warning("interrupted: finished trials are kept; re-run the same command to continue")

@@ -219,6 +219,29 @@ def test_workers_flag_on_a_journal_file(tmp_path, flat_folder, monkeypatch, caps
     assert threads == {str(max(1, device.cores() // 2))}, threads
 
 
+def test_workers_take_the_confirmations_jobs_on_their_share_and_the_launcher_decides(
+        tmp_path, flat_folder, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    journal, tracking = f"journal://{tmp_path}/journal.log", f"sqlite:///{tmp_path}/mlflow.db"
+    args = _args(flat_folder, journal, tracking, 4, "jc")
+    assert sweep.main([*args, "--workers", "2", "--confirm-top", "2", "--confirm-folds", "2"]) == 0
+    storage = make_storage(journal)
+    study = optuna.load_study(study_name="jc", storage=storage)
+    side = optuna.load_study(study_name="jc:confirm", storage=storage)
+    done = [t for t in side.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == 4  # 2 configurations x 2 folds, each once
+    trial_pids = {t.user_attrs["tlsweep.worker"]["pid"] for t in study.trials if t.state in DONE}
+    job_pids = {t.user_attrs["tlsweep.worker"]["pid"] for t in done}
+    assert job_pids <= trial_pids and os.getpid() not in job_pids  # the workers ran them, not the launcher
+    client = MlflowClient(tracking)
+    parent = client.get_run(study.user_attrs["mlflow_parent_run_id"])
+    assert parent.data.tags["confirm.winner_trial"] in {str(t.system_attrs["tlsweep.job"]["trial"]) for t in done}
+    runs = client.search_runs([parent.info.experiment_id], "tags.`tlsweep.role` = 'confirm'")
+    assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
+    # each on its worker's share of the cores
+    assert {r.data.tags["train.threads"] for r in runs} == {str(max(1, device.cores() // 2))}
+
+
 def test_workers_get_their_share_of_the_cores_and_gpus_in_turn(caplog):
     env = launcher.worker_env(1, 2, {"PATH": "/bin"}, cores=16, gpus=0, device="auto")
     assert (env["TLSWEEP_WORKER"], env["TLSWEEP_THREADS"], env["OMP_NUM_THREADS"], env["MKL_NUM_THREADS"]) == \
