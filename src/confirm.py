@@ -59,6 +59,7 @@ from optuna.trial import FrozenTrial, TrialState
 from . import search_space
 from . import trials as T
 from .config import TrialConfig
+from .device import cores
 from .confirm_jobs import (FAULT_ATTR, FULL, ROLES, close_orphan_jobs, completed_runs, draw_folds, fine_tuned,
                            full_start, interrupted_try, job_of, outcomes, rank_agreement, record_folds)
 from .pipeline import Pipeline, pool, refold
@@ -192,6 +193,18 @@ class Confirmation:
         trial.set_user_attr(T.RUN_ID_ATTR, run_id)
         return trial, original, fold, cfg, run_id
 
+    def _widen_when_alone(self, side: optuna.Study, run_id: str, step: int) -> None:
+        """A `--workers` child on the CPU whose job is the only one left (none waits, no other
+        runs) takes every core from here on: the other workers are done, so their share would
+        idle (the last of 3 jobs on 2 workers ran on one of 2 cores). Tag `train.threads_alone`:
+        the threads it then ran on (`train.threads` stays its share at the start)."""
+        if self.pipe.device.type != "cpu" or torch.get_num_threads() >= cores():
+            return
+        if len(side.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING))) == 1:
+            torch.set_num_threads(cores())
+            self.tracker.set_tags(run_id, {"train.threads_alone": cores(), "train.threads_alone_from_step": step})
+            log.info("confirmation: the last job runs alone from step %d: on all %d cores", step, cores())
+
     def _fold_pipe(self, fold: int) -> Pipeline:
         if fold not in self._fold_pipes:
             self._fold_pipes[fold] = refold(self.pipe, self.fold_list[fold].train, self.fold_list[fold].valid)
@@ -210,6 +223,7 @@ class Confirmation:
                 def on_epoch(rec):
                     with writing():
                         self.tracker.log_epoch(run_id, rec)
+                        self._widen_when_alone(side, run_id, rec.step)
                     raise_if_stopped()
 
                 def on_phase_end(result, model):  # the full-size run: checkpoints and figures, as a trial's

@@ -238,8 +238,10 @@ def test_workers_take_the_confirmations_jobs_on_their_share_and_the_launcher_dec
     assert parent.data.tags["confirm.winner_trial"] in {str(t.system_attrs["tlsweep.job"]["trial"]) for t in done}
     runs = client.search_runs([parent.info.experiment_id], "tags.`tlsweep.role` = 'confirm'")
     assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
-    # each on its worker's share of the cores
+    # each on its worker's share of the cores, but a last job that ran alone on all of them
     assert {r.data.tags["train.threads"] for r in runs} == {str(max(1, device.cores() // 2))}
+    alone = [r.data.tags["train.threads_alone"] for r in runs if "train.threads_alone" in r.data.tags]
+    assert alone in ([], [str(device.cores())])
 
 
 def test_workers_get_their_share_of_the_cores_and_gpus_in_turn(caplog):
