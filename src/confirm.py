@@ -4,9 +4,9 @@ train/valid splits; the best mean wins (docs/sweep-files.md, Confirmation).
 Why: the best of many trials on one validation split is partly the luckiest (the top trials are
 often within noise of each other, src/stats.py). Each re-training has another validation set (of
 which about valid / (train + valid) are original validation images) and another seed.
-Once per study, by whoever sums the sweep up (a lone sweep, or the --workers launcher after its
-workers have each taken jobs while any waited, on their share of the cores; a sweep that ends while
-others still run trials leaves it to the last; never after a --timeout or a stop):
+Once per study, by whoever sums the sweep up (a lone sweep, or the --workers launcher, its workers
+having taken jobs while any waited; a sweep that ends while others still run trials leaves it to
+the last; never after a --timeout or a stop):
 1. Plan: the K best complete trials; fold f re-draws the pool of every readable train and valid
    image (never a test image), per class as many validation images as the original valid split
    has, seed `derive_seed(study seed, FOLD_SEED + f)`. Recorded: the parent's `confirm/folds.json`.
@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import warnings
 
 import numpy as np
 import optuna
@@ -59,12 +58,11 @@ from optuna.trial import FrozenTrial, TrialState
 from . import search_space
 from . import trials as T
 from .config import TrialConfig
-from .device import cores
-from .confirm_jobs import (FAULT_ATTR, FULL, ROLES, close_orphan_jobs, completed_runs, draw_folds, fine_tuned,
-                           full_start, interrupted_try, job_of, outcomes, rank_agreement, record_folds)
+from .confirm_jobs import (FAULT_ATTR, FULL, ROLES, ask_job, close_orphan_jobs, completed_runs, draw_folds, fine_tuned,
+                           interrupted_try, job_of, job_tags, outcomes, rank_agreement, record_folds, widen_when_alone)
 from .pipeline import Pipeline, pool, refold
 from .record import MISTAKES_SHOWN, TrialRecord
-from .recovery import recover_lost, worker_id
+from .recovery import recover_lost
 from .stopping import STOP, computing, raise_if_stopped, writing
 from .study import derive_seed
 from .tracking import Tracker
@@ -134,9 +132,8 @@ class Confirmation:
         self.record = TrialRecord(tracker, parent_id, self.pipe.mean, self.pipe.std)
 
     def run(self, decide_after: bool = True) -> None:
-        """Queue the plan's missing jobs and run jobs until every one of them is over (waiting for
-        other workers', and taking up any whose worker dies), then decide. `decide_after` False (a
-        `--workers` child): take jobs while any waits, then leave the rest to the launcher."""
+        """Queue the plan's missing jobs and run jobs until every one is over (waiting for others', taking
+        up any whose worker dies), then decide; `decide_after` False (a --workers child): only while any waits."""
         if len(self.plan) < (1 if self.full else 2):
             log.info("confirmation: %d complete trial(s), nothing to %s", len(self.plan),
                      "train at full size" if self.full else "compare")
@@ -156,26 +153,22 @@ class Confirmation:
             raise_if_stopped()
             if side.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
                 self._take_one(side)
-            elif not decide_after:
-                return
-            elif all(outcomes(side).get(k) is not None for k in plan):
+            elif not decide_after or all(outcomes(side).get(k) is not None for k in plan):
                 break
             elif STOP.wait(POLL_S):  # other workers' jobs still run
                 raise_if_stopped()
             queue_missing(side, self.tracker, plan)
         with writing():
-            close_orphan_jobs(self.tracker, self.parent_id, side)
-            decide(self.tracker, self.parent_id, self.plan, self.fold_numbers, outcomes(side),
-                   completed_runs(side, FULL) if self.full else None)
+            if decide_after:
+                close_orphan_jobs(self.tracker, self.parent_id, side)
+                decide(self.tracker, self.parent_id, self.plan, self.fold_numbers, outcomes(side),
+                       completed_runs(side, FULL) if self.full else None)
         raise_if_stopped()
 
     def _claim(self, side: optuna.Study):
         """Take a WAITING job (atomically) and open its run: (trial, original trial, fold, config,
         run id), or None when it is not one to run (closed here)."""
-        with warnings.catch_warnings():  # Optuna's heartbeat runs here by hand (`T.heartbeat`), not via optimize
-            warnings.filterwarnings("ignore", message="Heartbeat of storage")
-            trial = side.ask()
-        trial.set_user_attr(T.WORKER_ATTR, worker_id())
+        trial = ask_job(side)
         job = job_of(T.frozen(trial))
         original = self.complete.get(job[0]) if job else None
         if not_to_run(side, trial, job, original, self.fold_numbers):
@@ -187,23 +180,10 @@ class Confirmation:
             self.parent_id, f"full-{number}" if fold == FULL else f"confirm-{number}-fold{fold}",
             FULL_ROLE if fold == FULL else ROLE,
             {"confirm.trial": number, "confirm.fold": fold, "confirm.job": trial.number, "optuna.state": "RUNNING",
-             "train.threads": torch.get_num_threads(),  # CPU threads (a --workers child: its share)
-             **full_start(fold, self.full_epochs, self.head_at.fixed.image_size if self.full else 0)},
+             **job_tags(fold, self.full_epochs, self.head_at.fixed.image_size if self.full else 0)},
             params={k: v for k, v in cfg.to_dict().items() if k != "classes"})
         trial.set_user_attr(T.RUN_ID_ATTR, run_id)
         return trial, original, fold, cfg, run_id
-
-    def _widen_when_alone(self, side: optuna.Study, run_id: str, step: int) -> None:
-        """A `--workers` child on the CPU whose job is the only one left (none waits, no other
-        runs) takes every core from here on: the other workers are done, so their share would
-        idle (the last of 3 jobs on 2 workers ran on one of 2 cores). Tag `train.threads_alone`:
-        the threads it then ran on (`train.threads` stays its share at the start)."""
-        if self.pipe.device.type != "cpu" or torch.get_num_threads() >= cores():
-            return
-        if len(side.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING))) == 1:
-            torch.set_num_threads(cores())
-            self.tracker.set_tags(run_id, {"train.threads_alone": cores(), "train.threads_alone_from_step": step})
-            log.info("confirmation: the last job runs alone from step %d: on all %d cores", step, cores())
 
     def _fold_pipe(self, fold: int) -> Pipeline:
         if fold not in self._fold_pipes:
@@ -223,7 +203,7 @@ class Confirmation:
                 def on_epoch(rec):
                     with writing():
                         self.tracker.log_epoch(run_id, rec)
-                        self._widen_when_alone(side, run_id, rec.step)
+                        widen_when_alone(side, self.tracker, run_id, rec.step, self.pipe.device)
                     raise_if_stopped()
 
                 def on_phase_end(result, model):  # the full-size run: checkpoints and figures, as a trial's

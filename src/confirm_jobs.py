@@ -3,8 +3,10 @@ from its tries in the side study `<study>:confirm`, the runs a killed worker lef
 well a search size ranked the configurations."""
 from __future__ import annotations
 
+import logging
 import random
 import tempfile
+import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +18,11 @@ from optuna.trial import FrozenTrial, TrialState
 from . import model as M
 from . import trials as T
 from .config import TrialConfig
+from .device import cores
 from .pipeline import Pipeline
 from .record import MISTAKES_SHOWN
+from .recovery import worker_id
+from .recovery import worker_id
 from .soup import load
 from .stats import spearman
 from .stopping import writing
@@ -25,6 +30,7 @@ from .study import derive_seed
 from .tracking import ROLE as TR_ROLE, Tracker
 from .train import PhaseResult, fit_phase, make_optimizer
 
+log = logging.getLogger("tlsweep")
 FAULT_ATTR = "tlsweep.job_fault"  # on a job's try whose training failed as a trial fails: it scores 0
 MAX_DEAD_TRIES = 5                # a job whose tries keep dying scores 0 after this many
 FOLD_SEED = 7_000_000  # fold f's seed: derive_seed(study seed, FOLD_SEED + f), apart from trial numbers
@@ -139,11 +145,22 @@ def interrupted_try(tracker: Tracker, side: optuna.Study, trial, run_id: str) ->
         tracker.end_run(run_id, "INTERRUPTED", "interrupted (Ctrl-C or SIGTERM); queued again")
 
 
-def full_start(fold: int, epochs: int, head_size: int) -> dict:
-    """A FULL job's run tag `full.start`: how its model was made (`--full-epochs`; retrained: its
-    phase 1 on the search size's cached features, `head_size` px)."""
+def job_tags(fold: int, epochs: int, head_size: int) -> dict:
+    """A job's run tags: `train.threads` (a --workers child: its share), and a FULL job's
+    `full.start`: how its model was made (`--full-epochs`; retrained: its phase 1 on the search
+    size's cached features, `head_size` px)."""
     made = f"fine-tuned {epochs} epoch{'s' * (epochs != 1)}" if epochs else f"trained again, phase 1 at {head_size} px"
-    return {"full.start": made} if fold == FULL else {}
+    return {"train.threads": torch.get_num_threads(), **({"full.start": made} if fold == FULL else {})}
+
+
+def ask_job(side: optuna.Study) -> optuna.Trial:
+    """A job of the side study taken atomically (a WAITING one, or a new one if none waits), marked
+    as this worker's."""
+    with warnings.catch_warnings():  # Optuna's heartbeat runs here by hand (`T.heartbeat`), not via optimize
+        warnings.filterwarnings("ignore", message="Heartbeat of storage")
+        trial = side.ask()
+    trial.set_user_attr(T.WORKER_ATTR, worker_id())
+    return trial
 
 
 def fine_tuned(pipe: Pipeline, cfg: TrialConfig, tracker: Tracker, trial_run_id: str, epochs: int, on_epoch, amp,
@@ -177,3 +194,16 @@ def fine_tune(model: torch.nn.Module, train, valid, cfg: TrialConfig, epochs: in
     return fit_phase(model, train, valid, optimizer, max_epochs=epochs, patience=epochs, device=device, phase=2,
                      first_step=cfg.max_epochs_phase1 + 1, on_epoch=on_epoch, amp=amp, keep_mistakes=keep_mistakes,
                      label_smoothing=cfg.label_smoothing, lr_schedule=cfg.lr_schedule)
+
+
+def widen_when_alone(side: optuna.Study, tracker: Tracker, run_id: str, step: int, device: torch.device) -> None:
+    """A `--workers` child on the CPU whose job is the only one left (none waits, no other runs)
+    takes every core from here on: the other workers are done, so their share would idle (the
+    last of 3 jobs on 2 workers ran on one of 2 cores). Tag `train.threads_alone`: the threads it
+    then ran on (`train.threads` stays its share at the start)."""
+    if device.type != "cpu" or torch.get_num_threads() >= cores():
+        return
+    if len(side.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING))) == 1:
+        torch.set_num_threads(cores())
+        tracker.set_tags(run_id, {"train.threads_alone": cores(), "train.threads_alone_from_step": step})
+        log.info("confirmation: the last job runs alone from step %d: on all %d cores", step, cores())

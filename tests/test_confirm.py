@@ -252,32 +252,29 @@ def test_confirm_folds_without_confirm_top_is_said_to_do_nothing(caplog):
 
 
 def test_the_last_job_of_a_workers_confirmation_takes_every_core_once_it_runs_alone(tmp_path, monkeypatch):
-    from types import SimpleNamespace
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client, tracker = MlflowClient(uri), Tracker(uri)
     run_id = client.create_run(client.create_experiment("e")).info.run_id
     side = optuna.create_study()  # a real (in-memory) side study: two jobs claimed
     side.ask()  # this job
     other = side.ask()
-    monkeypatch.setattr(confirm, "cores", lambda: 2)
-    job = SimpleNamespace(pipe=SimpleNamespace(device=torch.device("cpu")), tracker=tracker)
-    before = torch.get_num_threads()
+    monkeypatch.setattr(confirm_jobs, "cores", lambda: 2)
+    widen, cpu, before = confirm_jobs.widen_when_alone, torch.device("cpu"), torch.get_num_threads()
     torch.set_num_threads(1)  # a --workers child's share
     try:
-        Confirmation._widen_when_alone(job, side, run_id, 17)
+        widen(side, tracker, run_id, 17, cpu)
         assert torch.get_num_threads() == 1  # another job still runs: its worker keeps its core
         side.tell(other, 0.5)
         side.enqueue_trial({})  # one waits: a worker will take it
-        Confirmation._widen_when_alone(job, side, run_id, 18)
+        widen(side, tracker, run_id, 18, cpu)
         assert torch.get_num_threads() == 1
         side.tell(side.ask(), 0.5)
-        Confirmation._widen_when_alone(job, side, run_id, 19)  # alone now
+        widen(side, tracker, run_id, 19, cpu)  # alone now
         assert torch.get_num_threads() == 2
         tags = client.get_run(run_id).data.tags
         assert (tags["train.threads_alone"], tags["train.threads_alone_from_step"]) == ("2", "19")
         torch.set_num_threads(1)
-        Confirmation._widen_when_alone(SimpleNamespace(pipe=SimpleNamespace(device=torch.device("cuda")),
-                                                       tracker=tracker), side, run_id, 20)
+        widen(side, tracker, run_id, 20, torch.device("cuda"))
         assert torch.get_num_threads() == 1  # on a GPU the CPU threads are left alone
     finally:
         torch.set_num_threads(before)
