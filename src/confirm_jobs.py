@@ -18,7 +18,7 @@ from optuna.trial import FrozenTrial, TrialState
 from . import model as M
 from . import trials as T
 from .config import TrialConfig
-from .device import cores
+from .device import split_cores
 from .pipeline import Pipeline
 from .record import MISTAKES_SHOWN
 from .recovery import worker_id
@@ -198,12 +198,14 @@ def fine_tune(model: torch.nn.Module, train, valid, cfg: TrialConfig, epochs: in
 
 def widen_when_alone(side: optuna.Study, tracker: Tracker, run_id: str, step: int, device: torch.device) -> None:
     """A `--workers` child on the CPU whose job is the only one left (none waits, no other runs)
-    takes every core from here on: the other workers are done, so their share would idle (the
-    last of 3 jobs on 2 workers ran on one of 2 cores). Tag `train.threads_alone`: the threads it
-    then ran on (`train.threads` stays its share at the start)."""
-    if device.type != "cpu" or torch.get_num_threads() >= cores():
+    takes back the cores the launcher split from here on: the other workers are done, so their
+    share would idle (the last of 3 jobs on 2 workers ran on one of 2 cores). Not where the user
+    set the share (OMP_NUM_THREADS). Tag `train.threads_alone`: the threads it then ran on
+    (`train.threads` stays its share at the start)."""
+    split = split_cores()
+    if device.type != "cpu" or split is None or torch.get_num_threads() >= split:
         return
     if len(side.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING))) == 1:
-        torch.set_num_threads(cores())
-        tracker.set_tags(run_id, {"train.threads_alone": cores(), "train.threads_alone_from_step": step})
-        log.info("confirmation: the last job runs alone from step %d: on all %d cores", step, cores())
+        torch.set_num_threads(split)
+        tracker.set_tags(run_id, {"train.threads_alone": split, "train.threads_alone_from_step": step})
+        log.info("confirmation: the last job runs alone from step %d: on all %d cores", step, split)

@@ -67,6 +67,7 @@ def default_loader_workers(device: torch.device) -> int:
 
 # -- the cores: a --workers child computes on its share ---------------------------------------------
 THREADS_ENV = "TLSWEEP_THREADS"  # set by the launcher (src/launcher.py) in each worker's environment
+SPLIT_ENV = "TLSWEEP_SPLIT_OF"  # ... with the cores it split, when the share is its own (no OMP_NUM_THREADS given)
 
 
 def cores() -> int:
@@ -81,6 +82,14 @@ def my_cores() -> int:
     """This process's share of the cores: the launcher's split for a --workers child, else all."""
     share = os.environ.get(THREADS_ENV)
     return int(share) if share else cores()
+
+
+def split_cores() -> int | None:
+    """The cores the launcher split among the workers, when it chose this child's share itself
+    (None: a lone sweep, or a share the user gave with OMP_NUM_THREADS): what a child whose work
+    runs alone may take back."""
+    split = os.environ.get(SPLIT_ENV)
+    return int(split) if split else None
 
 
 def use_my_cores() -> int:

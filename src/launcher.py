@@ -11,7 +11,7 @@ import sys
 import torch
 
 from . import trials as T
-from .device import THREADS_ENV, cores
+from .device import SPLIT_ENV, THREADS_ENV, cores
 from .errors import UserError
 from .options import SweepOptions
 from .recovery import LostTrials
@@ -34,9 +34,10 @@ def worker_env(i: int, workers: int, environ: dict, cores: int, gpus: int, devic
     pools; an OMP_NUM_THREADS or MKL_NUM_THREADS the user set wins), and, with several GPUs and --device auto or cuda,
     one GPU of them in turn (CUDA_VISIBLE_DEVICES; one the user set wins)."""
     given = environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()  # OpenMP's "4,2": the outer level
-    share = given if given.isdigit() and int(given) > 0 else str(max(1, cores // workers))
+    mine = not (given.isdigit() and int(given) > 0)  # the share is the launcher's: SPLIT_ENV says of what
+    share = str(max(1, cores // workers)) if mine else given
     env = {"MKL_NUM_THREADS": share, **environ, "TLSWEEP_WORKER": str(i), THREADS_ENV: share,
-           "OMP_NUM_THREADS": environ.get("OMP_NUM_THREADS", share)}
+           "OMP_NUM_THREADS": environ.get("OMP_NUM_THREADS", share), **({SPLIT_ENV: str(cores)} if mine else {})}
     if gpus > 1 and device in ("auto", "cuda") and "CUDA_VISIBLE_DEVICES" not in environ:
         env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
     return env

@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 
 from conftest import sweep_args
 from src import cache as C
-from src import confirm, confirm_jobs, final_test, sweep
+from src import confirm, confirm_jobs, device, final_test, sweep
 from src import trials as T
 from src.config import Fixed
 from src.confirm import Confirmation, draw_folds, outcomes
@@ -258,7 +258,7 @@ def test_the_last_job_of_a_workers_confirmation_takes_every_core_once_it_runs_al
     side = optuna.create_study()  # a real (in-memory) side study: two jobs claimed
     side.ask()  # this job
     other = side.ask()
-    monkeypatch.setattr(confirm_jobs, "cores", lambda: 2)
+    monkeypatch.setenv(device.SPLIT_ENV, "2")  # a --workers child whose share the launcher chose
     widen, cpu, before = confirm_jobs.widen_when_alone, torch.device("cpu"), torch.get_num_threads()
     torch.set_num_threads(1)  # a --workers child's share
     try:
@@ -276,5 +276,8 @@ def test_the_last_job_of_a_workers_confirmation_takes_every_core_once_it_runs_al
         torch.set_num_threads(1)
         widen(side, tracker, run_id, 20, torch.device("cuda"))
         assert torch.get_num_threads() == 1  # on a GPU the CPU threads are left alone
+        monkeypatch.delenv(device.SPLIT_ENV)
+        widen(side, tracker, run_id, 21, cpu)
+        assert torch.get_num_threads() == 1  # a lone sweep, or a share the user set: left as it is
     finally:
         torch.set_num_threads(before)

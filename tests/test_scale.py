@@ -249,7 +249,9 @@ def test_workers_get_their_share_of_the_cores_and_gpus_in_turn(caplog):
     assert (env["TLSWEEP_WORKER"], env["TLSWEEP_THREADS"], env["OMP_NUM_THREADS"], env["MKL_NUM_THREADS"]) == \
         ("1", "8", "8", "8") and env["PATH"] == "/bin" and "CUDA_VISIBLE_DEVICES" not in env
     assert launcher.worker_env(0, 3, {}, cores=2, gpus=0, device="cpu")["TLSWEEP_THREADS"] == "1"  # never 0
-    assert launcher.worker_env(0, 2, {"OMP_NUM_THREADS": "3"}, cores=16, gpus=0, device="cpu")["TLSWEEP_THREADS"] == "3"
+    given = launcher.worker_env(0, 2, {"OMP_NUM_THREADS": "3"}, cores=16, gpus=0, device="cpu")
+    assert given["TLSWEEP_THREADS"] == "3" and device.SPLIT_ENV not in given  # the user's share: never widened
+    assert env[device.SPLIT_ENV] == "16"  # the launcher's split: a last confirmation job alone may take it back
     nested = launcher.worker_env(0, 2, {"OMP_NUM_THREADS": "4,2", "MKL_NUM_THREADS": "5"}, 16, 0, "cpu")
     assert (nested["TLSWEEP_THREADS"], nested["OMP_NUM_THREADS"], nested["MKL_NUM_THREADS"]) == ("4", "4,2", "5")
     assert [launcher.worker_env(i, 3, {}, 48, 2, "auto")["CUDA_VISIBLE_DEVICES"] for i in range(3)] == ["0", "1", "0"]
