@@ -22,7 +22,6 @@ from .device import split_cores
 from .pipeline import Pipeline
 from .record import MISTAKES_SHOWN
 from .recovery import worker_id
-from .recovery import worker_id
 from .soup import load
 from .stats import spearman
 from .stopping import writing

@@ -34,7 +34,8 @@ def worker_env(i: int, workers: int, environ: dict, cores: int, gpus: int, devic
     pools; an OMP_NUM_THREADS or MKL_NUM_THREADS the user set wins), and, with several GPUs and --device auto or cuda,
     one GPU of them in turn (CUDA_VISIBLE_DEVICES; one the user set wins)."""
     given = environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()  # OpenMP's "4,2": the outer level
-    mine = not (given.isdigit() and int(given) > 0)  # the share is the launcher's: SPLIT_ENV says of what
+    # the share is the launcher's (no thread count of the user's): SPLIT_ENV says of how many cores
+    mine = not (given.isdigit() and int(given) > 0) and "MKL_NUM_THREADS" not in environ
     share = str(max(1, cores // workers)) if mine else given
     env = {"MKL_NUM_THREADS": share, **environ, "TLSWEEP_WORKER": str(i), THREADS_ENV: share,
            "OMP_NUM_THREADS": environ.get("OMP_NUM_THREADS", share), **({SPLIT_ENV: str(cores)} if mine else {})}
