@@ -158,8 +158,8 @@ class Confirmation:
             elif STOP.wait(POLL_S):  # other workers' jobs still run
                 raise_if_stopped()
             queue_missing(side, self.tracker, plan)
-        with writing():
-            if decide_after:
+        if decide_after:
+            with writing():
                 close_orphan_jobs(self.tracker, self.parent_id, side)
                 decide(self.tracker, self.parent_id, self.plan, self.fold_numbers, outcomes(side),
                        completed_runs(side, FULL) if self.full else None)

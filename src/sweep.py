@@ -174,6 +174,7 @@ def run_sweep(opts: SweepOptions) -> SweepResult:
     log.info("study %r: %d finished, running up to %d more; tracking %s, parent run %s",
              study.study_name, done, remaining, started.tracker.uri, started.parent_id)
     status, interrupted, stopped_reason, settled = "FINISHED", False, None, False
+    worker = bool(os.environ.get("TLSWEEP_WORKER"))  # a --workers child: the launcher sums up
     # What start-up built (modules, stores, caches, the starting model) lives all sweep: freeze it
     # out of the collector, so the collection that frees each trial scans only the trial's objects
     # (0.4 s a trial otherwise, with torch, MLflow and Optuna loaded).
@@ -184,7 +185,6 @@ def run_sweep(opts: SweepOptions) -> SweepResult:
             stopped_reason = optimize(study, Objective(started.ctx), opts.trials, opts.timeout)
         # Not after a --timeout or a stop. A --workers child takes its share of the confirmation's
         # jobs; who sums up (a lone sweep, the launcher) decides it and the winner, once.
-        worker = bool(os.environ.get("TLSWEEP_WORKER"))
         full = stopped_reason is None and len(T.finished(study)) >= opts.trials
         settled = (try_confirm(started, study, decide=not worker) if full else True) and not worker
     except KeyboardInterrupt:
@@ -204,7 +204,7 @@ def run_sweep(opts: SweepOptions) -> SweepResult:
                 write_report(started, study, opts.tracking_uri, opts.storage)
             finally:
                 started.tracker.finish(started.parent_id, status)
-    if os.environ.get("TLSWEEP_WORKER"):  # a --workers child: the launcher prints the summary
+    if worker:  # the launcher prints the summary
         return result(study, started.parent_id, 0, interrupted, stopped_reason)
     spent = print_summary(started, study, opts.tracking_uri, opts.storage)
     return result(study, started.parent_id, spent, interrupted, stopped_reason)
